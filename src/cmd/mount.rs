@@ -1,0 +1,382 @@
+//! `strata mount`: options -> validated configuration -> daemon.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use crate::cli::MountArgs;
+use crate::fuse::mount::{serve, MountOpts};
+use crate::overlay::{Overlay, OverlayConfig};
+
+/// Everything a mount needs, after parsing and before validation of the directories.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    /// Layer configuration for the core.
+    pub overlay: OverlayConfig,
+    /// Kernel-side options.
+    pub opts: MountOpts,
+}
+
+/// Split a `lowerdir=` value on ':' where `\:` is a literal colon (and `\\` a backslash).
+pub fn split_lowerdir(s: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(n) => cur.push(n),
+                None => cur.push('\\'),
+            },
+            ':' => out.push(PathBuf::from(std::mem::take(&mut cur))),
+            c => cur.push(c),
+        }
+    }
+    out.push(PathBuf::from(cur));
+    out
+}
+
+/// Apply one `-o` string (comma-separated) to `spec`. Unknown options only warn: container
+/// tools pass options meant for other mount programs.
+pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
+    for opt in s.split(',') {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (k, v) {
+            ("", None) => {}
+            ("lowerdir", Some(v)) => {
+                let l = split_lowerdir(v);
+                if l.iter().any(|p| p.as_os_str().is_empty()) {
+                    bail!("lowerdir: empty layer path in '{v}'");
+                }
+                spec.overlay.lowers.extend(l);
+            }
+            ("upperdir", Some(v)) => spec.overlay.upper = Some(PathBuf::from(v)),
+            ("workdir", Some(v)) => spec.overlay.work = Some(PathBuf::from(v)),
+            ("volatile", None) | ("fsync", Some("0")) => spec.overlay.volatile = true,
+            ("fsync", Some(_)) => {}
+            ("userxattr", None) => spec.overlay.userxattr = true,
+            ("ro", None) => spec.opts.ro = true,
+            ("rw", None) => spec.opts.ro = false,
+            ("dev", None) => spec.opts.dev = true,
+            ("nodev", None) => spec.opts.dev = false,
+            ("suid", None) => spec.opts.suid = true,
+            ("nosuid", None) => spec.opts.suid = false,
+            ("exec", None) => spec.opts.exec = true,
+            ("noexec", None) => spec.opts.exec = false,
+            ("allow_other", None) | ("allow_root", None) => spec.opts.allow_other = true,
+            ("fsname", Some(v)) => spec.opts.fsname = v.to_string(),
+            ("default_permissions", None) | ("noatime", None) | ("relatime", None) | ("atime", None) => {}
+            ("redirect_dir", Some("off" | "nofollow"))
+            | ("metacopy", Some("off"))
+            | ("index", Some("off")) => {}
+            ("xino", Some(_)) | ("context", Some(_)) | ("fscontext", Some(_)) | ("defcontext", Some(_)) => {
+                log::info!("option {opt} accepted and has no effect")
+            }
+            ("redirect_dir", Some(_)) | ("metacopy", Some("on")) | ("index", Some("on")) => {
+                bail!("option '{opt}' is not supported: strata writes no redirects, metacopy or index")
+            }
+            ("uidmapping", _)
+            | ("gidmapping", _)
+            | ("squash_to_root", _)
+            | ("squash_to_uid", _)
+            | ("squash_to_gid", _) => {
+                bail!("option '{opt}' (ID mapping) is not supported yet")
+            }
+            _ => log::warn!("unknown mount option '{opt}' ignored"),
+        }
+    }
+    Ok(())
+}
+
+/// The mountpoint must be an existing directory that nothing is mounted on.
+fn check_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
+    let canon = std::fs::canonicalize(p).with_context(|| format!("mountpoint '{}'", p.display()))?;
+    if !canon.is_dir() {
+        bail!("mountpoint '{}': not a directory", p.display());
+    }
+    if is_mountpoint(&canon) {
+        bail!(
+            "mountpoint '{}' is busy: something is already mounted there",
+            p.display()
+        );
+    }
+    Ok(canon)
+}
+
+/// Unescape the octal escapes of /proc/self/mountinfo.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Is `p` (absolute, canonical) a mount point?
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(&unescape_mountinfo(m)) == p)
+}
+
+/// Directory holding the daemons' pid files.
+pub fn runtime_dir() -> PathBuf {
+    if crate::sys::euid() == 0 {
+        PathBuf::from("/run/strata")
+    } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(x).join("strata")
+    } else {
+        PathBuf::from(format!("/tmp/strata-{}", crate::sys::euid()))
+    }
+}
+
+/// The pid file of the daemon serving `mountpoint`.
+pub fn pid_file(mountpoint: &Path) -> PathBuf {
+    // FNV-1a: a short stable name for any path.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in mountpoint.as_os_str().as_encoded_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    runtime_dir().join(format!("{h:016x}.pid"))
+}
+
+fn write_pid_file(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    let f = pid_file(mountpoint);
+    std::fs::create_dir_all(runtime_dir())
+        .with_context(|| format!("creating {}", runtime_dir().display()))?;
+    std::fs::write(&f, format!("{}\n{}\n", std::process::id(), mountpoint.display()))
+        .with_context(|| format!("writing {}", f.display()))?;
+    Ok(f)
+}
+
+/// Build the mount description from the command line.
+pub fn spec_from_args(a: &MountArgs) -> anyhow::Result<MountSpec> {
+    let root = crate::sys::euid() == 0;
+    let mut spec = MountSpec {
+        overlay: OverlayConfig::default(),
+        opts: MountOpts {
+            mountpoint: a.mountpoint.clone(),
+            allow_other: root,
+            dev: root,
+            suid: root,
+            exec: true,
+            ro: false,
+            fsname: "strata".into(),
+            threads: a.threads,
+        },
+    };
+    for o in &a.options {
+        apply_options(&mut spec, o)?;
+    }
+    spec.overlay.lowers.extend(a.lower.iter().cloned());
+    if a.upper.is_some() {
+        spec.overlay.upper = a.upper.clone();
+    }
+    if a.work.is_some() {
+        spec.overlay.work = a.work.clone();
+    }
+    Ok(spec)
+}
+
+/// `strata mount`.
+pub fn run(a: MountArgs) -> anyhow::Result<()> {
+    let mut spec = spec_from_args(&a)?;
+    mount_spec(&mut spec, a.foreground, a.log_file.as_deref())
+}
+
+/// Validate, open the layers, then serve in the foreground or from a background daemon that
+/// reports back once the mount is live.
+pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path>) -> anyhow::Result<()> {
+    spec.opts.mountpoint = check_mountpoint(&spec.opts.mountpoint)?;
+    // New objects get exactly the mode the caller asked for.
+    crate::sys::set_umask(0);
+    let ov = Arc::new(Overlay::new(&spec.overlay)?);
+    let mp = spec.opts.mountpoint.clone();
+    if foreground {
+        let pf = write_pid_file(&mp)?;
+        let mut failed = None;
+        let r = serve(ov, &spec.opts, |r| failed = r.err());
+        let _ = std::fs::remove_file(pf);
+        if let Some(m) = failed {
+            bail!(m);
+        }
+        return r.with_context(|| format!("serving {}", mp.display()));
+    }
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: no other thread exists yet (the FUSE workers start in the child), so the child
+    // may go on running Rust code after fork.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut msg = String::new();
+            std::fs::File::from(rd).read_to_string(&mut msg).ok();
+            if msg == "ok" {
+                Ok(())
+            } else if msg.is_empty() {
+                bail!(
+                    "the strata daemon for '{}' exited before the mount was ready",
+                    mp.display()
+                )
+            } else {
+                bail!(msg)
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let code = daemon(ov, spec, wr, log_file);
+            std::process::exit(code);
+        }
+    }
+}
+
+fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file: Option<&Path>) -> i32 {
+    let mut wr = std::fs::File::from(wr);
+    let _ = nix::unistd::setsid();
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let log = log_file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+    if let Ok(n) = &devnull {
+        let _ = nix::unistd::dup2_stdin(n);
+        let _ = nix::unistd::dup2_stdout(n);
+        match &log {
+            Some(l) => {
+                let _ = nix::unistd::dup2_stderr(l);
+            }
+            None => {
+                let _ = nix::unistd::dup2_stderr(n);
+            }
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    let mp = spec.opts.mountpoint.clone();
+    let pf = match write_pid_file(&mp) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = write!(wr, "{e:#}");
+            return 1;
+        }
+    };
+    let r = serve(ov, &spec.opts, move |res| {
+        let mut wr = wr;
+        let _ = match res {
+            Ok(()) => wr.write_all(b"ok"),
+            Err(m) => wr.write_all(m.as_bytes()),
+        };
+        // Dropping `wr` closes the pipe: the parent stops waiting.
+    });
+    let _ = std::fs::remove_file(pf);
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{}: {e}", mp.display());
+            1
+        }
+    }
+}
+
+/// mount(8) helper form: `mount.fuse.strata SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-v]`.
+pub fn run_helper(args: &[OsString]) -> anyhow::Result<()> {
+    let mut pos = Vec::new();
+    let mut opts = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => opts.push(
+                it.next()
+                    .context("-o needs a value")?
+                    .to_str()
+                    .context("options must be UTF-8")?
+                    .to_string(),
+            ),
+            Some(s) if s.starts_with("-o") => opts.push(s[2..].to_string()),
+            Some("-n" | "-s" | "-v" | "-f" | "-i") => {}
+            _ => pos.push(PathBuf::from(a)),
+        }
+    }
+    let [_source, mountpoint] = <[PathBuf; 2]>::try_from(pos).map_err(|_| {
+        anyhow::anyhow!(
+            "usage: mount.fuse.strata SOURCE MOUNTPOINT -o lowerdir=...[,upperdir=...,workdir=...]"
+        )
+    })?;
+    let a = MountArgs {
+        options: opts,
+        lower: vec![],
+        upper: None,
+        work: None,
+        foreground: false,
+        log_file: None,
+        threads: 4,
+        mountpoint,
+    };
+    run(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowerdir_escapes() {
+        assert_eq!(
+            split_lowerdir("a:b:c"),
+            vec![PathBuf::from("a"), "b".into(), "c".into()]
+        );
+        assert_eq!(split_lowerdir(r"a\:b:c"), vec![PathBuf::from("a:b"), "c".into()]);
+        assert_eq!(split_lowerdir(r"a\\:b"), vec![PathBuf::from(r"a\"), "b".into()]);
+    }
+
+    #[test]
+    fn options() {
+        let mut s = spec_from_args(&MountArgs {
+            options: vec![],
+            lower: vec![],
+            upper: None,
+            work: None,
+            foreground: false,
+            log_file: None,
+            threads: 1,
+            mountpoint: "/mnt".into(),
+        })
+        .unwrap();
+        apply_options(
+            &mut s,
+            "lowerdir=/a:/b,upperdir=/u,workdir=/w,volatile,,nodev,weird=1",
+        )
+        .unwrap();
+        assert_eq!(s.overlay.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(s.overlay.upper, Some(PathBuf::from("/u")));
+        assert!(s.overlay.volatile);
+        assert!(!s.opts.dev);
+        assert!(apply_options(&mut s, "lowerdir=/a::/b").is_err());
+        assert!(apply_options(&mut s, "redirect_dir=on").is_err());
+        assert!(apply_options(&mut s, "uidmapping=0:1000:1").is_err());
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,102 @@
+//! `strata umount`: unmount and wait for the daemon to end.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::mount::{is_mountpoint, pid_file};
+use crate::cli::UmountArgs;
+
+/// The absolute mountpoint path, even when the daemon died and the path cannot be
+/// resolved any more ("transport endpoint is not connected").
+fn mountpoint_path(p: &Path) -> anyhow::Result<PathBuf> {
+    match std::fs::canonicalize(p) {
+        Ok(c) => Ok(c),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let parent = p
+                .parent()
+                .filter(|x| !x.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let parent =
+                std::fs::canonicalize(parent).with_context(|| format!("mountpoint '{}'", p.display()))?;
+            Ok(parent.join(p.file_name().context("mountpoint has no name")?))
+        }
+        Err(e) => Err(e).with_context(|| format!("mountpoint '{}'", p.display())),
+    }
+}
+
+fn read_pid(pf: &Path) -> Option<i32> {
+    std::fs::read_to_string(pf)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Unmount `p`; with `lazy`, detach even if busy. Waits for the daemon to exit.
+pub fn umount(p: &Path, lazy: bool) -> anyhow::Result<()> {
+    let mp = mountpoint_path(p)?;
+    let pf = pid_file(&mp);
+    if !is_mountpoint(&mp) {
+        let _ = std::fs::remove_file(&pf);
+        bail!("'{}' is not mounted", p.display());
+    }
+    let pid = read_pid(&pf);
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(&mp, flags) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::BUSY) => {
+            bail!(
+                "'{}' is busy: a process still uses it (close it, or use --lazy)",
+                p.display()
+            )
+        }
+        Err(rustix::io::Errno::PERM) => {
+            // Unprivileged: the setuid helper may unmount what this user mounted.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let st = cmd.arg(&mp).status().context("running fusermount3")?;
+            if !st.success() {
+                bail!("fusermount3 -u '{}' failed", p.display());
+            }
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e)).with_context(|| format!("unmounting '{}'", p.display()))
+        }
+    }
+    if let Some(pid) = pid {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let start = Instant::now();
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            if lazy {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "the daemon (pid {pid}) of '{}' did not exit within 30 s",
+                    p.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    if !lazy {
+        let _ = std::fs::remove_file(&pf);
+    }
+    Ok(())
+}
+
+/// `strata umount`.
+pub fn run(a: UmountArgs) -> anyhow::Result<()> {
+    umount(&a.mountpoint, a.lazy)
+}

@@ -1,0 +1,122 @@
+//! Mounting and serving: fuser configuration, the session thread and signal handling.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::FuseFs;
+use crate::overlay::Overlay;
+
+/// Kernel-side options of a mount.
+#[derive(Debug, Clone)]
+pub struct MountOpts {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Let every user in (allow_other); the kernel checks permissions (default_permissions).
+    pub allow_other: bool,
+    /// Honour device nodes.
+    pub dev: bool,
+    /// Honour setuid bits.
+    pub suid: bool,
+    /// Allow execution.
+    pub exec: bool,
+    /// Mount read-only.
+    pub ro: bool,
+    /// Source name shown in /proc/mounts.
+    pub fsname: String,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+fn fuser_config(o: &MountOpts) -> Config {
+    let mut opts = vec![
+        MountOption::FSName(o.fsname.clone()),
+        MountOption::Subtype("strata".into()),
+        MountOption::DefaultPermissions,
+        if o.dev {
+            MountOption::Dev
+        } else {
+            MountOption::NoDev
+        },
+        if o.suid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        },
+        if o.exec {
+            MountOption::Exec
+        } else {
+            MountOption::NoExec
+        },
+        if o.ro { MountOption::RO } else { MountOption::RW },
+    ];
+    opts.push(MountOption::NoAtime);
+    let mut c = Config::default();
+    c.mount_options = opts;
+    c.acl = if o.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    c.n_threads = Some(o.threads.max(1));
+    c.clone_fd = true;
+    c
+}
+
+/// Signals the serving thread waits for.
+fn signals() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
+        s.add(sig);
+    }
+    s
+}
+
+/// Mount `ov` and serve it until it is unmounted (by `strata umount`, umount(8)) or the
+/// process gets SIGINT/SIGTERM/SIGHUP, in which case it unmounts itself. `ready` is called
+/// once: with Ok when the mount is live, or with the error.
+pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), String>)) -> std::io::Result<()> {
+    // Block the signals before any thread starts, so only sigwait below sees them.
+    let sigs = signals();
+    sigs.thread_block().map_err(std::io::Error::from)?;
+    let mut session = match Session::new(FuseFs::new(ov), &o.mountpoint, &fuser_config(o)) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount on '{}': {e}", o.mountpoint.display());
+            ready(Err(msg));
+            return Err(e);
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    let me = nix::unistd::getpid();
+    let worker = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            // Wake the main thread: the filesystem was unmounted from outside.
+            let _ = nix::sys::signal::kill(me, Signal::SIGUSR1);
+            r
+        })?;
+    ready(Ok(()));
+    loop {
+        match sigs.wait() {
+            Ok(Signal::SIGUSR1) => break,
+            Ok(sig) => {
+                log::info!("{sig}: unmounting {}", o.mountpoint.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmount {}: {e}", o.mountpoint.display());
+                }
+            }
+            Err(e) => {
+                log::error!("sigwait: {e}");
+                break;
+            }
+        }
+    }
+    match worker.join() {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::other("FUSE session thread panicked")),
+    }
+}

@@ -1,0 +1,10 @@
+//! strata: a FUSE overlay filesystem compatible with kernel overlayfs, and a container-image
+//! layer toolkit.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cli;
+pub mod cmd;
+pub mod fuse;
+pub mod overlay;
+pub mod sys;

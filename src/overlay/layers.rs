@@ -1,0 +1,285 @@
+//! The layer stack: validation of the directories a mount is built from, and their fds.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::whiteout::XattrNs;
+use crate::sys;
+
+/// The most lower layers one mount takes (the kernel's limit is 500 as well).
+pub const MAX_LOWERS: usize = 500;
+
+/// What a mount is built from.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayConfig {
+    /// Lower layers, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Writable upper layer; None for a read-only mount.
+    pub upper: Option<PathBuf>,
+    /// Work directory on the upper's filesystem.
+    pub work: Option<PathBuf>,
+    /// Skip every fsync (the kernel's `volatile`).
+    pub volatile: bool,
+    /// Force `user.overlay.*` xattrs (the kernel's `userxattr`); default: by privilege.
+    pub userxattr: bool,
+}
+
+/// Why a mount cannot be set up. Each names the path or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No lower layer was given.
+    #[error("lowerdir: at least one lower directory is needed")]
+    NoLower,
+    /// Too many lower layers.
+    #[error("lowerdir: {0} layers given, at most {MAX_LOWERS} are supported")]
+    TooManyLowers(usize),
+    /// Upper without work or the other way round.
+    #[error("upperdir and workdir must be given together")]
+    UpperWithoutWork,
+    /// A layer path is missing, unreadable or not a directory.
+    #[error("{what} '{path}': {err}")]
+    BadDir {
+        /// Which option.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        err: String,
+    },
+    /// Two of the directories overlap.
+    #[error("{0}")]
+    Overlap(String),
+    /// Upper and work are on different filesystems.
+    #[error("workdir '{work}' is not on the same filesystem as upperdir '{upper}'")]
+    WorkOtherFs {
+        /// upper path
+        upper: PathBuf,
+        /// work path
+        work: PathBuf,
+    },
+    /// The upper carries metadata strata does not implement.
+    #[error("upperdir '{path}': '{entry}' carries {xattr}; strata does not follow redirects or metacopy (mount it with the kernel using redirect_dir=on/metacopy=on, or copy the files up first)")]
+    UnsupportedUpper {
+        /// upper path
+        path: PathBuf,
+        /// offending entry, relative to the upper
+        entry: PathBuf,
+        /// which xattr
+        xattr: String,
+    },
+}
+
+/// One directory of the stack.
+#[derive(Debug)]
+pub struct Layer {
+    /// Directory fd (O_RDONLY|O_DIRECTORY).
+    pub fd: OwnedFd,
+    /// As given (canonical).
+    pub path: PathBuf,
+    /// st_dev of the layer root.
+    pub dev: u64,
+    /// Filesystem UUID (zeros if unknown), for origin file handles.
+    pub uuid: [u8; 16],
+}
+
+/// Upper layer and its staging directory `workdir/work`.
+#[derive(Debug)]
+pub struct Upper {
+    /// The upper directory.
+    pub layer: Layer,
+    /// `workdir/work`, where copy-ups and new objects are staged.
+    pub work: OwnedFd,
+}
+
+fn bad(what: &'static str, path: &Path, err: impl ToString) -> SetupError {
+    SetupError::BadDir {
+        what,
+        path: path.to_path_buf(),
+        err: err.to_string(),
+    }
+}
+
+fn open_layer(what: &'static str, path: &Path) -> Result<Layer, SetupError> {
+    let canon = std::fs::canonicalize(path).map_err(|e| bad(what, path, e))?;
+    let md = std::fs::metadata(&canon).map_err(|e| bad(what, path, e))?;
+    if !md.is_dir() {
+        return Err(bad(what, path, "not a directory"));
+    }
+    let fd = rustix::fs::open(
+        &canon,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| bad(what, path, std::io::Error::from(e)))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| bad(what, path, std::io::Error::from(e)))?;
+    let uuid = sys::fs_uuid(fd.as_fd());
+    Ok(Layer {
+        fd,
+        path: canon,
+        dev: st.st_dev,
+        uuid,
+    })
+}
+
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// The opened, validated stack.
+#[derive(Debug)]
+pub struct Stack {
+    /// Lower layers, top first.
+    pub lowers: Vec<Layer>,
+    /// Upper and work, if writable.
+    pub upper: Option<Upper>,
+    /// Namespace of the private xattrs we write.
+    pub ns: XattrNs,
+}
+
+impl Stack {
+    /// Validate the configuration and open every directory. Leftovers of a crash in
+    /// `workdir/work` are removed.
+    pub fn open(cfg: &OverlayConfig) -> Result<Stack, SetupError> {
+        if cfg.lowers.is_empty() {
+            return Err(SetupError::NoLower);
+        }
+        if cfg.lowers.len() > MAX_LOWERS {
+            return Err(SetupError::TooManyLowers(cfg.lowers.len()));
+        }
+        let lowers = cfg
+            .lowers
+            .iter()
+            .map(|p| open_layer("lowerdir", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ns = if cfg.userxattr || sys::euid() != 0 {
+            XattrNs::User
+        } else {
+            XattrNs::Trusted
+        };
+        let upper = match (&cfg.upper, &cfg.work) {
+            (None, None) => None,
+            (Some(u), Some(w)) => {
+                let ul = open_layer("upperdir", u)?;
+                let wl = open_layer("workdir", w)?;
+                for l in &lowers {
+                    if nested(&ul.path, &l.path) {
+                        return Err(SetupError::Overlap(format!(
+                            "upperdir '{}' and lowerdir '{}' overlap: one is inside the other",
+                            u.display(),
+                            l.path.display()
+                        )));
+                    }
+                    if nested(&wl.path, &l.path) {
+                        return Err(SetupError::Overlap(format!(
+                            "workdir '{}' and lowerdir '{}' overlap: one is inside the other",
+                            w.display(),
+                            l.path.display()
+                        )));
+                    }
+                }
+                if nested(&ul.path, &wl.path) {
+                    return Err(SetupError::Overlap(format!(
+                        "upperdir '{}' and workdir '{}' must be separate directories, neither inside the other",
+                        u.display(),
+                        w.display()
+                    )));
+                }
+                if ul.dev != wl.dev {
+                    return Err(SetupError::WorkOtherFs {
+                        upper: u.clone(),
+                        work: w.clone(),
+                    });
+                }
+                let work = prepare_work(&wl).map_err(|e| bad("workdir", w, std::io::Error::from(e)))?;
+                check_upper(&ul, ns)?;
+                Some(Upper { layer: ul, work })
+            }
+            _ => return Err(SetupError::UpperWithoutWork),
+        };
+        Ok(Stack { lowers, upper, ns })
+    }
+}
+
+/// Create `workdir/work` if needed and empty it: anything there is a crash leftover.
+fn prepare_work(wl: &Layer) -> Result<OwnedFd, Errno> {
+    match rustix::fs::mkdirat(&wl.fd, "work", Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let work = sys::open_dir_beneath(wl.fd.as_fd(), "work")?;
+    remove_children(&work)?;
+    Ok(work)
+}
+
+/// Remove everything inside the directory `dir`.
+pub fn remove_children(dir: &OwnedFd) -> Result<(), Errno> {
+    let names: Vec<_> = rustix::fs::Dir::read_from(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    for n in names {
+        let name = OsStr::from_bytes(n.as_bytes());
+        remove_tree_at(dir, name)?;
+    }
+    Ok(())
+}
+
+/// Remove `name` in `dir`, recursively if it is a directory (never following symlinks).
+pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => {
+            let sub = sys::open_dir_beneath(dir.as_fd(), name)?;
+            remove_children(&sub)?;
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+        }
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuse an upper that uses kernel features we do not implement (redirects, metacopy).
+/// The walk reads only the upper, so its cost grows with the changes, not the image.
+fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
+    let mut stack = vec![(sys::open_dir_beneath(ul.fd.as_fd(), ".").ok(), PathBuf::new())];
+    let bad_names: Vec<String> = ["redirect", "metacopy"]
+        .iter()
+        .flat_map(|w| [XattrNs::Trusted.name(w), XattrNs::User.name(w)])
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    let _ = ns;
+    while let Some((Some(dfd), rel)) = stack.pop() {
+        let Ok(dir) = rustix::fs::Dir::read_from(&dfd) else {
+            continue;
+        };
+        for ent in dir.flatten() {
+            let nb = ent.file_name().to_bytes();
+            if nb == b"." || nb == b".." {
+                continue;
+            }
+            let name = OsStr::from_bytes(nb);
+            let t = sys::XTarget::At(dfd.as_fd(), name);
+            if let Ok(list) = sys::listxattr(t) {
+                for x in &list {
+                    if let Some(b) = bad_names.iter().find(|b| b.as_bytes() == x.as_slice()) {
+                        return Err(SetupError::UnsupportedUpper {
+                            path: ul.path.clone(),
+                            entry: rel.join(name),
+                            xattr: b.clone(),
+                        });
+                    }
+                }
+            }
+            if ent.file_type() == rustix::fs::FileType::Directory {
+                stack.push((sys::open_dir_beneath(dfd.as_fd(), name).ok(), rel.join(name)));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! Inode table entries and the directory fds they may hold.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::io::Errno;
+
+use super::Kind;
+use crate::sys;
+
+/// Open fds of every real directory merged into one directory: the upper one (if it exists
+/// there) and each contributing lower layer's. They follow renames of the upper directory,
+/// so a cached set never goes stale.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DirFds {
+    pub upper: Option<Arc<OwnedFd>>,
+    pub lowers: Vec<(u16, Arc<OwnedFd>)>,
+}
+
+impl DirFds {
+    pub fn upper(&self) -> Option<BorrowedFd<'_>> {
+        self.upper.as_ref().map(|f| f.as_fd())
+    }
+    pub fn lower(&self, l: u16) -> Option<BorrowedFd<'_>> {
+        self.lowers.iter().find(|(i, _)| *i == l).map(|(_, f)| f.as_fd())
+    }
+    /// The topmost real directory: whose attributes the merged directory shows.
+    pub fn top(&self) -> Option<BorrowedFd<'_>> {
+        self.upper()
+            .or_else(|| self.lowers.first().map(|(_, f)| f.as_fd()))
+    }
+    pub fn count(&self) -> usize {
+        self.upper.is_some() as usize + self.lowers.len()
+    }
+    /// Open the fds of child directory `name` from its parent's.
+    pub fn open_child(
+        parent: &DirFds,
+        name: &OsStr,
+        upper: bool,
+        lower_dirs: &[u16],
+    ) -> Result<DirFds, Errno> {
+        let upper = if upper {
+            let p = parent.upper().ok_or(Errno::IO)?;
+            Some(Arc::new(sys::open_dir_beneath(p, name)?))
+        } else {
+            None
+        };
+        let mut lowers = Vec::with_capacity(lower_dirs.len());
+        for &l in lower_dirs {
+            let p = parent.lower(l).ok_or(Errno::IO)?;
+            lowers.push((l, Arc::new(sys::open_dir_beneath(p, name)?)));
+        }
+        Ok(DirFds { upper, lowers })
+    }
+}
+
+/// One merged object the kernel knows about. Keyed in the table by its inode number.
+#[derive(Debug)]
+pub(crate) struct Node {
+    /// Directory it was last seen in, and its name there.
+    pub parent: u64,
+    pub name: OsString,
+    /// Further names of a hard-linked object.
+    pub links: Vec<(u64, OsString)>,
+    pub kind: Kind,
+    /// Exists in the upper layer.
+    pub upper: bool,
+    /// Non-directory still in a lower layer: which one.
+    pub lower: Option<u16>,
+    /// Directory: the lower layers merged into it, top first.
+    pub lower_dirs: Arc<[u16]>,
+    /// References the kernel holds (FUSE lookup count).
+    pub nlookup: u64,
+    /// Cached directory fds (within the fd budget).
+    pub fds: Option<Arc<DirFds>>,
+}

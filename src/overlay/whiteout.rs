@@ -1,0 +1,164 @@
+//! The one place that knows how deletions and opaque directories are encoded on disk.
+//!
+//! Written (upper): a whiteout is a character device 0/0; an opaque directory carries
+//! `<prefix>opaque = "y"` where prefix is `trusted.overlay.` (or `user.overlay.` in userxattr
+//! mode). Read (lower layers) additionally: AUFS/OCI `.wh.NAME` files, the `.wh..wh..opq`
+//! marker file, and the `user.fuseoverlayfs.opaque` xattr, since container tools extract
+//! layers that way.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use rustix::fs::{FileType, Mode};
+use rustix::io::Errno;
+
+use crate::sys::{self, XTarget};
+
+/// Prefix of AUFS/OCI whiteout files.
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// Name of the AUFS/OCI opaque marker file.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Which namespace the overlay-private xattrs live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrNs {
+    /// `trusted.overlay.*` (privileged, the kernel default).
+    Trusted,
+    /// `user.overlay.*` (the kernel's `userxattr` mode, for rootless use).
+    User,
+}
+
+impl XattrNs {
+    /// The prefix, with the trailing dot.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            XattrNs::Trusted => "trusted.overlay.",
+            XattrNs::User => "user.overlay.",
+        }
+    }
+    /// Full name of a private xattr such as "opaque" or "origin".
+    pub fn name(self, what: &str) -> OsString {
+        OsString::from(format!("{}{}", self.prefix(), what))
+    }
+}
+
+/// Every xattr name that is overlay bookkeeping, never user data: hidden from listings,
+/// never copied up, never exported into a layer.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"user.fuseoverlayfs.")
+}
+
+/// Is this stat a whiteout (character device 0/0)?
+pub fn is_whiteout(st: &rustix::fs::Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
+}
+
+/// Is this a whiteout by mode/rdev?
+pub fn is_whiteout_mode(mode: u32, rdev: u64) -> bool {
+    FileType::from_raw_mode(mode) == FileType::CharacterDevice && rdev == 0
+}
+
+/// For an AUFS whiteout file name `.wh.NAME`, the NAME it hides (not for the opaque marker).
+pub fn aufs_target(name: &OsStr) -> Option<&OsStr> {
+    let b = name.as_bytes();
+    if b == OPAQUE_MARKER.as_bytes() {
+        return None;
+    }
+    b.strip_prefix(WH_PREFIX)
+        .filter(|r| !r.is_empty())
+        .map(OsStr::from_bytes)
+}
+
+/// Is this name an AUFS marker (a `.wh.` file or the opaque marker)?
+pub fn is_aufs_marker(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WH_PREFIX)
+}
+
+/// `.wh.NAME`.
+pub fn aufs_name(name: &OsStr) -> OsString {
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    OsString::from_vec(v)
+}
+
+/// Create a whiteout named `name` in `dir`.
+pub fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+    rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0)
+}
+
+/// Mark the upper directory `dir` opaque.
+pub fn set_opaque(t: XTarget<'_>, ns: XattrNs) -> Result<(), Errno> {
+    sys::setxattr(t, &ns.name("opaque"), b"y", 0)
+}
+
+fn xattr_says_opaque(t: XTarget<'_>, names: &[Vec<u8>], accepted: &[&str]) -> bool {
+    for want in accepted {
+        if names.iter().any(|n| n.as_slice() == want.as_bytes()) {
+            if let Ok(v) = sys::getxattr(t, OsStr::new(want)) {
+                if v == b"y" || v == b"Y" {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Is the upper directory opaque? `names` is its xattr list (already fetched by the caller).
+pub fn upper_is_opaque(t: XTarget<'_>, names: &[Vec<u8>]) -> bool {
+    xattr_says_opaque(t, names, &["trusted.overlay.opaque", "user.overlay.opaque"])
+}
+
+/// Is the lower directory `dir` (an fd of the directory itself) opaque, by any of the markers
+/// container tools use?
+pub fn lower_is_opaque(dir: BorrowedFd<'_>) -> bool {
+    let t = XTarget::Fd(dir);
+    if let Ok(names) = sys::listxattr(t) {
+        if xattr_says_opaque(
+            t,
+            &names,
+            &[
+                "trusted.overlay.opaque",
+                "user.overlay.opaque",
+                "user.fuseoverlayfs.opaque",
+            ],
+        ) {
+            return true;
+        }
+    }
+    sys::stat_at(dir, OsStr::new(OPAQUE_MARKER)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aufs_names() {
+        assert_eq!(aufs_target(OsStr::new(".wh.foo")), Some(OsStr::new("foo")));
+        assert_eq!(aufs_target(OsStr::new(".wh..wh..opq")), None);
+        assert_eq!(aufs_target(OsStr::new(".wh.")), None);
+        assert_eq!(aufs_target(OsStr::new("foo")), None);
+        assert_eq!(aufs_name(OsStr::new("a b")), OsString::from(".wh.a b"));
+        assert!(is_aufs_marker(OsStr::new(".wh..wh..opq")));
+    }
+
+    #[test]
+    fn private_names() {
+        assert!(is_private_xattr(b"trusted.overlay.opaque"));
+        assert!(is_private_xattr(b"user.overlay.origin"));
+        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
+        assert!(!is_private_xattr(b"user.overlayfoo"));
+        assert!(!is_private_xattr(b"security.capability"));
+    }
+
+    #[test]
+    fn whiteout_mode() {
+        assert!(is_whiteout_mode(libc::S_IFCHR, 0));
+        assert!(!is_whiteout_mode(libc::S_IFCHR, 0x0101));
+        assert!(!is_whiteout_mode(libc::S_IFREG, 0));
+    }
+}

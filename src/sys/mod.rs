@@ -1,0 +1,337 @@
+//! The few raw syscall helpers, fd-typed. Everything that needs `unsafe` lives here.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// Result of the raw helpers: a plain errno, as the overlay core wants it.
+pub type SysResult<T> = Result<T, Errno>;
+
+/// Resolution rules for every open inside a layer (see docs/design.md): the path must stay
+/// beneath the directory fd and may not traverse any symlink, magic link included.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// `openat2(dir, path, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`, retrying on EAGAIN
+/// (the kernel returns it when a concurrent rename raced the walk).
+pub fn open_beneath<P: AsRef<OsStr>>(
+    dir: BorrowedFd<'_>,
+    path: P,
+    flags: OFlags,
+    mode: Mode,
+) -> SysResult<OwnedFd> {
+    let path = path.as_ref();
+    let path = if path.is_empty() { OsStr::new(".") } else { path };
+    loop {
+        match rustix::fs::openat2(dir, path, flags | OFlags::CLOEXEC, mode, RESOLVE) {
+            Err(Errno::AGAIN) | Err(Errno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Open a directory beneath `dir` for reading its entries and xattrs.
+pub fn open_dir_beneath<P: AsRef<OsStr>>(dir: BorrowedFd<'_>, path: P) -> SysResult<OwnedFd> {
+    match open_beneath(
+        dir,
+        path.as_ref(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        Mode::empty(),
+    ) {
+        // A directory we may not read can still be walked through with O_PATH.
+        Err(Errno::ACCESS) => open_beneath(
+            dir,
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+            Mode::empty(),
+        ),
+        r => r,
+    }
+}
+
+/// lstat of one name in a directory.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<rustix::fs::Stat> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// A path that names `name` inside the directory `dir` without following a final symlink,
+/// for the xattr calls that have no *at() form: `/proc/self/fd/N/name`. The name is one
+/// component handed over by the kernel, so it can contain no slash.
+pub fn proc_path(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> CString {
+    let mut v = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if let Some(n) = name {
+        v.push(b'/');
+        v.extend_from_slice(n.as_bytes());
+    }
+    CString::new(v).expect("names from the kernel contain no NUL")
+}
+
+fn buf_loop<F: FnMut(&mut [u8]) -> SysResult<usize>>(mut f: F) -> SysResult<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match f(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => {
+                let n = buf.len() * 4;
+                if n > 1 << 20 {
+                    return Err(Errno::RANGE);
+                }
+                buf.resize(n, 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The object an xattr call addresses: an fd of the object itself, or a name in a directory.
+#[derive(Debug, Clone, Copy)]
+pub enum XTarget<'a> {
+    /// A directory opened O_RDONLY (f*xattr works on it).
+    Fd(BorrowedFd<'a>),
+    /// `name` inside `dir`, not following a final symlink.
+    At(BorrowedFd<'a>, &'a OsStr),
+}
+
+/// getxattr without following symlinks.
+pub fn getxattr(t: XTarget<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
+    match t {
+        XTarget::Fd(fd) => match buf_loop(|b| rustix::fs::fgetxattr(fd, name, b)) {
+            // An O_PATH fd cannot do f*xattr: go through /proc.
+            Err(Errno::BADF) => buf_loop(|b| rustix::fs::getxattr(proc_path(fd, None), name, b)),
+            r => r,
+        },
+        XTarget::At(d, n) => buf_loop(|b| rustix::fs::lgetxattr(proc_path(d, Some(n)), name, b)),
+    }
+}
+
+/// listxattr without following symlinks; returns the NUL-separated list split up.
+pub fn listxattr(t: XTarget<'_>) -> SysResult<Vec<Vec<u8>>> {
+    let raw = match t {
+        XTarget::Fd(fd) => match buf_loop(|b| rustix::fs::flistxattr(fd, b)) {
+            Err(Errno::BADF) => buf_loop(|b| rustix::fs::listxattr(proc_path(fd, None), b)),
+            r => r,
+        },
+        XTarget::At(d, n) => buf_loop(|b| rustix::fs::llistxattr(proc_path(d, Some(n)), b)),
+    }?;
+    Ok(raw
+        .split(|c| *c == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_vec())
+        .collect())
+}
+
+/// setxattr without following symlinks. `flags` are XATTR_CREATE / XATTR_REPLACE.
+pub fn setxattr(t: XTarget<'_>, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+    let fl = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+    match t {
+        XTarget::Fd(fd) => match rustix::fs::fsetxattr(fd, name, value, fl) {
+            Err(Errno::BADF) => rustix::fs::setxattr(proc_path(fd, None), name, value, fl),
+            r => r,
+        },
+        XTarget::At(d, n) => rustix::fs::lsetxattr(proc_path(d, Some(n)), name, value, fl),
+    }
+}
+
+/// removexattr without following symlinks.
+pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
+    match t {
+        XTarget::Fd(fd) => match rustix::fs::fremovexattr(fd, name) {
+            Err(Errno::BADF) => rustix::fs::removexattr(proc_path(fd, None), name),
+            r => r,
+        },
+        XTarget::At(d, n) => rustix::fs::lremovexattr(proc_path(d, Some(n)), name),
+    }
+}
+
+/// Copy `len` bytes from `src` to `dst` (both at offset 0): a reflink where the filesystem
+/// can, else copy_file_range, else read/write. Returns the method used, for logging.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, whole: bool) -> SysResult<&'static str> {
+    if len == 0 {
+        return Ok("none");
+    }
+    if whole && rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok("reflink");
+    }
+    let (mut off_in, mut off_out) = (0u64, 0u64);
+    let mut method = "copy_file_range";
+    while off_in < len {
+        let chunk = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), chunk) {
+            Ok(0) => break, // source shorter than expected: copy what is there
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(Errno::XDEV) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => {
+                method = "read/write";
+                let mut buf = vec![0u8; 1 << 20];
+                while off_in < len {
+                    let want = ((len - off_in) as usize).min(buf.len());
+                    let n = rustix::io::pread(src, &mut buf[..want], off_in)?;
+                    if n == 0 {
+                        break;
+                    }
+                    write_all_at(dst, &buf[..n], off_out)?;
+                    off_in += n as u64;
+                    off_out += n as u64;
+                }
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(method)
+}
+
+/// pwrite all of `data` at `off`.
+pub fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut off: u64) -> SysResult<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(fd, data, off) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(n) => {
+                data = &data[n..];
+                off += n as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A kernel file handle (`name_to_handle_at`), as stored in the overlay origin xattr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHandle {
+    /// `handle_type` from the kernel.
+    pub kind: i32,
+    /// The opaque handle bytes.
+    pub bytes: Vec<u8>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// `name_to_handle_at(dir, name, ..., 0)`: the handle of `name` (not following symlinks).
+pub fn name_to_handle(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<FileHandle> {
+    let cname = CString::new(name.as_bytes()).map_err(|_| Errno::INVAL)?;
+    let mut h = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a file_handle header followed by MAX_HANDLE_SZ bytes, as announced in
+    // handle_bytes; the name is a valid C string; mount_id is a valid out pointer.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+            (&mut h as *mut RawHandle).cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    let n = (h.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle {
+        kind: h.handle_type,
+        bytes: h.f_handle[..n].to_vec(),
+    })
+}
+
+/// `open_by_handle_at(mount_fd, handle, O_PATH)`. Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, fh: &FileHandle) -> SysResult<OwnedFd> {
+    if fh.bytes.len() > MAX_HANDLE_SZ {
+        return Err(Errno::INVAL);
+    }
+    let mut h = RawHandle {
+        handle_bytes: fh.bytes.len() as u32,
+        handle_type: fh.kind,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    h.f_handle[..fh.bytes.len()].copy_from_slice(&fh.bytes);
+    // SAFETY: `h` is a valid file_handle with handle_bytes within its buffer.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            (&mut h as *mut RawHandle).cast(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    // SAFETY: the kernel just gave us this fd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The filesystem UUID (`FS_IOC_GETFSUUID`), or zeros where the filesystem has none.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> [u8; 16] {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2), from linux/fs.h.
+    const FS_IOC_GETFSUUID: libc::c_ulong =
+        (2 << 30) | ((std::mem::size_of::<FsUuid2>() as libc::c_ulong) << 16) | (0x15 << 8);
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // Opening "." gives a real fd even when `fd` is O_PATH (ioctl refuses O_PATH fds).
+    let Ok(real) = open_beneath(fd, ".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else {
+        return [0; 16];
+    };
+    // SAFETY: FS_IOC_GETFSUUID writes at most sizeof(struct fsuuid2) bytes into `u`.
+    let r = unsafe { libc::ioctl(real.as_raw_fd(), FS_IOC_GETFSUUID as _, &mut u as *mut FsUuid2) };
+    if r == 0 && u.len as usize == 16 {
+        u.uuid
+    } else {
+        [0; 16]
+    }
+}
+
+/// Raise the soft open-file limit to the hard limit: each cached directory holds fds.
+pub fn raise_nofile() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+    rl.rlim_cur
+}
+
+/// The calling process's effective uid.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Set the process umask, returning the old one.
+pub fn set_umask(m: u32) -> u32 {
+    rustix::process::umask(Mode::from_raw_mode(m)).bits()
+}
+
+/// Borrow helper for `Option<Arc<OwnedFd>>`-style holders.
+pub fn bfd<F: AsFd>(f: &F) -> BorrowedFd<'_> {
+    f.as_fd()
+}
