@@ -129,6 +129,9 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Optional capabilities: ask for each alone so one the kernel lacks costs nothing.
         for cap in [
+            // The kernel then hands O_TRUNC to open instead of a separate truncate, so a
+            // truncating open of a lower file copies no data.
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,

@@ -65,6 +65,45 @@ fn fuser_config(o: &MountOpts) -> Config {
     c
 }
 
+/// Open /dev/fuse and mount it at the mountpoint as type "fuse.strata".
+fn mount_direct(o: &MountOpts) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::MountFlags;
+    let fd = rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| std::io::Error::other(format!("/dev/fuse: {e}")))?;
+    let st = rustix::fs::stat(&o.mountpoint)?;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        st.st_mode & libc::S_IFMT,
+        crate::sys::euid(),
+        crate::sys::egid()
+    );
+    if o.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MountFlags::NOATIME;
+    for (on, f) in [
+        (!o.dev, MountFlags::NODEV),
+        (!o.suid, MountFlags::NOSUID),
+        (!o.exec, MountFlags::NOEXEC),
+        (o.ro, MountFlags::RDONLY),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    let data = std::ffi::CString::new(data).map_err(std::io::Error::other)?;
+    rustix::mount::mount(
+        o.fsname.as_str(),
+        &o.mountpoint,
+        "fuse.strata",
+        flags,
+        Some(data.as_c_str()),
+    )?;
+    Ok(fd)
+}
+
 /// Signals the serving thread waits for.
 fn signals() -> SigSet {
     let mut s = SigSet::empty();
@@ -81,7 +120,21 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     // Block the signals before any thread starts, so only sigwait below sees them.
     let sigs = signals();
     sigs.thread_block().map_err(std::io::Error::from)?;
-    let mut session = match Session::new(FuseFs::new(ov), &o.mountpoint, &fuser_config(o)) {
+    let cfg = fuser_config(o);
+    let fs = FuseFs::new(ov);
+    let direct = crate::sys::euid() == 0;
+    let made = if direct {
+        // As root, mount(2) ourselves so the type is "fuse.strata" (fuser would say "fuse").
+        mount_direct(o).and_then(|fd| {
+            let acl = cfg.acl;
+            Session::from_fd(fs, fd, acl, cfg).inspect_err(|_| {
+                let _ = rustix::mount::unmount(&o.mountpoint, rustix::mount::UnmountFlags::DETACH);
+            })
+        })
+    } else {
+        Session::new(fs, &o.mountpoint, &cfg)
+    };
+    let mut session = match made {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("cannot mount on '{}': {e}", o.mountpoint.display());
@@ -90,6 +143,20 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
         }
     };
     let mut unmounter = session.unmount_callable();
+    let mountpoint = o.mountpoint.clone();
+    let mut unmount = move || -> std::io::Result<()> {
+        if direct {
+            match rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::empty()) {
+                Err(rustix::io::Errno::BUSY) => {
+                    rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH)?
+                }
+                r => r?,
+            }
+            Ok(())
+        } else {
+            unmounter.unmount()
+        }
+    };
     let me = nix::unistd::getpid();
     let worker = std::thread::Builder::new()
         .name("fuse-session".into())
@@ -105,7 +172,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             Ok(Signal::SIGUSR1) => break,
             Ok(sig) => {
                 log::info!("{sig}: unmounting {}", o.mountpoint.display());
-                if let Err(e) = unmounter.unmount() {
+                if let Err(e) = unmount() {
                     log::error!("unmount {}: {e}", o.mountpoint.display());
                 }
             }

@@ -226,7 +226,8 @@ pub struct Overlay {
     /// Some(dev) when every layer is on one filesystem: inode numbers pass through.
     single_dev: Option<u64>,
     devs: RwLock<Vec<u64>>,
-    /// (upper dev, upper ino) -> reported ino, for copied-up objects.
+    /// (upper dev, upper ino) -> reported ino, for upper objects already checked for an
+    /// origin (and for overlay xattrs we do not support), or made by us.
     origins: RwLock<HashMap<(u64, u64), u64>>,
     /// How many more directory fds may be kept open.
     fd_budget: AtomicI64,
@@ -531,6 +532,14 @@ impl Overlay {
         attr
     }
 
+    /// The upper object `f` lost a name: once its last link is gone its inode number may be
+    /// reused by the filesystem, so the cached number must go.
+    fn drop_cached(&self, f: &Found) {
+        if f.upper && (f.kind == Kind::Dir || f.st.st_nlink <= 1) {
+            self.origins.write().unwrap().remove(&(f.st.st_dev, f.st.st_ino));
+        }
+    }
+
     /// A name went away (unlink, rmdir, rename over it).
     fn forget_name(&self, ino: u64, parent: u64, name: &OsStr) {
         let mut nodes = self.nodes.write().unwrap();
@@ -565,6 +574,23 @@ impl Overlay {
         if let Some(ufd) = pfds.upper() {
             match sys::stat_at(ufd, name) {
                 Ok(st) if whiteout::is_whiteout(&st) => return Err(Errno::NOENT),
+                Ok(st)
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Directory
+                        && self.origins.read().unwrap().contains_key(&(st.st_dev, st.st_ino)) =>
+                {
+                    // Checked before (or made by us): its number is known, its xattrs too.
+                    let ino = self.origins.read().unwrap()[&(st.st_dev, st.st_ino)];
+                    let kind = Kind::from_mode(st.st_mode);
+                    return Ok(Found {
+                        kind,
+                        upper: true,
+                        lower: None,
+                        lower_dirs: vec![],
+                        st,
+                        ino,
+                        fds: None,
+                    });
+                }
                 Ok(st) => {
                     let t = XTarget::At(ufd, name);
                     let xnames = sys::listxattr(t).unwrap_or_default();
@@ -831,6 +857,66 @@ impl Overlay {
         Ok(())
     }
 
+    /// Owner of an object just created directly in its upper directory: the caller, with
+    /// the group a setgid parent gave it. Returns whether anything changed.
+    fn own_new(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        who: Caller,
+        st: &rustix::fs::Stat,
+        kind: Kind,
+        mode: u32,
+    ) -> Result<bool> {
+        // A group other than ours and the caller's came from a setgid parent: keep it.
+        let gid = if st.st_gid != who.gid && st.st_gid != sys::egid() {
+            st.st_gid
+        } else {
+            who.gid
+        };
+        if st.st_uid == who.uid && st.st_gid == gid {
+            return Ok(false);
+        }
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(who.uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if kind != Kind::Symlink && mode & 0o7000 != 0 {
+            // chown cleared setuid/setgid: put them back.
+            let keep = if kind == Kind::Dir {
+                st.st_mode & libc::S_ISGID
+            } else {
+                0
+            };
+            rustix::fs::chmodat(
+                dir,
+                name,
+                Mode::from_raw_mode((mode & 0o7777) | keep),
+                AtFlags::empty(),
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// Enter an object we just created in the upper into the table, without re-reading it.
+    fn remember_new(&self, parent: u64, name: &OsStr, st: rustix::fs::Stat) -> Attr {
+        let ino = self.map_ino(st.st_dev, st.st_ino);
+        self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
+        let found = Found {
+            kind: Kind::from_mode(st.st_mode),
+            upper: true,
+            lower: None,
+            lower_dirs: vec![],
+            st,
+            ino,
+            fds: None,
+        };
+        self.remember(parent, name, found, true)
+    }
+
     /// Create a new object `name` in `parent` with `make(dir, name)`, replacing an upper
     /// whiteout atomically, and making a new directory opaque where lower content exists.
     fn create_with(
@@ -840,7 +926,7 @@ impl Overlay {
         who: Caller,
         kind: Kind,
         mode: u32,
-        make: impl FnOnce(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
+        make: impl Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
     ) -> Result<(Attr, Option<OwnedFd>)> {
         let up = self.upper()?;
         if name.as_bytes().contains(&b'/') {
@@ -849,50 +935,70 @@ impl Overlay {
         self.copy_up(parent)?;
         let pfds = self.dir_fds(parent)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
-        let pst = rustix::fs::fstat(ufd)?;
+        let opaque = kind == Kind::Dir && self.lower_positive(parent, name)?;
+        if !opaque {
+            // Common case: create in place; only a name already taken needs a closer look.
+            match make(ufd, name) {
+                Ok(fd) => {
+                    let stat = |fd: &Option<OwnedFd>| match fd {
+                        Some(f) => rustix::fs::fstat(f),
+                        None => sys::stat_at(ufd, name),
+                    };
+                    let done = stat(&fd).and_then(|st| {
+                        let changed = self.own_new(ufd, name, who, &st, kind, mode)?;
+                        if changed {
+                            stat(&fd)
+                        } else {
+                            Ok(st)
+                        }
+                    });
+                    return match done {
+                        Ok(st) => Ok((self.remember_new(parent, name, st), fd)),
+                        Err(e) => {
+                            drop(fd);
+                            let _ = layers::remove_tree_at(&pfds.upper.clone().unwrap(), name);
+                            Err(e)
+                        }
+                    };
+                }
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let over_whiteout = match sys::stat_at(ufd, name) {
             Ok(st) if whiteout::is_whiteout(&st) => true,
             Ok(_) => return Err(Errno::EXIST),
             Err(Errno::NOENT) => false,
             Err(e) => return Err(e),
         };
-        let opaque = kind == Kind::Dir && (over_whiteout || self.lower_positive(parent, name)?);
-        let fd = if over_whiteout || opaque {
-            // Build it in the work dir, then move it into place in one step.
-            let work = up.work.as_fd();
-            let tmp = self.tmp_name();
-            let fd = make(work, &tmp)?;
-            let placed = (|| {
-                if opaque {
-                    let d = sys::open_dir_beneath(work, &tmp)?;
-                    whiteout::set_opaque(XTarget::Fd(d.as_fd()), self.ns)?;
-                }
-                self.own(work, &tmp, who, &pst, Some(mode))?;
-                if over_whiteout {
-                    if kind == Kind::Dir {
-                        rustix::fs::renameat_with(work, &tmp, ufd, name, RenameFlags::EXCHANGE)?;
-                        rustix::fs::unlinkat(work, &tmp, AtFlags::empty())?;
-                    } else {
-                        rustix::fs::renameat(work, &tmp, ufd, name)?;
-                    }
+        let opaque = opaque || (kind == Kind::Dir && over_whiteout);
+        let pst = rustix::fs::fstat(ufd)?;
+        // Build it in the work dir, then move it into place in one step.
+        let work = up.work.as_fd();
+        let tmp = self.tmp_name();
+        let fd = make(work, &tmp)?;
+        let placed = (|| {
+            if opaque {
+                let d = sys::open_dir_beneath(work, &tmp)?;
+                whiteout::set_opaque(XTarget::Fd(d.as_fd()), self.ns)?;
+            }
+            self.own(work, &tmp, who, &pst, Some(mode))?;
+            if over_whiteout {
+                if kind == Kind::Dir {
+                    rustix::fs::renameat_with(work, &tmp, ufd, name, RenameFlags::EXCHANGE)?;
+                    rustix::fs::unlinkat(work, &tmp, AtFlags::empty())?;
                 } else {
-                    rustix::fs::renameat_with(work, &tmp, ufd, name, RenameFlags::NOREPLACE)?;
+                    rustix::fs::renameat(work, &tmp, ufd, name)?;
                 }
-                Ok(())
-            })();
-            if let Err(e) = placed {
-                let _ = layers::remove_tree_at(&up.work, &tmp);
-                return Err(e);
+            } else {
+                rustix::fs::renameat_with(work, &tmp, ufd, name, RenameFlags::NOREPLACE)?;
             }
-            fd
-        } else {
-            let fd = make(ufd, name)?;
-            if let Err(e) = self.own(ufd, name, who, &pst, Some(mode)) {
-                let _ = layers::remove_tree_at(&pfds.upper.clone().unwrap(), name);
-                return Err(e);
-            }
-            fd
-        };
+            Ok(())
+        })();
+        if let Err(e) = placed {
+            let _ = layers::remove_tree_at(&up.work, &tmp);
+            return Err(e);
+        }
         let attr = self.lookup(parent, name)?;
         Ok((attr, fd))
     }
@@ -1000,6 +1106,7 @@ impl Overlay {
         } else {
             whiteout::make_whiteout(ufd, name)?;
         }
+        self.drop_cached(&found);
         self.forget_name(found.ino, parent, name);
         Ok(())
     }
@@ -1037,6 +1144,7 @@ impl Overlay {
         } else {
             whiteout::make_whiteout(ufd, name)?;
         }
+        self.drop_cached(&found);
         self.forget_name(found.ino, parent, name);
         Ok(())
     }
@@ -1167,6 +1275,7 @@ impl Overlay {
             if exchange {
                 self.rename_node(d.ino, newparent, newname, parent, name);
             } else {
+                self.drop_cached(d);
                 self.forget_name(d.ino, newparent, newname);
             }
         }

@@ -326,6 +326,11 @@ pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
+/// The calling process's effective gid.
+pub fn egid() -> u32 {
+    rustix::process::getegid().as_raw()
+}
+
 /// Set the process umask, returning the old one.
 pub fn set_umask(m: u32) -> u32 {
     rustix::process::umask(Mode::from_raw_mode(m)).bits()

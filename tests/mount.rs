@@ -1,0 +1,523 @@
+//! Real mounts through /dev/fuse: every operation a root filesystem needs, and bad input.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn ino(p: &Path) -> u64 {
+    fs::symlink_metadata(p).unwrap().ino()
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .unwrap_or(false)
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+#[test]
+fn file_ops_and_copy_up() {
+    let ls = LayerSet::new("ops", 2);
+    ls.lower(1)
+        .file("a", "lower-a")
+        .file_mode("exe", "#!/bin/sh\n", 0o4755)
+        .dir("d")
+        .file("d/x", "x");
+    ls.lower(1).xattr("a", "user.k", "v");
+    ls.lower(0).file("d/y", "y").symlink("link", "a");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    assert_eq!(fs::read_to_string(r.join("a")).unwrap(), "lower-a");
+    assert_eq!(fs::read_link(r.join("link")).unwrap(), Path::new("a"));
+    let before = ino(&r.join("a"));
+    // Copy-up on write keeps the inode number, mode and xattrs.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("a"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    assert_eq!(fs::read_to_string(r.join("a")).unwrap(), "lower-a+");
+    assert_eq!(ino(&r.join("a")), before, "st_ino changed across copy-up");
+    assert_eq!(get_xattr(&r.join("a"), "user.k", false).unwrap(), b"v");
+    assert_eq!(
+        fs::read_to_string(ls.lower(0).path("a")).unwrap_or_default(),
+        "",
+        "lower untouched"
+    );
+    // chmod / chown / utimes of a lower file.
+    fs::set_permissions(r.join("exe"), fs::Permissions::from_mode(0o750)).unwrap();
+    lchown(&r.join("d/x"), 1000, 1001).unwrap();
+    set_times(&r.join("d/y"), (100, 0), (200, 0), false).unwrap();
+    assert_eq!(fs::metadata(r.join("exe")).unwrap().mode() & 0o7777, 0o750);
+    let x = fs::metadata(r.join("d/x")).unwrap();
+    assert_eq!((x.uid(), x.gid()), (1000, 1001));
+    assert_eq!(fs::metadata(r.join("d/y")).unwrap().mtime(), 200);
+    // create, read/write at offsets, seek, truncate, fsync, fallocate.
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(r.join("new"))
+        .unwrap();
+    f.write_all(b"0123456789").unwrap();
+    f.seek(SeekFrom::Start(2)).unwrap();
+    let mut b = [0u8; 3];
+    f.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"234");
+    f.set_len(4).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain fallocate on an fd we own.
+    assert_eq!(
+        unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8192) },
+        0
+    );
+    drop(f);
+    assert_eq!(fs::metadata(r.join("new")).unwrap().len(), 8192);
+    assert_eq!(fs::metadata(r.join("new")).unwrap().mode() & 0o777, 0o600);
+    // xattrs: set/get/list/remove; overlay-private names stay hidden.
+    set_xattr(&r.join("d/x"), "user.t", b"1", false).unwrap();
+    assert!(list_xattr(&r.join("d/x"), false)
+        .unwrap()
+        .contains(&"user.t".to_string()));
+    remove_xattr(&r.join("d/x"), "user.t", false).unwrap();
+    assert_eq!(
+        errno_of(get_xattr(&r.join("d/x"), "user.t", false)),
+        libc::ENODATA
+    );
+    assert!(list_xattr(&r.join("a"), false)
+        .unwrap()
+        .iter()
+        .all(|n| !n.contains("overlay")));
+    assert_eq!(
+        errno_of(get_xattr(&r.join("a"), "trusted.overlay.origin", false)),
+        libc::EOPNOTSUPP
+    );
+    // statfs works.
+    let c = CString::new(r.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs filled by the kernel.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut sv) }, 0);
+    assert!(sv.f_blocks > 0);
+    m.umount().unwrap();
+    // On disk: origin recorded, no overlay xattr leaked elsewhere, work dir empty.
+    assert!(get_xattr(&ls.upper.path("a"), "trusted.overlay.origin", false).is_ok());
+    assert_eq!(fs::read_dir(ls.work.join("work")).unwrap().count(), 0);
+}
+
+#[test]
+fn inode_numbers_are_stable_and_match_readdir() {
+    let ls = LayerSet::new("ino", 2);
+    ls.lower(1)
+        .file("f", "1")
+        .file("g", "2")
+        .hardlink("g2", "g")
+        .dir("d");
+    let spec = ls.spec();
+    let m = StrataMount::new(&spec);
+    let r = m.root().to_path_buf();
+    let f0 = ino(&r.join("f"));
+    // nlink right from the first lookup of a hard link.
+    assert_eq!(fs::metadata(r.join("g")).unwrap().nlink(), 2);
+    assert_eq!(ino(&r.join("g")), ino(&r.join("g2")));
+    for e in fs::read_dir(&r).unwrap() {
+        let e = e.unwrap();
+        use std::os::unix::fs::DirEntryExt;
+        assert_eq!(e.ino(), ino(&e.path()), "d_ino != st_ino for {:?}", e.file_name());
+    }
+    fs::write(r.join("f"), "changed").unwrap();
+    assert_eq!(ino(&r.join("f")), f0);
+    // POSIX hard links across copy-up: writing one name shows through the other.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("g"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    assert_eq!(fs::read_to_string(r.join("g2")).unwrap(), "2+");
+    assert_eq!(ino(&r.join("g")), ino(&r.join("g2")));
+    assert_eq!(fs::metadata(r.join("g2")).unwrap().nlink(), 2);
+    m.umount().unwrap();
+    assert_eq!(
+        ino(&ls.upper.path("g")),
+        ino(&ls.upper.path("g2")),
+        "link set kept in the upper"
+    );
+    let m = StrataMount::new(&ls.fresh_spec());
+    assert_eq!(ino(&m.root().join("f")), f0, "st_ino changed across remount");
+    m.umount().unwrap();
+}
+
+#[test]
+fn deletes_write_whiteouts_and_opaque_dirs() {
+    let ls = LayerSet::new("wh", 2);
+    ls.lower(1)
+        .file("big", vec![5u8; 4 << 20])
+        .dir("tree/sub")
+        .file("tree/sub/f", "f")
+        .file("tree/g", "g");
+    ls.lower(0).file("tree/h", "h");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    fs::remove_file(r.join("big")).unwrap();
+    assert!(!r.join("big").exists());
+    assert_eq!(errno_of(fs::remove_dir(r.join("tree"))), libc::ENOTEMPTY);
+    fs::remove_dir_all(r.join("tree")).unwrap();
+    fs::create_dir(r.join("tree")).unwrap();
+    assert_eq!(fs::read_dir(r.join("tree")).unwrap().count(), 0);
+    fs::write(r.join("big"), "again").unwrap();
+    assert_eq!(fs::read_to_string(r.join("big")).unwrap(), "again");
+    m.umount().unwrap();
+    let up = &ls.upper;
+    assert_eq!(fs::read_to_string(up.path("big")).unwrap(), "again");
+    assert_eq!(
+        get_xattr(&up.path("tree"), "trusted.overlay.opaque", false).unwrap(),
+        b"y"
+    );
+    assert_eq!(
+        fs::read_dir(up.path("tree")).unwrap().count(),
+        0,
+        "no whiteouts inside an opaque dir"
+    );
+    assert!(fs::read_dir(up.root.clone()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".wh")));
+}
+
+#[test]
+fn unlink_and_truncate_of_lower_files_copy_nothing() {
+    let ls = LayerSet::new("nocopy", 1);
+    ls.lower(0)
+        .file("del", vec![1u8; 8 << 20])
+        .file("trunc", vec![1u8; 8 << 20]);
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    fs::remove_file(r.join("del")).unwrap();
+    assert!(
+        is_whiteout(&ls.upper.path("del")),
+        "unlink must leave only a whiteout"
+    );
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(r.join("trunc"))
+        .unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(r.join("trunc")).unwrap().len(), 0);
+    let up = fs::metadata(ls.upper.path("trunc")).unwrap();
+    assert_eq!((up.len(), up.blocks()), (0, 0), "O_TRUNC must not copy data");
+    m.umount().unwrap();
+}
+
+#[test]
+fn renames_of_every_kind() {
+    let ls = LayerSet::new("ren", 1);
+    ls.lower(0)
+        .file("a", "a")
+        .file("b", "b")
+        .dir("ldir")
+        .file("ldir/x", "x");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    assert_eq!(errno_of(fs::rename(r.join("ldir"), r.join("ldir2"))), libc::EXDEV);
+    fs::create_dir(r.join("udir")).unwrap();
+    fs::write(r.join("udir/f"), "f").unwrap();
+    fs::rename(r.join("udir"), r.join("udir2")).unwrap();
+    assert_eq!(fs::read_to_string(r.join("udir2/f")).unwrap(), "f");
+    fs::rename(r.join("a"), r.join("ldir/a")).unwrap();
+    assert!(!r.join("a").exists());
+    assert_eq!(
+        errno_of(renameat2(&r.join("b"), &r.join("ldir/a"), libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
+    renameat2(&r.join("b"), &r.join("ldir/a"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read_to_string(r.join("b")).unwrap(), "a");
+    assert_eq!(fs::read_to_string(r.join("ldir/a")).unwrap(), "b");
+    fs::rename(r.join("b"), r.join("ldir/x")).unwrap();
+    assert_eq!(fs::read_to_string(r.join("ldir/x")).unwrap(), "a");
+    m.umount().unwrap();
+    assert!(is_whiteout(&ls.upper.path("a")));
+}
+
+#[test]
+fn special_files_and_links() {
+    let ls = LayerSet::new("special", 1);
+    ls.lower(0).file("f", "f");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    mknod(&r.join("fifo"), libc::S_IFIFO | 0o644, 0, 0).unwrap();
+    mknod(&r.join("null"), libc::S_IFCHR | 0o666, 1, 3).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(r.join("sock")).unwrap();
+    std::os::unix::fs::symlink("f", r.join("sl")).unwrap();
+    fs::hard_link(r.join("f"), r.join("f2")).unwrap();
+    assert!(fs::metadata(r.join("fifo")).unwrap().file_type().is_fifo());
+    assert_eq!(fs::metadata(r.join("null")).unwrap().rdev(), libc::makedev(1, 3));
+    assert!(fs::symlink_metadata(r.join("sock"))
+        .unwrap()
+        .file_type()
+        .is_socket());
+    assert_eq!(fs::metadata(r.join("f")).unwrap().nlink(), 2);
+    assert_eq!(fs::read_to_string(r.join("sl")).unwrap(), "f");
+    drop(_sock);
+    m.umount().unwrap();
+}
+
+#[test]
+fn read_only_mount() {
+    let ls = LayerSet::new("ro", 1);
+    ls.lower(0).file("f", "f");
+    let out = run_cmd(
+        Command::new(strata_bin())
+            .args(["mount", "--lower"])
+            .arg(&ls.lower(0).root)
+            .arg(&ls.mnt),
+        Duration::from_secs(30),
+    );
+    assert!(out.ok(), "{out}");
+    let m = StrataMount::adopt(&ls.spec());
+    assert_eq!(fs::read_to_string(m.root().join("f")).unwrap(), "f");
+    assert_eq!(errno_of(fs::write(m.root().join("g"), "g")), libc::EROFS);
+    assert_eq!(
+        errno_of(fs::OpenOptions::new().write(true).open(m.root().join("f"))),
+        libc::EROFS
+    );
+    assert_eq!(errno_of(fs::remove_file(m.root().join("f"))), libc::EROFS);
+    m.umount().unwrap();
+}
+
+#[test]
+fn aufs_markers_in_lower_layers() {
+    let ls = LayerSet::new("aufs", 2);
+    ls.lower(1).file("gone", "").dir("opq").file("opq/hidden", "");
+    ls.lower(0)
+        .aufs_whiteout("gone")
+        .dir("opq")
+        .aufs_opaque("opq")
+        .file("opq/seen", "");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    assert!(!r.join("gone").exists());
+    let names: Vec<_> = fs::read_dir(r.join("opq"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("seen")]);
+    let root: Vec<_> = fs::read_dir(r)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(root.iter().all(|n| !n.starts_with(".wh.")), "{root:?}");
+    m.umount().unwrap();
+}
+
+#[test]
+fn mount_helper_and_long_flags() {
+    let ls = LayerSet::new("helper", 1);
+    ls.lower(0).file("f", "f");
+    // mount(8) finds helpers as /sbin/mount.fuse.<subtype>; call ours under that name.
+    let dir = ls.env.dir("bin");
+    let helper = dir.join("mount.fuse.strata");
+    std::os::unix::fs::symlink(strata_bin(), &helper).unwrap();
+    let out = run_cmd(
+        Command::new(&helper)
+            .arg("strata")
+            .arg(&ls.mnt)
+            .arg("-o")
+            .arg(ls.spec().options() + ",nodev,volatile,,weird"),
+        Duration::from_secs(30),
+    );
+    assert!(out.ok(), "{out}");
+    let m = StrataMount::adopt(&ls.spec());
+    assert_eq!(mount_fstype(&ls.mnt).as_deref(), Some("fuse.strata"));
+    fs::write(m.root().join("g"), "g").unwrap();
+    m.umount().unwrap();
+    // --lower/--upper/--work spell the same mount.
+    let spec = ls.fresh_spec();
+    let args: Vec<String> = vec![
+        "mount".into(),
+        "--lower".into(),
+        ls.lower(0).root.display().to_string(),
+        "--upper".into(),
+        spec.upper.display().to_string(),
+        "--work".into(),
+        spec.work.display().to_string(),
+        spec.mnt.display().to_string(),
+    ];
+    let m = StrataMount::with_args(&spec, &args).unwrap();
+    assert_eq!(fs::read_to_string(m.root().join("g")).unwrap(), "g");
+    m.umount().unwrap();
+}
+
+/// Each bad input: a non-zero exit, a message naming the path or option, nothing mounted.
+#[test]
+fn bad_input_is_refused_cleanly() {
+    let ls = LayerSet::new("bad", 1);
+    let l = ls.lower(0).root.clone();
+    let file = ls.env.path().join("a-file");
+    fs::write(&file, "").unwrap();
+    let nested = l.join("nested");
+    fs::create_dir(&nested).unwrap();
+    let tmpfs_work = Path::new("/dev/shm").join(format!("strata-test-work-{}", std::process::id()));
+    fs::create_dir_all(&tmpfs_work).unwrap();
+    let many: Vec<String> = (0..501).map(|_| l.display().to_string()).collect();
+    let busy = ls.env.dir("busy");
+    let u = ls.upper.root.display().to_string();
+    let w = ls.work.display().to_string();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![format!("lowerdir=/nonexistent-strata,upperdir={u},workdir={w}")],
+            "/nonexistent-strata".into(),
+        ),
+        (
+            vec![format!("lowerdir={},upperdir={u},workdir={w}", file.display())],
+            file.display().to_string(),
+        ),
+        (
+            vec![format!(
+                "lowerdir={},upperdir={},workdir={w}",
+                l.display(),
+                nested.display()
+            )],
+            "overlap".into(),
+        ),
+        (
+            vec![format!(
+                "lowerdir={},upperdir={u},workdir={}",
+                l.display(),
+                tmpfs_work.display()
+            )],
+            "same filesystem".into(),
+        ),
+        (
+            vec![format!("lowerdir=,upperdir={u},workdir={w}")],
+            "lowerdir".into(),
+        ),
+        (vec![format!("lowerdir={}", many.join(":"))], "at most 500".into()),
+        (
+            vec![format!("lowerdir={},upperdir={u}", l.display())],
+            "workdir".into(),
+        ),
+    ];
+    for (opts, want) in cases {
+        let out = run_cmd(
+            Command::new(strata_bin())
+                .arg("mount")
+                .arg("-o")
+                .args(&opts)
+                .arg(&ls.mnt),
+            Duration::from_secs(30),
+        );
+        assert!(!out.ok(), "accepted {opts:?}");
+        assert!(
+            out.stderr.contains(&want),
+            "error for {opts:?} does not mention {want:?}: {out}"
+        );
+        assert!(
+            mount_fstype(&ls.mnt).is_none(),
+            "left a mount behind for {opts:?}"
+        );
+    }
+    // Missing mountpoint.
+    let out = run_cmd(
+        Command::new(strata_bin())
+            .args(["mount", "--lower"])
+            .arg(&l)
+            .arg(ls.env.path().join("no-such-mnt")),
+        Duration::from_secs(30),
+    );
+    assert!(!out.ok() && out.stderr.contains("no-such-mnt"), "{out}");
+    // Busy mountpoint: something is mounted there already.
+    let first = run_cmd(
+        Command::new(strata_bin())
+            .args(["mount", "--lower"])
+            .arg(&l)
+            .arg(&busy),
+        Duration::from_secs(30),
+    );
+    assert!(first.ok(), "{first}");
+    let mut spec = ls.spec();
+    spec.mnt = busy.clone();
+    let guard = StrataMount::adopt(&spec);
+    let out = run_cmd(
+        Command::new(strata_bin())
+            .args(["mount", "--lower"])
+            .arg(&l)
+            .arg(&busy),
+        Duration::from_secs(30),
+    );
+    assert!(!out.ok() && out.stderr.contains("busy"), "{out}");
+    guard.umount().unwrap();
+    // Unmounting something that is not mounted.
+    let out = run_cmd(
+        Command::new(strata_bin()).arg("umount").arg(&ls.mnt),
+        Duration::from_secs(30),
+    );
+    assert!(!out.ok() && out.stderr.contains("not mounted"), "{out}");
+    let _ = fs::remove_dir_all(&tmpfs_work);
+}
+
+#[test]
+fn upper_with_redirect_is_refused() {
+    let ls = LayerSet::new("redirect", 1);
+    ls.lower(0).dir("d");
+    ls.upper
+        .dir("moved")
+        .xattr("moved", "trusted.overlay.redirect", "/d");
+    let out = run_cmd(
+        Command::new(strata_bin())
+            .arg("mount")
+            .arg("-o")
+            .arg(ls.spec().options())
+            .arg(&ls.mnt),
+        Duration::from_secs(30),
+    );
+    assert!(!out.ok(), "{out}");
+    assert!(
+        out.stderr.contains("redirect") && out.stderr.contains("moved"),
+        "{out}"
+    );
+    assert!(mount_fstype(&ls.mnt).is_none());
+}
+
+#[test]
+fn foreground_mount_ends_on_sigterm() {
+    let ls = LayerSet::new("fg", 1);
+    ls.lower(0).file("f", "f");
+    let mut child = Command::new(strata_bin())
+        .args(["mount", "-f", "-o"])
+        .arg(ls.spec().options())
+        .arg(&ls.mnt)
+        .spawn()
+        .unwrap();
+    let guard = StrataMount::adopt(&ls.spec());
+    let start = std::time::Instant::now();
+    while mount_fstype(&ls.mnt).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "foreground mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_to_string(ls.mnt.join("f")).unwrap(), "f");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    assert!(mount_fstype(&ls.mnt).is_none(), "SIGTERM left the mount behind");
+    drop(guard);
+}

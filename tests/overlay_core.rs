@@ -1,0 +1,312 @@
+//! The overlay core driven directly on temporary directories: no FUSE, no mount.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use strata::overlay::{Caller, Errno, Kind, Overlay, OverlayConfig, SetAttr, ROOT};
+
+struct Env {
+    _t: tempfile::TempDir,
+    l0: std::path::PathBuf,
+    l1: std::path::PathBuf,
+    upper: std::path::PathBuf,
+    work: std::path::PathBuf,
+}
+
+fn env() -> Env {
+    let t = tempfile::Builder::new()
+        .prefix("strata-core")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let p = t.path().to_path_buf();
+    for d in ["l0", "l1", "upper", "work"] {
+        fs::create_dir(p.join(d)).unwrap();
+    }
+    Env {
+        l0: p.join("l0"),
+        l1: p.join("l1"),
+        upper: p.join("upper"),
+        work: p.join("work"),
+        _t: t,
+    }
+}
+
+fn ov(e: &Env) -> Overlay {
+    Overlay::new(&OverlayConfig {
+        lowers: vec![e.l0.clone(), e.l1.clone()],
+        upper: Some(e.upper.clone()),
+        work: Some(e.work.clone()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn names(o: &Overlay, ino: u64) -> Vec<String> {
+    let fh = o.opendir(ino).unwrap();
+    let mut v: Vec<String> = o
+        .readdir(fh)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    o.releasedir(fh);
+    v.sort();
+    v
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    let m = fs::symlink_metadata(p).unwrap();
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+const ROOTC: Caller = Caller { uid: 0, gid: 0 };
+
+#[test]
+fn lookup_merges_layers_top_down() {
+    let e = env();
+    fs::write(e.l0.join("a"), "top").unwrap();
+    fs::write(e.l1.join("a"), "bottom").unwrap();
+    fs::write(e.l1.join("b"), "b").unwrap();
+    fs::create_dir(e.l0.join("d")).unwrap();
+    fs::create_dir(e.l1.join("d")).unwrap();
+    fs::write(e.l0.join("d/x"), "x").unwrap();
+    fs::write(e.l1.join("d/y"), "y").unwrap();
+    let o = ov(&e);
+    let a = o.lookup(ROOT, OsStr::new("a")).unwrap();
+    assert_eq!(a.size, 3);
+    assert_eq!(
+        a.ino,
+        fs::metadata(e.l0.join("a")).unwrap().ino(),
+        "st_ino passes through"
+    );
+    let d = o.lookup(ROOT, OsStr::new("d")).unwrap();
+    assert_eq!(d.kind, Kind::Dir);
+    assert_eq!(d.nlink, 1, "merged directories report nlink 1 like the kernel");
+    assert_eq!(names(&o, d.ino), vec!["x", "y"]);
+    assert_eq!(names(&o, ROOT), vec!["a", "b", "d"]);
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_in_lower_layers() {
+    let e = env();
+    fs::write(e.l1.join("gone"), "").unwrap();
+    fs::write(e.l1.join("aufs-gone"), "").unwrap();
+    fs::create_dir(e.l0.join("opq")).unwrap();
+    fs::create_dir(e.l1.join("opq")).unwrap();
+    fs::write(e.l1.join("opq/hidden"), "").unwrap();
+    fs::write(e.l0.join("opq/.wh..wh..opq"), "").unwrap();
+    fs::write(e.l0.join(".wh.aufs-gone"), "").unwrap();
+    let st = std::process::Command::new("mknod")
+        .arg(e.l0.join("gone"))
+        .args(["c", "0", "0"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = ov(&e);
+    assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
+    assert_eq!(o.lookup(ROOT, OsStr::new("aufs-gone")), Err(Errno::NOENT));
+    assert_eq!(o.lookup(ROOT, OsStr::new(".wh.aufs-gone")), Err(Errno::NOENT));
+    let d = o.lookup(ROOT, OsStr::new("opq")).unwrap();
+    assert!(
+        names(&o, d.ino).is_empty(),
+        "opaque marker hides the lower content and itself"
+    );
+    assert_eq!(names(&o, ROOT), vec!["opq"]);
+}
+
+#[test]
+fn unlink_of_lower_file_writes_only_a_whiteout() {
+    let e = env();
+    fs::write(e.l1.join("big"), vec![7u8; 1 << 20]).unwrap();
+    let o = ov(&e);
+    o.lookup(ROOT, OsStr::new("big")).unwrap();
+    o.unlink(ROOT, OsStr::new("big")).unwrap();
+    assert!(is_whiteout(&e.upper.join("big")));
+    assert_eq!(o.lookup(ROOT, OsStr::new("big")), Err(Errno::NOENT));
+    // recreate over the whiteout
+    let (a, fh) = o
+        .create(ROOT, OsStr::new("big"), 0o640, libc::O_WRONLY, ROOTC)
+        .unwrap();
+    o.write(fh, 0, b"new").unwrap();
+    o.release(fh);
+    assert_eq!(a.perm, 0o640);
+    assert_eq!(fs::read(e.upper.join("big")).unwrap(), b"new");
+    assert_eq!(
+        fs::read_dir(&e.work.join("work")).unwrap().count(),
+        0,
+        "nothing left in work"
+    );
+}
+
+#[test]
+fn copy_up_keeps_metadata_and_inode() {
+    let e = env();
+    fs::write(e.l1.join("f"), "data").unwrap();
+    std::os::unix::fs::chown(e.l1.join("f"), Some(123), Some(456)).unwrap();
+    fs::set_permissions(e.l1.join("f"), fs::Permissions::from_mode(0o4751)).unwrap();
+    let o = ov(&e);
+    let before = o.lookup(ROOT, OsStr::new("f")).unwrap();
+    let after = o
+        .setattr(
+            before.ino,
+            &SetAttr {
+                mtime: Some(strata::overlay::TimeSet::At(1000, 5)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(after.ino, before.ino, "st_ino survives copy-up");
+    let m = fs::metadata(e.upper.join("f")).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o4751, 123, 456));
+    assert_eq!(fs::read(e.upper.join("f")).unwrap(), b"data");
+    assert_eq!(after.mtime, (1000, 5));
+    drop(o);
+    // After a remount the origin xattr gives the same number.
+    let o = ov(&e);
+    assert_eq!(o.lookup(ROOT, OsStr::new("f")).unwrap().ino, before.ino);
+}
+
+#[test]
+fn truncating_open_copies_no_data() {
+    let e = env();
+    fs::write(e.l1.join("f"), vec![1u8; 1 << 20]).unwrap();
+    let o = ov(&e);
+    let a = o.lookup(ROOT, OsStr::new("f")).unwrap();
+    let fh = o.open(a.ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    o.release(fh);
+    assert_eq!(fs::metadata(e.upper.join("f")).unwrap().len(), 0);
+    assert_eq!(
+        fs::metadata(e.l1.join("f")).unwrap().len(),
+        1 << 20,
+        "lower untouched"
+    );
+}
+
+#[test]
+fn rmdir_then_mkdir_gives_opaque_dir_without_whiteouts_inside() {
+    let e = env();
+    fs::create_dir_all(e.l1.join("d/sub")).unwrap();
+    fs::write(e.l1.join("d/sub/f"), "").unwrap();
+    let o = ov(&e);
+    let d = o.lookup(ROOT, OsStr::new("d")).unwrap();
+    let sub = o.lookup(d.ino, OsStr::new("sub")).unwrap();
+    assert_eq!(o.rmdir(ROOT, OsStr::new("d")), Err(Errno::NOTEMPTY));
+    o.lookup(sub.ino, OsStr::new("f")).unwrap();
+    o.unlink(sub.ino, OsStr::new("f")).unwrap();
+    o.rmdir(d.ino, OsStr::new("sub")).unwrap();
+    o.rmdir(ROOT, OsStr::new("d")).unwrap();
+    assert!(is_whiteout(&e.upper.join("d")));
+    let nd = o.mkdir(ROOT, OsStr::new("d"), 0o755, ROOTC).unwrap();
+    assert!(names(&o, nd.ino).is_empty());
+    let v = xattr(&e.upper.join("d"), "trusted.overlay.opaque");
+    assert_eq!(v.as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        fs::read_dir(e.upper.join("d")).unwrap().count(),
+        0,
+        "no whiteouts inside an opaque dir"
+    );
+}
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        None
+    } else {
+        buf.truncate(r as usize);
+        Some(buf)
+    }
+}
+
+#[test]
+fn rename_rules() {
+    let e = env();
+    fs::create_dir(e.l1.join("lowerdir")).unwrap();
+    fs::write(e.l1.join("file"), "f").unwrap();
+    let o = ov(&e);
+    o.lookup(ROOT, OsStr::new("lowerdir")).unwrap();
+    assert_eq!(
+        o.rename(ROOT, OsStr::new("lowerdir"), ROOT, OsStr::new("x"), 0),
+        Err(Errno::XDEV),
+        "a lower directory cannot move without redirects"
+    );
+    o.lookup(ROOT, OsStr::new("file")).unwrap();
+    o.rename(ROOT, OsStr::new("file"), ROOT, OsStr::new("moved"), 0)
+        .unwrap();
+    assert!(is_whiteout(&e.upper.join("file")));
+    assert_eq!(fs::read(e.upper.join("moved")).unwrap(), b"f");
+    let up = o.mkdir(ROOT, OsStr::new("updir"), 0o755, ROOTC).unwrap();
+    assert_eq!(up.nlink, 2);
+    o.rename(ROOT, OsStr::new("updir"), ROOT, OsStr::new("updir2"), 0)
+        .unwrap();
+    assert!(
+        !e.upper.join("updir").exists(),
+        "no whiteout for a pure upper rename"
+    );
+    let noreplace = libc::RENAME_NOREPLACE;
+    assert_eq!(
+        o.rename(ROOT, OsStr::new("moved"), ROOT, OsStr::new("updir2"), noreplace),
+        Err(Errno::EXIST)
+    );
+}
+
+#[test]
+fn read_only_stack_refuses_writes() {
+    let e = env();
+    fs::write(e.l0.join("f"), "x").unwrap();
+    let o = Overlay::new(&OverlayConfig {
+        lowers: vec![e.l0.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let a = o.lookup(ROOT, OsStr::new("f")).unwrap();
+    assert_eq!(o.open(a.ino, libc::O_WRONLY), Err(Errno::ROFS));
+    assert_eq!(o.unlink(ROOT, OsStr::new("f")), Err(Errno::ROFS));
+    assert_eq!(o.mkdir(ROOT, OsStr::new("d"), 0o755, ROOTC), Err(Errno::ROFS));
+    let fh = o.open(a.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(o.read(fh, 0, 10).unwrap(), b"x");
+}
+
+#[test]
+fn setup_errors_name_the_path() {
+    let e = env();
+    let missing = e.l0.join("nope");
+    let err = Overlay::new(&OverlayConfig {
+        lowers: vec![missing.clone()],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+    let err = Overlay::new(&OverlayConfig {
+        lowers: vec![e.l0.clone()],
+        upper: Some(e.l0.join("inner")),
+        work: Some(e.work.clone()),
+        ..Default::default()
+    });
+    assert!(err.is_err());
+    fs::create_dir(e.l0.join("inner")).unwrap();
+    let err = Overlay::new(&OverlayConfig {
+        lowers: vec![e.l0.clone()],
+        upper: Some(e.l0.join("inner")),
+        work: Some(e.work.clone()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    let err = Overlay::new(&OverlayConfig {
+        lowers: vec![],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("lowerdir"), "{err}");
+    // A crash leftover in work/work is cleaned at mount.
+    fs::create_dir_all(e.work.join("work/#strata-1-1/sub")).unwrap();
+    let _o = ov(&e);
+    assert_eq!(fs::read_dir(e.work.join("work")).unwrap().count(), 0);
+}
