@@ -135,7 +135,7 @@ fn unlink_of_lower_file_writes_only_a_whiteout() {
     assert_eq!(a.perm, 0o640);
     assert_eq!(fs::read(e.upper.join("big")).unwrap(), b"new");
     assert_eq!(
-        fs::read_dir(&e.work.join("work")).unwrap().count(),
+        fs::read_dir(e.work.join("work")).unwrap().count(),
         0,
         "nothing left in work"
     );
