@@ -14,7 +14,7 @@ pub mod whiteout;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -1222,12 +1222,16 @@ impl Overlay {
         let nfd = nfds.upper().ok_or(Errno::IO)?;
         let src_lower = self.lower_positive(parent, name)?;
         let dst_lower = self.lower_positive(newparent, newname)?;
+        let old_merged = !self.with_node(parent, |n| n.lower_dirs.is_empty())?;
+        let new_merged = !self.with_node(newparent, |n| n.lower_dirs.is_empty())?;
         if exchange {
             rustix::fs::renameat_with(ofd, name, nfd, newname, RenameFlags::EXCHANGE)?;
-            if src.kind == Kind::Dir && dst_lower {
+            // As the kernel: a pure-upper directory moved into a merged directory becomes
+            // opaque, so lower content that appears there later stays hidden.
+            if src.kind == Kind::Dir && (dst_lower || new_merged) {
                 whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
             }
-            if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) && src_lower {
+            if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) && (src_lower || old_merged) {
                 whiteout::set_opaque(XTarget::At(ofd, name), self.ns)?;
             }
         } else {
@@ -1257,7 +1261,7 @@ impl Overlay {
                 }
                 Err(e) => return Err(e),
             }
-            if src.kind == Kind::Dir && dst_lower {
+            if src.kind == Kind::Dir && (dst_lower || new_merged) {
                 whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
             }
         }
@@ -1584,30 +1588,44 @@ impl Overlay {
 
     // ----- xattrs --------------------------------------------------------------------
 
-    fn check_xattr_name(&self, name: &OsStr) -> Result<()> {
-        let b = name.as_bytes();
-        if b.starts_with(self.ns.prefix().as_bytes()) {
-            // The kernel answers EOPNOTSUPP for its own namespace.
-            return Err(Errno::OPNOTSUPP);
+    /// The name an xattr is stored under. Like the kernel since 6.7, names in the private
+    /// namespace are escaped (`trusted.overlay.X` is kept as `trusted.overlay.overlay.X`),
+    /// so an overlay can be the lower layer of another one.
+    fn stored_xattr_name(&self, name: &OsStr) -> OsString {
+        let p = self.ns.prefix().as_bytes();
+        match name.as_bytes().strip_prefix(p) {
+            Some(rest) => {
+                let mut v = p.to_vec();
+                v.extend_from_slice(b"overlay.");
+                v.extend_from_slice(rest);
+                OsString::from_vec(v)
+            }
+            None => name.to_owned(),
         }
-        if whiteout::is_private_xattr(b) {
-            return Err(Errno::NODATA);
-        }
-        Ok(())
     }
 
-    /// getxattr (overlay-private names are never shown).
+    /// getxattr.
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
-        self.check_xattr_name(name)?;
-        self.with_target(ino, |t| sys::getxattr(t, name))
+        let real = self.stored_xattr_name(name);
+        self.with_target(ino, |t| sys::getxattr(t, &real))
     }
 
-    /// listxattr, without the overlay-private names.
+    /// listxattr: overlay bookkeeping hidden, escaped names shown unescaped.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         let names = self.with_target(ino, sys::listxattr)?;
+        let p = self.ns.prefix().as_bytes();
         let mut out = Vec::new();
-        for n in names.into_iter().filter(|n| !whiteout::is_private_xattr(n)) {
-            out.extend_from_slice(&n);
+        for n in names {
+            match n.strip_prefix(p) {
+                Some(rest) => match rest.strip_prefix(b"overlay.") {
+                    Some(user) => {
+                        out.extend_from_slice(p);
+                        out.extend_from_slice(user);
+                    }
+                    None => continue,
+                },
+                None => out.extend_from_slice(&n),
+            }
             out.push(0);
         }
         Ok(out)
@@ -1616,23 +1634,20 @@ impl Overlay {
     /// setxattr: copies up first.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.upper()?;
-        match self.check_xattr_name(name) {
-            Err(Errno::NODATA) => return Err(Errno::PERM),
-            r => r?,
-        }
+        let real = self.stored_xattr_name(name);
         self.copy_up(ino)?;
-        self.with_target(ino, |t| sys::setxattr(t, name, value, flags))
+        self.with_target(ino, |t| sys::setxattr(t, &real, value, flags))
     }
 
     /// removexattr: copies up first, unless the attribute does not exist at all.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         self.upper()?;
-        self.check_xattr_name(name)?;
+        let real = self.stored_xattr_name(name);
         if !self.with_node(ino, |n| n.upper)? {
-            self.with_target(ino, |t| sys::getxattr(t, name))?;
+            self.with_target(ino, |t| sys::getxattr(t, &real))?;
             self.copy_up(ino)?;
         }
-        self.with_target(ino, |t| sys::removexattr(t, name))
+        self.with_target(ino, |t| sys::removexattr(t, &real))
     }
 
     // ----- directories ---------------------------------------------------------------

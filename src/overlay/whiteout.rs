@@ -45,7 +45,11 @@ impl XattrNs {
 
 /// Every xattr name that is overlay bookkeeping, never user data: hidden from listings,
 /// never copied up, never exported into a layer.
+/// Escaped names (`trusted.overlay.overlay.*`) are user data of a nested overlay.
 pub fn is_private_xattr(name: &[u8]) -> bool {
+    if name.starts_with(b"trusted.overlay.overlay.") || name.starts_with(b"user.overlay.overlay.") {
+        return false;
+    }
     name.starts_with(b"trusted.overlay.")
         || name.starts_with(b"user.overlay.")
         || name.starts_with(b"user.fuseoverlayfs.")
@@ -153,6 +157,7 @@ mod tests {
         assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
         assert!(!is_private_xattr(b"user.overlayfoo"));
         assert!(!is_private_xattr(b"security.capability"));
+        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque"));
     }
 
     #[test]
