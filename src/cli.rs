@@ -12,6 +12,9 @@ pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Image store directory (default: /var/lib/strata as root, else $XDG_DATA_HOME/strata).
+    #[arg(long, global = true, env = "STRATA_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -24,6 +27,198 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a strata mount and wait for its daemon to finish.
     Umount(UmountArgs),
+    /// Turn an upper directory into a new image layer.
+    Commit(CommitArgs),
+    /// Show the changes of an upper directory (A/C/D), or between two images.
+    Diff(DiffArgs),
+    /// Show the layers of an image.
+    History(HistoryArgs),
+    /// List images.
+    Images(ImagesArgs),
+    /// Give an image another name.
+    Tag(TagArgs),
+    /// Remove image names; unreferenced data goes with the last one.
+    Rmi(RmiArgs),
+    /// Show an image's manifest and config as JSON.
+    Inspect(InspectArgs),
+    /// Remove blobs and unpacked layers no image refers to.
+    Gc,
+    /// Write images to an archive that docker, podman, skopeo and umoci load.
+    Save(SaveArgs),
+    /// Load images from a docker or OCI archive.
+    Load(LoadArgs),
+    /// Make a one-layer image from a flat rootfs tar.
+    Import(ImportArgs),
+    /// Write an image's flattened tree as one tar.
+    Export(ExportArgs),
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    /// Columns for people.
+    #[default]
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// `strata commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The upper directory of an unmounted overlay.
+    #[arg(long, value_name = "DIR")]
+    pub upper: PathBuf,
+    /// The image the upper was mounted over.
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<String>,
+    /// Author (config and history).
+    #[arg(short = 'a', long)]
+    pub author: Option<String>,
+    /// Comment for the history entry.
+    #[arg(short = 'm', long)]
+    pub message: Option<String>,
+    /// Dockerfile instruction to apply to the config (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL,
+    /// USER, VOLUME, WORKDIR, STOPSIGNAL); repeatable.
+    #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
+    pub change: Vec<String>,
+    /// Make one layer of the whole merged tree.
+    #[arg(long)]
+    pub squash: bool,
+    /// Leave out paths matching this glob (`*`, `**`, `?`); repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compress: Compress,
+    /// The new image's name.
+    #[arg(value_name = "NAME[:TAG]")]
+    pub name: String,
+}
+
+/// `strata diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// An upper directory to compare with --base (or with nothing).
+    #[arg(long, value_name = "DIR", conflicts_with = "images")]
+    pub upper: Option<PathBuf>,
+    /// The image the upper was mounted over.
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Two images to compare (instead of --upper).
+    #[arg(value_name = "IMAGE", num_args = 0..=2)]
+    pub images: Vec<String>,
+}
+
+/// `strata history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The image.
+    pub image: String,
+    /// Do not shorten digests and commands.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// `strata images`.
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Show full ids.
+    #[arg(long)]
+    pub no_trunc: bool,
+}
+
+/// `strata tag`.
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// Existing image.
+    pub source: String,
+    /// New name.
+    #[arg(value_name = "NAME[:TAG]")]
+    pub target: String,
+}
+
+/// `strata rmi`.
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Remove even while a mount or container uses the image.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Images (names or ids).
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// `strata inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image.
+    pub image: String,
+}
+
+/// `strata save`.
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    /// Output file.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Images to save.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// `strata load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Input archive (docker save, OCI archive, skopeo docker-archive; plain or compressed).
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub input: PathBuf,
+}
+
+/// `strata import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Flat rootfs tar (plain, gzip or zstd), or - for standard input.
+    pub file: PathBuf,
+    /// The new image's name.
+    #[arg(value_name = "NAME[:TAG]")]
+    pub name: String,
+    /// Dockerfile instruction to apply to the config; repeatable.
+    #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
+    pub change: Vec<String>,
+    /// Comment for the history entry.
+    #[arg(short = 'm', long)]
+    pub message: Option<String>,
+}
+
+/// `strata export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The image.
+    pub image: String,
+    /// Output file.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// `strata mount`.
@@ -53,8 +248,9 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
-    /// Where to mount.
-    pub mountpoint: PathBuf,
+    /// Where to mount; with two arguments the first is an image whose layers are the lowers.
+    #[arg(value_name = "[IMAGE] MOUNTPOINT", num_args = 1..=2, required = true)]
+    pub targets: Vec<String>,
 }
 
 /// `strata umount`.

@@ -6,5 +6,8 @@
 pub mod cli;
 pub mod cmd;
 pub mod fuse;
+pub mod image;
+pub mod mounts;
 pub mod overlay;
+pub mod runtime;
 pub mod sys;

@@ -1,6 +1,18 @@
 //! One file per verb; this module dispatches and owns the single error printer.
 
+pub mod commit;
+pub mod diff;
+pub mod export;
+pub mod gc;
+pub mod history;
+pub mod images;
+pub mod import;
+pub mod inspect;
+pub mod load;
 pub mod mount;
+pub mod rmi;
+pub mod save;
+pub mod tag;
 pub mod umount;
 
 use std::ffi::OsString;
@@ -68,15 +80,131 @@ pub fn main() -> i32 {
         }
     };
     init_logging(cli.verbose);
+    let root = cli.root.clone().unwrap_or_else(crate::image::store::default_root);
     let r = match cli.command {
-        Command::Mount(a) => mount::run(a),
+        Command::Mount(a) => mount::run(a, &root),
         Command::Umount(a) => umount::run(a),
+        Command::Commit(a) => commit::run(a, &root),
+        Command::Diff(a) => diff::run(a, &root),
+        Command::History(a) => history::run(a, &root),
+        Command::Images(a) => images::run(a, &root),
+        Command::Tag(a) => tag::run(a, &root),
+        Command::Rmi(a) => rmi::run(a, &root),
+        Command::Inspect(a) => inspect::run(a, &root),
+        Command::Gc => gc::run(&root),
+        Command::Save(a) => save::run(a, &root),
+        Command::Load(a) => load::run(a, &root),
+        Command::Import(a) => import::run(a, &root),
+        Command::Export(a) => export::run(a, &root),
     };
     match r {
         Ok(()) => exit::OK,
         Err(e) => {
+            // A closed pipe (`strata images | head`) is not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return exit::OK;
+            }
             print_error(&e);
             exit::FAILURE
         }
+    }
+}
+
+/// Print a JSON value on stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Write `data`'s bytes to `path` atomically via a temporary file beside it, so a failure
+/// leaves no half-written output.
+pub fn with_output_file(
+    path: &std::path::Path,
+    f: impl FnOnce(std::fs::File) -> anyhow::Result<std::fs::File>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("output '{}' names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.strata-tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating '{}'", path.display()))?;
+    match f(file).and_then(|f| f.sync_all().map_err(Into::into)) {
+        Ok(()) => std::fs::rename(&tmp, path).with_context(|| format!("writing '{}'", path.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A compact age: "3 minutes ago".
+pub fn ago(rfc3339: Option<&str>) -> String {
+    let Some(t) = rfc3339.and_then(parse_rfc3339) else {
+        return "N/A".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let d = (now - t).max(0);
+    let (n, u) = match d {
+        0..=59 => (d, "second"),
+        60..=3599 => (d / 60, "minute"),
+        3600..=86399 => (d / 3600, "hour"),
+        86400..=2591999 => (d / 86400, "day"),
+        2592000..=31535999 => (d / 2592000, "month"),
+        _ => (d / 31536000, "year"),
+    };
+    format!("{n} {u}{} ago", if n == 1 { "" } else { "s" })
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS...`.
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    // Days from civil (Howard Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146097 + doe - 719468) * 86400 + h * 3600 + mi * 60 + se)
+}
+
+/// Human size: "1.5MB" (decimal, like docker).
+pub fn human_size(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+            + units[i]
     }
 }

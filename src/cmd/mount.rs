@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 
 use crate::cli::MountArgs;
 use crate::fuse::mount::{serve, MountOpts};
+use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
 use crate::overlay::{Overlay, OverlayConfig};
 
 /// Everything a mount needs, after parsing and before validation of the directories.
@@ -18,6 +19,8 @@ pub struct MountSpec {
     pub overlay: OverlayConfig,
     /// Kernel-side options.
     pub opts: MountOpts,
+    /// The image whose layers are the lowers, if mounted by image name.
+    pub image: Option<String>,
 }
 
 /// Split a `lowerdir=` value on ':' where `\:` is a literal colon (and `\\` a backslash).
@@ -109,73 +112,19 @@ fn check_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(canon)
 }
 
-/// Unescape the octal escapes of /proc/self/mountinfo.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Is `p` (absolute, canonical) a mount point?
-pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+/// Build the mount description from the command line. An image argument puts the image's
+/// (unpacked) layers under any --lower layers.
+pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountSpec> {
+    let (image, mountpoint) = match a.targets.as_slice() {
+        [m] => (None, PathBuf::from(m)),
+        [i, m] => (Some(i.clone()), PathBuf::from(m)),
+        _ => bail!("usage: strata mount [OPTIONS] [IMAGE] MOUNTPOINT"),
     };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| Path::new(&unescape_mountinfo(m)) == p)
-}
-
-/// Directory holding the daemons' pid files.
-pub fn runtime_dir() -> PathBuf {
-    if crate::sys::euid() == 0 {
-        PathBuf::from("/run/strata")
-    } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
-        PathBuf::from(x).join("strata")
-    } else {
-        PathBuf::from(format!("/tmp/strata-{}", crate::sys::euid()))
-    }
-}
-
-/// The pid file of the daemon serving `mountpoint`.
-pub fn pid_file(mountpoint: &Path) -> PathBuf {
-    // FNV-1a: a short stable name for any path.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in mountpoint.as_os_str().as_encoded_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    runtime_dir().join(format!("{h:016x}.pid"))
-}
-
-fn write_pid_file(mountpoint: &Path) -> anyhow::Result<PathBuf> {
-    let f = pid_file(mountpoint);
-    std::fs::create_dir_all(runtime_dir())
-        .with_context(|| format!("creating {}", runtime_dir().display()))?;
-    std::fs::write(&f, format!("{}\n{}\n", std::process::id(), mountpoint.display()))
-        .with_context(|| format!("writing {}", f.display()))?;
-    Ok(f)
-}
-
-/// Build the mount description from the command line.
-pub fn spec_from_args(a: &MountArgs) -> anyhow::Result<MountSpec> {
     let root = crate::sys::euid() == 0;
     let mut spec = MountSpec {
         overlay: OverlayConfig::default(),
         opts: MountOpts {
-            mountpoint: a.mountpoint.clone(),
+            mountpoint,
             allow_other: root,
             dev: root,
             suid: root,
@@ -184,6 +133,7 @@ pub fn spec_from_args(a: &MountArgs) -> anyhow::Result<MountSpec> {
             fsname: "strata".into(),
             threads: a.threads,
         },
+        image: None,
     };
     for o in &a.options {
         apply_options(&mut spec, o)?;
@@ -195,12 +145,35 @@ pub fn spec_from_args(a: &MountArgs) -> anyhow::Result<MountSpec> {
     if a.work.is_some() {
         spec.overlay.work = a.work.clone();
     }
+    if let Some(i) = image {
+        let store = crate::image::store::Store::open(store_root, true)?;
+        let img = store.resolve(&i)?;
+        let layers = store.unpacked_layers(&img, &crate::image::progress::Progress::new())?;
+        if layers.is_empty() {
+            bail!("image '{i}' has no layers");
+        }
+        spec.overlay.lowers.extend(layers);
+        spec.image = Some(img.id.clone());
+    }
     Ok(spec)
 }
 
+fn record(spec: &MountSpec) -> MountRecord {
+    MountRecord {
+        pid: std::process::id() as i32,
+        mountpoint: spec.opts.mountpoint.clone(),
+        upper: spec
+            .overlay
+            .upper
+            .as_ref()
+            .and_then(|u| std::fs::canonicalize(u).ok()),
+        image: spec.image.clone(),
+    }
+}
+
 /// `strata mount`.
-pub fn run(a: MountArgs) -> anyhow::Result<()> {
-    let mut spec = spec_from_args(&a)?;
+pub fn run(a: MountArgs, store_root: &Path) -> anyhow::Result<()> {
+    let mut spec = spec_from_args(&a, store_root)?;
     mount_spec(&mut spec, a.foreground, a.log_file.as_deref())
 }
 
@@ -208,12 +181,17 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
 /// reports back once the mount is live.
 pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path>) -> anyhow::Result<()> {
     spec.opts.mountpoint = check_mountpoint(&spec.opts.mountpoint)?;
+    // Absolute now: the daemon changes directory to / before recording the mount.
+    if let Some(u) = &spec.overlay.upper {
+        spec.overlay.upper =
+            Some(std::fs::canonicalize(u).with_context(|| format!("upperdir '{}'", u.display()))?);
+    }
     // New objects get exactly the mode the caller asked for.
     crate::sys::set_umask(0);
     let ov = Arc::new(Overlay::new(&spec.overlay)?);
     let mp = spec.opts.mountpoint.clone();
     if foreground {
-        let pf = write_pid_file(&mp)?;
+        let pf = write_pid_file(&record(spec))?;
         let mut failed = None;
         let r = serve(ov, &spec.opts, |r| failed = r.err());
         let _ = std::fs::remove_file(pf);
@@ -271,7 +249,7 @@ fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file
     }
     let _ = std::env::set_current_dir("/");
     let mp = spec.opts.mountpoint.clone();
-    let pf = match write_pid_file(&mp) {
+    let pf = match write_pid_file(&record(spec)) {
         Ok(p) => p,
         Err(e) => {
             let _ = write!(wr, "{e:#}");
@@ -328,9 +306,9 @@ pub fn run_helper(args: &[OsString]) -> anyhow::Result<()> {
         foreground: false,
         log_file: None,
         threads: 4,
-        mountpoint,
+        targets: vec![mountpoint.to_string_lossy().into_owned()],
     };
-    run(a)
+    run(a, &crate::image::store::default_root())
 }
 
 #[cfg(test)]
@@ -349,16 +327,19 @@ mod tests {
 
     #[test]
     fn options() {
-        let mut s = spec_from_args(&MountArgs {
-            options: vec![],
-            lower: vec![],
-            upper: None,
-            work: None,
-            foreground: false,
-            log_file: None,
-            threads: 1,
-            mountpoint: "/mnt".into(),
-        })
+        let mut s = spec_from_args(
+            &MountArgs {
+                options: vec![],
+                lower: vec![],
+                upper: None,
+                work: None,
+                foreground: false,
+                log_file: None,
+                threads: 1,
+                targets: vec!["/mnt".into()],
+            },
+            Path::new("/nonexistent"),
+        )
         .unwrap();
         apply_options(
             &mut s,
@@ -372,11 +353,5 @@ mod tests {
         assert!(apply_options(&mut s, "lowerdir=/a::/b").is_err());
         assert!(apply_options(&mut s, "redirect_dir=on").is_err());
         assert!(apply_options(&mut s, "uidmapping=0:1000:1").is_err());
-    }
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::mount::{is_mountpoint, pid_file};
 use crate::cli::UmountArgs;
+use crate::mounts::{is_mountpoint, pid_file};
 
 /// The absolute mountpoint path, even when the daemon died and the path cannot be
 /// resolved any more ("transport endpoint is not connected").

@@ -1,0 +1,63 @@
+//! `strata rmi`.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::cli::RmiArgs;
+use crate::image::reference::Reference;
+use crate::image::store::{short_id, Store};
+
+/// Who uses an image: live mounts and containers.
+pub fn users(root: &Path, image_id: &str) -> Vec<String> {
+    let mut v: Vec<String> = crate::mounts::active()
+        .into_iter()
+        .filter(|m| m.image.as_deref() == Some(image_id))
+        .map(|m| format!("mount {}", m.mountpoint.display()))
+        .collect();
+    v.extend(
+        crate::runtime::container::using_image(root, image_id)
+            .into_iter()
+            .map(|c| format!("container {c}")),
+    );
+    v
+}
+
+/// `strata rmi`: untag; the last name takes the image's unshared data with it.
+pub fn run(a: RmiArgs, root: &Path) -> Result<()> {
+    let store = Store::open(root, true)?;
+    for name in &a.images {
+        let img = store.resolve(name)?;
+        let by_name = Reference::parse(name)
+            .ok()
+            .map(|r| r.to_string())
+            .filter(|r| img.refs.contains(r));
+        let last = by_name.is_none() || img.refs.len() <= 1;
+        if last && !a.force {
+            let u = users(root, &img.id);
+            if !u.is_empty() {
+                bail!(
+                    "image '{name}' ({}) is in use by {}; stop those or use -f",
+                    short_id(&img.id),
+                    u.join(", ")
+                );
+            }
+        }
+        match by_name {
+            Some(r) if img.refs.len() > 1 => {
+                store.remove_tag(&r)?;
+                println!("Untagged: {r}");
+            }
+            _ => {
+                for r in &img.refs {
+                    println!("Untagged: {r}");
+                }
+                store.remove_manifest(&img.manifest_digest)?;
+                println!("Deleted: {}", img.id);
+            }
+        }
+    }
+    let (b, l) = store.gc(&[])?;
+    log::info!("removed {b} blobs and {l} unpacked layers");
+    Ok(())
+}

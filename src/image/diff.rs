@@ -1,0 +1,130 @@
+//! Changes between an upper directory and its base, or between two images.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rustix::fs::{FileType, Mode, OFlags};
+use serde::Serialize;
+
+use super::tree::Tree;
+use crate::overlay::{whiteout, Attr, Kind};
+use crate::sys::{self, XTarget};
+
+/// One change, as `docker diff` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Change {
+    /// Absolute path.
+    pub path: String,
+    /// 'A' added, 'C' changed, 'D' deleted.
+    pub kind: char,
+}
+
+/// Changes an upper directory makes to `base`.
+pub fn diff_upper(upper: &Path, base: &Tree) -> Result<Vec<Change>> {
+    let root = rustix::fs::open(
+        upper,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("upper directory '{}'", upper.display()))?;
+    let mut out = Vec::new();
+    walk_upper(root.as_fd(), "", base, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk_upper(dir: BorrowedFd<'_>, rel: &str, base: &Tree, out: &mut Vec<Change>) -> Result<()> {
+    for ent in rustix::fs::Dir::read_from(dir)? {
+        let ent = ent?;
+        let nb = ent.file_name().to_bytes();
+        if nb == b"." || nb == b".." {
+            continue;
+        }
+        let name = OsStr::from_bytes(nb);
+        let path = format!("{rel}{}", name.to_string_lossy());
+        let st = sys::stat_at(dir, name)?;
+        if whiteout::is_whiteout(&st) {
+            out.push(Change {
+                path: format!("/{path}"),
+                kind: 'D',
+            });
+            continue;
+        }
+        let in_base = base.lookup(&path);
+        let kind = if in_base.is_some() { 'C' } else { 'A' };
+        out.push(Change {
+            path: format!("/{path}"),
+            kind,
+        });
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            let d = sys::open_dir_beneath(dir, name)?;
+            let t = XTarget::Fd(d.as_fd());
+            let opaque = whiteout::upper_is_opaque(t, &sys::listxattr(t).unwrap_or_default());
+            if opaque && in_base.is_some_and(|a| a.kind == Kind::Dir) {
+                // Everything the base had there is gone, unless the upper has it again.
+                let mine: HashSet<Vec<u8>> = rustix::fs::Dir::read_from(&d)?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_bytes().to_vec())
+                    .collect();
+                for c in base.children(&path)? {
+                    if !mine.contains(c.as_bytes()) {
+                        out.push(Change {
+                            path: format!("/{path}/{c}"),
+                            kind: 'D',
+                        });
+                    }
+                }
+            }
+            walk_upper(d.as_fd(), &format!("{path}/"), base, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn same(a: &Attr, b: &Attr) -> bool {
+    a.kind == b.kind
+        && a.perm == b.perm
+        && a.uid == b.uid
+        && a.gid == b.gid
+        && a.rdev == b.rdev
+        && (a.kind == Kind::Dir || (a.size == b.size && a.mtime == b.mtime))
+}
+
+/// Changes that turn image tree `a` into `b`.
+pub fn diff_trees(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
+    let mut left: BTreeMap<String, Attr> = BTreeMap::new();
+    a.walk(&mut |n| {
+        left.insert(n.path.clone(), n.attr);
+        Ok(())
+    })?;
+    let mut out = Vec::new();
+    b.walk(&mut |n| {
+        match left.remove(&n.path) {
+            None => out.push(Change {
+                path: format!("/{}", n.path),
+                kind: 'A',
+            }),
+            Some(old) => {
+                let link_differs =
+                    n.attr.kind == Kind::Symlink && a.readlink(old.ino).ok() != b.readlink(n.attr.ino).ok();
+                if !same(&old, &n.attr) || link_differs {
+                    out.push(Change {
+                        path: format!("/{}", n.path),
+                        kind: 'C',
+                    });
+                }
+            }
+        }
+        Ok(())
+    })?;
+    out.extend(left.into_keys().map(|p| Change {
+        path: format!("/{p}"),
+        kind: 'D',
+    }));
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,873 @@
+//! Layer tars <-> directories.
+//!
+//! A layer tar is hostile until checked. Unpacking happens in two passes: the first walks
+//! the raw tar headers (refusing giant extension headers and truncated data) and computes
+//! the DiffID; the second extracts through directory fds with openat2 (RESOLVE_BENEATH and
+//! RESOLVE_NO_SYMLINKS), so no entry can write outside the layer directory, go through a
+//! symlink, or replace something already extracted.
+//!
+//! Packing turns an overlay upper directory into an OCI changeset: 0/0 whiteouts become
+//! `.wh.NAME`, opaque directories get `.wh..wh..opq`, hard links become type-1 entries,
+//! and xattrs travel as PAX `SCHILY.xattr.*` records (never the overlay-private ones).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use super::digest::HashReader;
+use crate::overlay::whiteout;
+use crate::sys::{self, XTarget};
+
+/// Largest PAX or GNU long-name header we accept.
+const MAX_EXT_HEADER: u64 = 1 << 20;
+
+/// Compression of a blob, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+impl Compression {
+    /// Sniff the magic bytes.
+    pub fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+    /// The OCI layer media type.
+    pub fn media_type(self) -> oci_spec::image::MediaType {
+        match self {
+            Compression::None => oci_spec::image::MediaType::ImageLayer,
+            Compression::Gzip => oci_spec::image::MediaType::ImageLayerGzip,
+            Compression::Zstd => oci_spec::image::MediaType::ImageLayerZstd,
+        }
+    }
+}
+
+/// A reader of the uncompressed tar inside `r`, whatever its compression.
+pub fn decompress<R: Read + 'static>(r: R) -> Result<Box<dyn Read>> {
+    let mut br = BufReader::with_capacity(1 << 16, r);
+    let head = br.fill_buf()?.to_vec();
+    Ok(match Compression::sniff(&head) {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(br)),
+        Compression::Zstd => Box::new(zstd::Decoder::with_buffer(br)?),
+        Compression::None => Box::new(br),
+    })
+}
+
+fn parse_num(b: &[u8]) -> Option<u64> {
+    if b.first().is_some_and(|c| c & 0x80 != 0) {
+        // base-256, big-endian
+        let mut v: u64 = (b[0] & 0x7f) as u64;
+        for &c in &b[1..] {
+            v = v.checked_mul(256)?.checked_add(c as u64)?;
+        }
+        return Some(v);
+    }
+    let s: Vec<u8> = b.iter().copied().filter(|c| *c != 0 && *c != b' ').collect();
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(std::str::from_utf8(&s).ok()?, 8).ok()
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// First pass over an uncompressed layer: check the raw structure and return its DiffID.
+pub fn check_and_hash<R: Read>(r: R, what: &str) -> Result<String> {
+    let mut h = HashReader::new(r);
+    let mut block = [0u8; 512];
+    let mut off: u64 = 0;
+    let mut skip = vec![0u8; 1 << 16];
+    loop {
+        let n = read_full(&mut h, &mut block)?;
+        if n == 0 {
+            break;
+        }
+        if n < 512 {
+            bail!("{what}: truncated tar header at offset {off}");
+        }
+        off += 512;
+        if block.iter().all(|c| *c == 0) {
+            continue;
+        }
+        let name =
+            String::from_utf8_lossy(block[..100].split(|c| *c == 0).next().unwrap_or(&[])).into_owned();
+        let size =
+            parse_num(&block[124..136]).with_context(|| format!("{what}: entry '{name}': bad size field"))?;
+        let kind = block[156];
+        if matches!(kind, b'x' | b'g' | b'L' | b'K') && size > MAX_EXT_HEADER {
+            bail!("{what}: entry '{name}': {size}-byte extension header (limit {MAX_EXT_HEADER})");
+        }
+        // Only these carry data; for links and devices the size field is ignored.
+        let has_data = matches!(kind, b'0' | 0 | b'7' | b'x' | b'g' | b'L' | b'K');
+        let mut left = if has_data { size.div_ceil(512) * 512 } else { 0 };
+        while left > 0 {
+            let want = (left as usize).min(skip.len());
+            let got = read_full(&mut h, &mut skip[..want])?;
+            if got == 0 {
+                bail!("{what}: entry '{name}' is truncated: it declares {size} bytes but the archive ends");
+            }
+            left -= got as u64;
+            off += got as u64;
+        }
+    }
+    Ok(h.finish().0)
+}
+
+/// Split a tar path into clean components; refuse absolute paths and `..`.
+fn clean_path(raw: &[u8]) -> std::result::Result<Vec<OsString>, &'static str> {
+    if raw.first() == Some(&b'/') {
+        return Err("absolute path");
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("path contains '..'"),
+            c => out.push(OsString::from_vec(c.to_vec())),
+        }
+    }
+    Ok(out)
+}
+
+fn join(c: &[OsString]) -> OsString {
+    let mut v = Vec::new();
+    for (i, p) in c.iter().enumerate() {
+        if i > 0 {
+            v.push(b'/');
+        }
+        v.extend_from_slice(p.as_bytes());
+    }
+    OsString::from_vec(v)
+}
+
+fn err_at(e: Errno) -> String {
+    match e {
+        Errno::LOOP | Errno::XDEV => "path goes through a symlink".into(),
+        Errno::NOTDIR => "path goes through a non-directory".into(),
+        e => io::Error::from(e).to_string(),
+    }
+}
+
+/// Open (creating missing ones) the directory `comps` beneath `root`.
+fn ensure_dirs(root: BorrowedFd<'_>, comps: &[OsString]) -> std::result::Result<OwnedFd, Errno> {
+    let mut cur = sys::open_dir_beneath(root, ".")?;
+    for c in comps {
+        cur = match sys::open_dir_beneath(cur.as_fd(), c) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                rustix::fs::mkdirat(&cur, c.as_os_str(), Mode::from_raw_mode(0o755))?;
+                sys::open_dir_beneath(cur.as_fd(), c)?
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    Ok(cur)
+}
+
+struct DirAttrs {
+    path: Vec<OsString>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+fn times(mtime: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Extract a layer tar into the empty directory `dest`. Whiteouts become 0/0 character
+/// devices and opaque markers `trusted.overlay.opaque` (or, without the privilege for
+/// them, stay as AUFS `.wh.` files, which the overlay also honours in lower layers).
+pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
+    let root_fd = rustix::fs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", dest.display()))?;
+    let root = root_fd.as_fd();
+    let privileged = sys::euid() == 0;
+    let mut ar = tar::Archive::new(r);
+    let mut explicit: HashSet<OsString> = HashSet::new();
+    let mut kinds: HashMap<OsString, bool> = HashMap::new(); // path -> is_dir
+    let mut dirs: Vec<DirAttrs> = Vec::new();
+    for entry in ar.entries().context("reading layer")? {
+        let mut entry = entry.context("reading layer entry")?;
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let fail = |m: &dyn std::fmt::Display| anyhow!("layer entry '{shown}': {m}");
+        let comps = clean_path(&raw).map_err(|m| fail(&m))?;
+        let hdr = entry.header().clone();
+        let kind = hdr.entry_type();
+        if matches!(kind, tar::EntryType::XGlobalHeader) {
+            continue;
+        }
+        let mode = hdr.mode().map_err(|e| fail(&e))? & 0o7777;
+        let uid = hdr.uid().map_err(|e| fail(&e))? as u32;
+        let gid = hdr.gid().map_err(|e| fail(&e))? as u32;
+        let mtime = hdr.mtime().map_err(|e| fail(&e))? as i64;
+        let xattrs: Vec<(OsString, Vec<u8>)> = match entry.pax_extensions() {
+            Ok(Some(exts)) => exts
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let k = e.key_bytes().strip_prefix(b"SCHILY.xattr.")?.to_vec();
+                    (!whiteout::is_private_xattr(&k))
+                        .then(|| (OsString::from_vec(k), e.value_bytes().to_vec()))
+                })
+                .collect(),
+            _ => vec![],
+        };
+        if comps.is_empty() {
+            if kind.is_dir() {
+                dirs.push(DirAttrs {
+                    path: vec![],
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                });
+                continue;
+            }
+            return Err(fail(&"the layer root must be a directory"));
+        }
+        let path = join(&comps);
+        if !explicit.insert(path.clone()) {
+            return Err(fail(&"duplicate entry"));
+        }
+        let (name, parent) = comps.split_last().unwrap();
+        let pfd = ensure_dirs(root, parent).map_err(|e| fail(&err_at(e)))?;
+        let p = pfd.as_fd();
+        if name.as_bytes() == whiteout::OPAQUE_MARKER.as_bytes() {
+            if whiteout::set_opaque(XTarget::Fd(p), whiteout::XattrNs::Trusted).is_err() {
+                File::create(dest.join(&path)).map_err(|e| fail(&e))?;
+            }
+            continue;
+        }
+        if whiteout::is_aufs_marker(name) {
+            let target =
+                whiteout::aufs_target(name).ok_or_else(|| fail(&"'.wh.' whiteout without a name"))?;
+            match whiteout::make_whiteout(p, target) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => return Err(fail(&"whiteout of an entry of the same layer")),
+                Err(_) => {
+                    sys::open_beneath(
+                        p,
+                        name,
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| fail(&err_at(e)))?;
+                }
+            }
+            continue;
+        }
+        let exists = |e: Errno| {
+            if e == Errno::EXIST {
+                fail(&"duplicate entry")
+            } else {
+                fail(&err_at(e))
+            }
+        };
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let f = sys::open_beneath(
+                    p,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(exists)?;
+                let mut file = File::from(f);
+                let want = entry.size();
+                let n = io::copy(&mut entry, &mut file).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        fail(&"truncated: the archive ends inside this file")
+                    } else {
+                        fail(&e)
+                    }
+                })?;
+                if n != want {
+                    return Err(fail(&format!("truncated: {n} of {want} bytes")));
+                }
+                if privileged {
+                    rustix::fs::fchown(
+                        &file,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )
+                    .map_err(|e| fail(&io::Error::from(e)))?;
+                }
+                for (k, v) in &xattrs {
+                    set_xattr(XTarget::Fd(file.as_fd()), k, v).map_err(|e| fail(&e))?;
+                }
+                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
+                    .map_err(|e| fail(&io::Error::from(e)))?;
+                rustix::fs::futimens(&file, &times(mtime)).map_err(|e| fail(&io::Error::from(e)))?;
+                kinds.insert(path, false);
+                continue;
+            }
+            tar::EntryType::Directory => {
+                match rustix::fs::mkdirat(p, name.as_os_str(), Mode::from_raw_mode(0o700)) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST)
+                        if sys::stat_at(p, name)
+                            .map(|s| s.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                            .unwrap_or(false) => {}
+                    Err(e) => return Err(exists(e)),
+                }
+                if !xattrs.is_empty() {
+                    let d = sys::open_dir_beneath(p, name).map_err(|e| fail(&err_at(e)))?;
+                    for (k, v) in &xattrs {
+                        set_xattr(XTarget::Fd(d.as_fd()), k, v).map_err(|e| fail(&e))?;
+                    }
+                }
+                dirs.push(DirAttrs {
+                    path: comps.clone(),
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                });
+                kinds.insert(path, true);
+                continue;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| fail(&"symlink without target"))?
+                    .into_owned();
+                if target.first() != Some(&b'/') {
+                    // A relative target that climbs above the layer root is refused.
+                    let mut depth = parent.len() as i64;
+                    for c in target.split(|b| *b == b'/') {
+                        match c {
+                            b"" | b"." => {}
+                            b".." => depth -= 1,
+                            _ => depth += 1,
+                        }
+                        if depth < 0 {
+                            return Err(fail(&format!(
+                                "symlink target '{}' points outside the layer",
+                                String::from_utf8_lossy(&target)
+                            )));
+                        }
+                    }
+                }
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), p, name.as_os_str()).map_err(exists)?;
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| fail(&"hard link without target"))?
+                    .into_owned();
+                let tcomps = clean_path(&target).map_err(|m| fail(&format!("hard link target: {m}")))?;
+                let tpath = join(&tcomps);
+                match kinds.get(&tpath) {
+                    Some(false) => {}
+                    Some(true) => return Err(fail(&"hard link to a directory")),
+                    None => {
+                        return Err(fail(&format!(
+                            "hard link target '{}' is not an earlier entry of this layer",
+                            String::from_utf8_lossy(&target)
+                        )))
+                    }
+                }
+                let (tname, tparent) = tcomps.split_last().unwrap();
+                let tp = sys::open_dir_beneath(root, join(tparent)).map_err(|e| fail(&err_at(e)))?;
+                rustix::fs::linkat(&tp, tname.as_os_str(), p, name.as_os_str(), AtFlags::empty())
+                    .map_err(exists)?;
+                kinds.insert(path, false);
+                continue;
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let ft = match kind {
+                    tar::EntryType::Char => FileType::CharacterDevice,
+                    tar::EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                let dev = if ft == FileType::Fifo {
+                    0
+                } else {
+                    if !privileged {
+                        return Err(fail(&"device nodes can only be created by root"));
+                    }
+                    let ma = hdr.device_major().ok().flatten().unwrap_or(0);
+                    let mi = hdr.device_minor().ok().flatten().unwrap_or(0);
+                    rustix::fs::makedev(ma, mi)
+                };
+                rustix::fs::mknodat(p, name.as_os_str(), ft, Mode::from_raw_mode(mode), dev)
+                    .map_err(exists)?;
+                rustix::fs::chmodat(p, name.as_os_str(), Mode::from_raw_mode(mode), AtFlags::empty())
+                    .map_err(|e| fail(&io::Error::from(e)))?;
+            }
+            other => return Err(fail(&format!("unsupported entry type {other:?}"))),
+        }
+        // Symlinks and special files: owner, xattrs, times by name.
+        if privileged {
+            rustix::fs::chownat(
+                p,
+                name.as_os_str(),
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| fail(&io::Error::from(e)))?;
+        }
+        for (k, v) in &xattrs {
+            set_xattr(XTarget::At(p, name), k, v).map_err(|e| fail(&e))?;
+        }
+        if kind != tar::EntryType::Symlink && mode & 0o7000 != 0 {
+            rustix::fs::chmodat(p, name.as_os_str(), Mode::from_raw_mode(mode), AtFlags::empty())
+                .map_err(|e| fail(&io::Error::from(e)))?;
+        }
+        rustix::fs::utimensat(p, name.as_os_str(), &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| fail(&io::Error::from(e)))?;
+        kinds.insert(path, false);
+    }
+    // Directory attributes last, deepest first: adding children changed their mtimes.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.len()));
+    for d in dirs {
+        let fd = if d.path.is_empty() {
+            root_fd.try_clone()?
+        } else {
+            sys::open_dir_beneath(root, join(&d.path))
+                .map_err(|e| anyhow!("directory '{}': {}", join(&d.path).to_string_lossy(), err_at(e)))?
+        };
+        if privileged {
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(d.uid)),
+                Some(rustix::fs::Gid::from_raw(d.gid)),
+            )?;
+        }
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))?;
+        rustix::fs::futimens(&fd, &times(d.mtime))?;
+    }
+    Ok(())
+}
+
+fn set_xattr(t: XTarget<'_>, k: &OsStr, v: &[u8]) -> io::Result<()> {
+    match sys::setxattr(t, k, v, 0) {
+        Ok(()) => Ok(()),
+        // Unprivileged: trusted.* and security.* cannot be set; the rest must.
+        Err(Errno::PERM | Errno::OPNOTSUPP) if !k.as_bytes().starts_with(b"user.") => {
+            log::warn!("xattr {} not restored", k.to_string_lossy());
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ----- packing ------------------------------------------------------------------------
+
+/// Options for writing a layer.
+#[derive(Debug, Clone, Default)]
+pub struct PackOpts {
+    /// SOURCE_DATE_EPOCH: file times are clamped to it.
+    pub epoch: Option<i64>,
+    /// Glob patterns (matched against `/path`) of entries to leave out.
+    pub excludes: Vec<String>,
+}
+
+/// Counts of what a pack wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PackStats {
+    /// Entries written.
+    pub entries: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+/// A tar writer that builds USTAR headers with PAX records where needed.
+pub struct TarOut<W: Write> {
+    b: tar::Builder<W>,
+    epoch: Option<i64>,
+    /// Statistics.
+    pub stats: PackStats,
+}
+
+/// What an entry is.
+#[derive(Debug)]
+pub enum EntryKind<'a> {
+    /// Directory.
+    Dir,
+    /// Regular file with its size.
+    File(u64),
+    /// Symlink with target.
+    Symlink(&'a [u8]),
+    /// Hard link to an earlier path.
+    Link(&'a str),
+    /// Character device.
+    Char(u32, u32),
+    /// Block device.
+    Block(u32, u32),
+    /// FIFO.
+    Fifo,
+}
+
+/// Metadata of an entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time.
+    pub mtime: i64,
+}
+
+impl<W: Write> TarOut<W> {
+    /// Wrap a writer.
+    pub fn new(w: W, epoch: Option<i64>) -> Self {
+        let mut b = tar::Builder::new(w);
+        b.mode(tar::HeaderMode::Complete);
+        TarOut {
+            b,
+            epoch,
+            stats: PackStats::default(),
+        }
+    }
+
+    /// Append one entry; `data` must yield exactly the file size for files.
+    pub fn append(
+        &mut self,
+        path: &str,
+        kind: EntryKind<'_>,
+        m: Meta,
+        xattrs: &[(Vec<u8>, Vec<u8>)],
+        data: &mut dyn Read,
+    ) -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut path = path.to_string();
+        if matches!(kind, EntryKind::Dir) && !path.ends_with('/') {
+            path.push('/');
+        }
+        if h.set_path(&path).is_err() || path.len() > 255 {
+            pax.push(("path".into(), path.clone().into_bytes()));
+            let short: String = path
+                .chars()
+                .rev()
+                .take(90)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            let _ = h.set_path(short.trim_start_matches('/'));
+        }
+        let (ty, size) = match kind {
+            EntryKind::Dir => (tar::EntryType::Directory, 0),
+            EntryKind::File(n) => (tar::EntryType::Regular, n),
+            EntryKind::Symlink(t) => {
+                if t.len() > 100 {
+                    pax.push(("linkpath".into(), t.to_vec()));
+                } else {
+                    h.set_link_name_literal(t).map_err(|e| anyhow!("{path}: {e}"))?;
+                }
+                (tar::EntryType::Symlink, 0)
+            }
+            EntryKind::Link(t) => {
+                if t.len() > 100 {
+                    pax.push(("linkpath".into(), t.as_bytes().to_vec()));
+                } else {
+                    h.set_link_name_literal(t.as_bytes())
+                        .map_err(|e| anyhow!("{path}: {e}"))?;
+                }
+                (tar::EntryType::Link, 0)
+            }
+            EntryKind::Char(..) => (tar::EntryType::Char, 0),
+            EntryKind::Block(..) => (tar::EntryType::Block, 0),
+            EntryKind::Fifo => (tar::EntryType::Fifo, 0),
+        };
+        h.set_entry_type(ty);
+        h.set_size(size);
+        if size > 0o77777777777 {
+            pax.push(("size".into(), size.to_string().into_bytes()));
+        }
+        h.set_mode(m.mode & 0o7777);
+        for (key, v) in [("uid", m.uid), ("gid", m.gid)] {
+            if v > 0o7777777 {
+                pax.push((key.into(), v.to_string().into_bytes()));
+            }
+        }
+        h.set_uid(m.uid.min(0o7777777) as u64);
+        h.set_gid(m.gid.min(0o7777777) as u64);
+        let mtime = match self.epoch {
+            Some(e) => m.mtime.min(e),
+            None => m.mtime,
+        };
+        h.set_mtime(mtime.max(0) as u64);
+        if let EntryKind::Char(ma, mi) | EntryKind::Block(ma, mi) = kind {
+            h.set_device_major(ma)?;
+            h.set_device_minor(mi)?;
+        }
+        for (k, v) in xattrs {
+            pax.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(k)), v.clone()));
+        }
+        if !pax.is_empty() {
+            self.b
+                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        h.set_cksum();
+        let mut limited = data.take(size);
+        self.b
+            .append(&h, &mut limited)
+            .with_context(|| format!("writing '{path}'"))?;
+        self.stats.entries += 1;
+        self.stats.bytes += size;
+        Ok(())
+    }
+
+    /// Write the end of the archive and return the writer.
+    pub fn finish(self) -> Result<W> {
+        Ok(self.b.into_inner()?)
+    }
+}
+
+/// A tiny glob: `*` (not across `/`), `**` (across), `?`, literal otherwise.
+pub fn glob_match(pat: &str, s: &str) -> bool {
+    fn rec(p: &[u8], s: &[u8]) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            Some(b'*') if p.get(1) == Some(&b'*') => (0..=s.len()).any(|i| rec(&p[2..], &s[i..])),
+            Some(b'*') => (0..=s.len())
+                .take_while(|&i| i == 0 || s[i - 1] != b'/')
+                .any(|i| rec(&p[1..], &s[i..])),
+            Some(b'?') => !s.is_empty() && s[0] != b'/' && rec(&p[1..], &s[1..]),
+            Some(c) => s.first() == Some(c) && rec(&p[1..], &s[1..]),
+        }
+    }
+    rec(pat.as_bytes(), s.as_bytes())
+}
+
+fn excluded(opts: &PackOpts, abs: &str) -> bool {
+    opts.excludes.iter().any(|p| {
+        let p = if p.starts_with('/') {
+            p.clone()
+        } else {
+            format!("/{p}")
+        };
+        glob_match(&p, abs) || glob_match(&format!("{}/**", p.trim_end_matches('/')), abs)
+    })
+}
+
+fn meta(st: &rustix::fs::Stat) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: st.st_mtime,
+    }
+}
+
+fn user_xattrs(t: XTarget<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut v: Vec<(Vec<u8>, Vec<u8>)> = sys::listxattr(t)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !whiteout::is_private_xattr(n))
+        .filter_map(|n| sys::getxattr(t, OsStr::from_bytes(&n)).ok().map(|val| (n, val)))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Write the changes recorded in an overlay upper directory as an OCI layer.
+pub fn pack_upper<W: Write>(upper: &Path, out: &mut TarOut<W>, opts: &PackOpts) -> Result<()> {
+    let root = rustix::fs::open(
+        upper,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("upper directory '{}'", upper.display()))?;
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    pack_dir(root.as_fd(), "", out, opts, &mut links)
+}
+
+fn pack_dir<W: Write>(
+    dir: BorrowedFd<'_>,
+    rel: &str,
+    out: &mut TarOut<W>,
+    opts: &PackOpts,
+    links: &mut HashMap<(u64, u64), String>,
+) -> Result<()> {
+    let mut names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    names.sort();
+    let mut rest = Vec::new();
+    // Whiteouts before their siblings, as the OCI spec asks.
+    for n in names {
+        let name = OsStr::from_bytes(&n);
+        let st = sys::stat_at(dir, name)?;
+        let path = format!("{rel}{}", name.to_string_lossy());
+        if whiteout::is_whiteout(&st) {
+            let wh = format!("{rel}{}", whiteout::aufs_name(name).to_string_lossy());
+            if !excluded(opts, &format!("/{path}")) {
+                let m = Meta {
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    mtime: opts.epoch.unwrap_or(0),
+                };
+                out.append(&wh, EntryKind::File(0), m, &[], &mut io::empty())?;
+            }
+        } else {
+            rest.push((n, st, path));
+        }
+    }
+    for (n, st, path) in rest {
+        let name = OsStr::from_bytes(&n);
+        let abs = format!("/{path}");
+        if excluded(opts, &abs) {
+            continue;
+        }
+        if whiteout::is_aufs_marker(name) {
+            bail!("'{abs}': names starting with .wh. cannot be stored in an OCI layer");
+        }
+        let t = XTarget::At(dir, name);
+        let m = meta(&st);
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let d = sys::open_dir_beneath(dir, name)?;
+                let dt = XTarget::Fd(d.as_fd());
+                let xnames = sys::listxattr(dt).unwrap_or_default();
+                let opaque = whiteout::upper_is_opaque(dt, &xnames);
+                out.append(&path, EntryKind::Dir, m, &user_xattrs(dt), &mut io::empty())?;
+                if opaque {
+                    let mm = Meta {
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: opts.epoch.unwrap_or(0),
+                    };
+                    out.append(
+                        &format!("{path}/{}", whiteout::OPAQUE_MARKER),
+                        EntryKind::File(0),
+                        mm,
+                        &[],
+                        &mut io::empty(),
+                    )?;
+                }
+                pack_dir(d.as_fd(), &format!("{path}/"), out, opts, links)?;
+            }
+            FileType::RegularFile => {
+                if st.st_nlink > 1 {
+                    if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
+                        let first = first.clone();
+                        out.append(&path, EntryKind::Link(&first), m, &[], &mut io::empty())?;
+                        continue;
+                    }
+                    links.insert((st.st_dev, st.st_ino), path.clone());
+                }
+                let f = sys::open_beneath(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
+                let xs = user_xattrs(XTarget::Fd(f.as_fd()));
+                let mut file = File::from(f);
+                out.append(&path, EntryKind::File(st.st_size as u64), m, &xs, &mut file)?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+                out.append(
+                    &path,
+                    EntryKind::Symlink(target.as_bytes()),
+                    m,
+                    &user_xattrs(t),
+                    &mut io::empty(),
+                )?;
+            }
+            FileType::CharacterDevice | FileType::BlockDevice => {
+                let (ma, mi) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
+                let k = if FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice {
+                    EntryKind::Char(ma, mi)
+                } else {
+                    EntryKind::Block(ma, mi)
+                };
+                out.append(&path, k, m, &user_xattrs(t), &mut io::empty())?;
+            }
+            FileType::Fifo => out.append(&path, EntryKind::Fifo, m, &user_xattrs(t), &mut io::empty())?,
+            _ => log::info!("'{abs}': sockets cannot be stored in a layer; left out"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("/tmp/*", "/tmp/x"));
+        assert!(!glob_match("/tmp/*", "/tmp/x/y"));
+        assert!(glob_match("/tmp/**", "/tmp/x/y"));
+        assert!(glob_match("/var/log/*.log", "/var/log/a.log"));
+        assert!(glob_match("/a?c", "/abc"));
+        assert!(!glob_match("/a?c", "/a/c"));
+        let o = PackOpts {
+            excludes: vec!["tmp".into()],
+            ..Default::default()
+        };
+        assert!(excluded(&o, "/tmp"));
+        assert!(excluded(&o, "/tmp/sub/file"));
+        assert!(!excluded(&o, "/tmpfile"));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            clean_path(b"./a//b/").unwrap(),
+            vec![OsString::from("a"), OsString::from("b")]
+        );
+        assert!(clean_path(b"/etc/passwd").is_err());
+        assert!(clean_path(b"a/../../b").is_err());
+        assert!(clean_path(b"./").unwrap().is_empty());
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_num(b"0000644\0"), Some(0o644));
+        assert_eq!(parse_num(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]), Some(1 << 32));
+        assert_eq!(parse_num(b"        "), Some(0));
+    }
+}

@@ -1,0 +1,601 @@
+//! Hostile layer tars fed to `strata import`: path traversal, absolute names,
+//! writes through symlinks, escaping hard links, duplicates, truncated data,
+//! absurd sizes, bad whiteouts. Each must be refused (non-zero exit, message
+//! naming the entry), leave no image behind and write nothing outside the
+//! store. The archives are written with a raw ustar writer
+//! (image_common::RawTar) because the `tar` crate refuses most of them.
+//!
+//! Layout of each case's temp dir (so relative escapes land where we look):
+//!   T/sentinel/...          files that must not change
+//!   T/input.tar             the hostile archive
+//!   T/a/b/c/d/store         the store root
+//!   T/a/b/c/d/store-tmp     strata's TMPDIR
+//!   T/out/                  export output (when import wrongly succeeds)
+
+mod common;
+mod image_common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use image_common::*;
+
+/// Names a successful escape would create (files planted by the archives).
+const PLANTED: &[&str] = &["evil", "escape", "pwned"];
+
+/// Host files a successful escape could touch.
+const HOST_FILES: &[&str] = &["/etc/passwd", "/etc/hostname"];
+const HOST_MUST_NOT_EXIST: &[&str] = &[
+    "/etc/evil",
+    "/evil",
+    "/escape",
+    "/tmp/escape",
+    "/tmp/evil",
+    "/pwned",
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Expect {
+    /// Import must fail with a message naming one of the needles.
+    Reject,
+    /// Must import (the entry is legal); the exported tree is checked.
+    Accept,
+    /// Either refused (naming the entry) or imported verbatim; never written outside.
+    Either,
+}
+
+struct Case {
+    name: &'static str,
+    tar: Vec<u8>,
+    /// At least one of these must appear in stderr when the import fails.
+    needles: Vec<&'static str>,
+    expect: Expect,
+    /// Feed the archive on stdin (`import - NAME`) instead of by path.
+    stdin: bool,
+}
+
+impl Case {
+    fn new(name: &'static str, tar: Vec<u8>, needles: &[&'static str]) -> Case {
+        Case {
+            name,
+            tar,
+            needles: needles.to_vec(),
+            expect: Expect::Reject,
+            stdin: false,
+        }
+    }
+}
+
+/// Outcome of one case, for the failure message.
+struct Outcome {
+    import: CmdOutput,
+    export: Option<CmdOutput>,
+    export_names: Vec<String>,
+}
+
+fn leaks(t: &Path, store: &Store) -> Vec<String> {
+    let mut found = Vec::new();
+    for p in walk_names(t, std::slice::from_ref(&store.root)) {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if PLANTED.contains(&name.as_str()) {
+            let full = t.join(&p);
+            let where_ = if full.starts_with(&store.tmp) {
+                "strata's TMPDIR (leftover extraction?)"
+            } else {
+                "outside the store"
+            };
+            found.push(format!("{} ({where_})", full.display()));
+        }
+    }
+    found
+}
+
+type HostState = Vec<(String, Option<(String, u64, u64)>)>;
+
+fn host_state() -> HostState {
+    HOST_FILES
+        .iter()
+        .map(|p| (p.to_string(), host_file_state(Path::new(p))))
+        .collect()
+}
+
+fn run_case(case: Case) {
+    let env = TestEnv::new(&format!("hostile-{}", case.name));
+    let t = env.path().to_path_buf();
+    // Sentinels at several depths: an escape with N `..` lands near one.
+    for d in ["sentinel", "a/sentinel", "a/b/c/sentinel", "a/b/c/d/sentinel"] {
+        let p = t.join(d);
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join("keep"), "keep").unwrap();
+    }
+    let store = Store::at(&t.join("a/b/c/d/store"), &t.join("a/b/c/d/store-tmp"));
+    let input = t.join("input.tar");
+    fs::write(&input, &case.tar).unwrap();
+    let host_missing_before: Vec<&str> = HOST_MUST_NOT_EXIST
+        .iter()
+        .copied()
+        .filter(|p| fs::symlink_metadata(p).is_err())
+        .collect();
+    let host_before = host_state();
+    let before = outside_store_snapshot(&t, &store);
+
+    // Precondition: the store commands work at all, so a refusal below is
+    // about the archive and not, say, an unknown verb or option.
+    let pre = store.run(&["images"]);
+    assert!(
+        pre.ok(),
+        "hostile case {}: `strata images` fails on a fresh store, cannot test import: {pre}",
+        case.name
+    );
+
+    let image = format!("hostile-{}", case.name.replace('_', "-"));
+    let start = Instant::now();
+    let import = if case.stdin {
+        store.import_stdin(&input, &image)
+    } else {
+        store.import(&input, &image)
+    };
+    let took = start.elapsed();
+
+    let mut problems = Vec::new();
+    if import.timed_out {
+        problems.push(format!("import timed out after {took:?}"));
+    }
+    if took > Duration::from_secs(60) {
+        problems.push(format!("import took {took:?} (expected to fail fast)"));
+    }
+
+    // If the import was accepted, see what the hostile layer does on export.
+    let mut outcome = Outcome {
+        import,
+        export: None,
+        export_names: Vec::new(),
+    };
+    let out_dir = t.join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    if outcome.import.ok() {
+        let out_tar = out_dir.join("export.tar");
+        let ex = store.export(&image, &out_tar);
+        if ex.ok() {
+            outcome.export_names = tar_names(&out_tar);
+        }
+        outcome.export = Some(ex);
+    }
+
+    // Store state: `images` must still work and (if refused) not list the image.
+    let images = store.run(&["images"]);
+    if !images.ok() {
+        problems.push(format!("`strata images` fails after the import: {images}"));
+    }
+    let listed = images.stdout.contains(&image);
+
+    match (case.expect, outcome.import.ok()) {
+        (Expect::Reject, true) => problems.push(format!(
+            "import ACCEPTED the hostile archive; export afterwards: {}{}",
+            match &outcome.export {
+                Some(e) if e.ok() => format!("succeeded, entries {:?}", outcome.export_names),
+                Some(e) => format!("failed ({e})"),
+                None => "not run".into(),
+            },
+            if listed {
+                "; image is listed by `strata images`"
+            } else {
+                ""
+            }
+        )),
+        (Expect::Accept, false) => {
+            problems.push(format!("import of a legal archive FAILED: {}", outcome.import))
+        }
+        (_, false) => {
+            let err = outcome.import.stderr.to_string();
+            if !case.needles.iter().any(|n| err.contains(n)) {
+                problems.push(format!(
+                    "error message does not name the entry (one of {:?}): {:?}",
+                    case.needles,
+                    err.trim()
+                ));
+            }
+            if listed {
+                problems.push(format!(
+                    "`strata images` lists {image} after a failed import:\n{}",
+                    images.stdout
+                ));
+            }
+            if err.contains("Usage:") {
+                problems.push(format!(
+                    "import failed with a usage error, not a refusal: {err:?}"
+                ));
+            }
+            if outcome.import.status.is_none() && !outcome.import.timed_out {
+                problems.push(format!("import was killed by a signal: {}", outcome.import));
+            }
+        }
+        (_, true) => {
+            if let Some(ex) = &outcome.export {
+                if !ex.ok() {
+                    problems.push(format!("imported, but export fails: {ex}"));
+                } else if case.expect == Expect::Accept
+                    && !case
+                        .needles
+                        .iter()
+                        .all(|n| outcome.export_names.contains(&norm_name(n)))
+                {
+                    problems.push(format!(
+                        "exported tree lacks {:?}: {:?}",
+                        case.needles, outcome.export_names
+                    ));
+                }
+            }
+        }
+    }
+
+    // Nothing written outside the store (the export output dir excepted).
+    let mut after = outside_store_snapshot(&t, &store);
+    after.retain(|p, _| !p.starts_with("out"));
+    let mut before_cmp = before.clone();
+    before_cmp.retain(|p, _| !p.starts_with("out"));
+    let d = diff_snapshots(&before_cmp, &after, "before", "after");
+    if !d.is_empty() {
+        problems.push(format_diffs("files outside the store changed", &d));
+    }
+    let l = leaks(&t, &store);
+    if !l.is_empty() {
+        problems.push(format!("planted files found: {l:?}"));
+    }
+    for p in host_missing_before {
+        if fs::symlink_metadata(p).is_ok() {
+            problems.push(format!("host file {p} was CREATED"));
+        }
+    }
+    let host_after = host_state();
+    if host_after != host_before {
+        problems.push(format!("host files changed: {host_before:?} -> {host_after:?}"));
+    }
+    // Whatever happened, strata's temp dir should be cleaned up.
+    let tmp_left = walk_names(&store.tmp, &[]);
+    if !tmp_left.is_empty() {
+        problems.push(format!(
+            "strata left files in its TMPDIR {}: {:?}",
+            store.tmp.display(),
+            tmp_left.iter().take(10).collect::<Vec<_>>()
+        ));
+    }
+
+    let verdict = if outcome.import.ok() {
+        match &outcome.export {
+            Some(e) if e.ok() => "accepted at import and export",
+            Some(_) => "accepted at import, refused at export",
+            None => "accepted at import",
+        }
+    } else {
+        "refused at import"
+    };
+    eprintln!(
+        "case {}: {verdict}; stderr: {}",
+        case.name,
+        outcome.import.stderr.trim()
+    );
+    assert!(
+        problems.is_empty(),
+        "hostile case {} ({verdict}):\n  - {}\nimport: {}",
+        case.name,
+        problems.join("\n  - "),
+        outcome.import
+    );
+}
+
+/// Snapshot of everything in the temp dir except the store and its TMPDIR.
+fn outside_store_snapshot(t: &Path, store: &Store) -> Snapshot {
+    let mut s = snapshot(t);
+    let st = store.root.strip_prefix(t).unwrap().to_path_buf();
+    let tmp = store.tmp.strip_prefix(t).unwrap().to_path_buf();
+    s.retain(|p: &PathBuf, _| !p.starts_with(&st) && !p.starts_with(&tmp));
+    // Directory nlink and the d-dir's entry change when the store is created.
+    for (p, e) in s.iter_mut() {
+        if e.kind == Kind::Dir {
+            e.nlink = None;
+        }
+        let _ = p;
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// The corpus.
+
+fn base() -> RawTar {
+    let mut t = RawTar::new();
+    t.dir("etc/").file("etc/ok", b"fine\n");
+    t
+}
+
+#[test]
+fn control_benign_archive_imports() {
+    // Same writer, nothing hostile: must import, with DiffID = sha256(input).
+    let mut t = base();
+    t.dir("bin/")
+        .file("bin/tool", b"#!/bin/sh\n")
+        .symlink("bin/abs-link", "/etc/ok")
+        .symlink("rootlink", "/")
+        .hardlink("etc/ok-link", "etc/ok")
+        .pax("etc/PaxHeaders/x", &[("SCHILY.xattr.user.k", b"v")])
+        .file("etc/with-xattr", b"x")
+        .fifo("etc/fifo");
+    let tar = t.finish();
+    let env = TestEnv::new("hostile-control");
+    // Our writer must produce archives GNU tar accepts.
+    let input = env.path().join("in.tar");
+    fs::write(&input, &tar).unwrap();
+    must(
+        std::process::Command::new("tar").arg("-tvf").arg(&input),
+        "GNU tar listing of the control archive",
+    );
+    let store = Store::in_env(&env, "store");
+    let out = store.import(&input, "control:1");
+    assert!(out.ok(), "import of a benign archive failed: {out}");
+    let v = store.inspect("control:1");
+    assert_eq!(
+        inspect_diff_ids(&v),
+        vec![sha256_file(&input)],
+        "import must store the tar verbatim (DiffID = sha256 of the input)"
+    );
+    assert!(
+        store.images_text().contains("control"),
+        "images does not list control:1"
+    );
+    let dir = env.path().join("x");
+    store.export_tree("control:1", &env.path().join("e.tar"), &dir);
+    assert_eq!(fs::read_link(dir.join("rootlink")).unwrap(), Path::new("/"));
+    assert_eq!(
+        fs::read_link(dir.join("bin/abs-link")).unwrap(),
+        Path::new("/etc/ok")
+    );
+    assert_eq!(fs::read(dir.join("etc/ok-link")).unwrap(), b"fine\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::metadata(dir.join("etc/ok")).unwrap().ino(),
+        fs::metadata(dir.join("etc/ok-link")).unwrap().ino(),
+        "hard link not preserved by export"
+    );
+    assert_eq!(
+        get_xattr(&dir.join("etc/with-xattr"), "user.k", false).unwrap(),
+        b"v"
+    );
+    // Import from stdin gives the same layer.
+    let out = store.import_stdin(&input, "control:stdin");
+    assert!(out.ok(), "import - (stdin) failed: {out}");
+    assert_eq!(store.diff_ids("control:stdin"), vec![sha256_file(&input)]);
+}
+
+#[test]
+fn dotdot_entry() {
+    let mut t = base();
+    t.file("../escape", b"escaped");
+    run_case(Case::new("dotdot", t.finish(), &["../escape"]));
+}
+
+#[test]
+fn dotdot_deep_entry() {
+    // Enough `..` to reach / from anywhere under /tmp, then into /tmp.
+    let mut t = base();
+    let name = format!("{}tmp/escape", "../".repeat(16));
+    t.file(&name, b"escaped");
+    run_case(Case::new("dotdot_deep", t.finish(), &["../../", "tmp/escape"]));
+}
+
+#[test]
+fn dotdot_in_the_middle() {
+    let mut t = base();
+    t.file("etc/../../escape", b"escaped");
+    run_case(Case::new(
+        "dotdot_middle",
+        t.finish(),
+        &["etc/../../escape", "../escape"],
+    ));
+}
+
+#[test]
+fn dotdot_from_stdin() {
+    let mut t = base();
+    t.file("../escape", b"escaped");
+    let mut c = Case::new("dotdot_stdin", t.finish(), &["../escape"]);
+    c.stdin = true;
+    run_case(c);
+}
+
+#[test]
+fn absolute_entry() {
+    let mut t = base();
+    t.file("/etc/evil", b"evil");
+    run_case(Case::new("absolute", t.finish(), &["/etc/evil", "etc/evil"]));
+}
+
+#[test]
+fn write_through_symlink_to_root() {
+    let mut t = base();
+    t.symlink("link", "/").file("link/evil", b"evil");
+    run_case(Case::new("symlink_root", t.finish(), &["link/evil"]));
+}
+
+#[test]
+fn write_through_symlink_dir_chain() {
+    // The symlink is deeper and the entry goes through it into a subdir.
+    let mut t = base();
+    t.dir("a/").symlink("a/l", "/tmp").file("a/l/evil", b"evil");
+    run_case(Case::new("symlink_chain", t.finish(), &["a/l/evil"]));
+}
+
+#[test]
+fn write_through_relative_escaping_symlink() {
+    let mut t = base();
+    let up = "../".repeat(16);
+    t.symlink("up", up.trim_end_matches('/'))
+        .file("up/tmp/escape", b"escaped");
+    // Refusing the escaping symlink itself ('up') is as good as refusing the write through it.
+    run_case(Case::new(
+        "symlink_dotdot",
+        t.finish(),
+        &["up/tmp/escape", "'up'"],
+    ));
+}
+
+#[test]
+fn escaping_symlink_alone() {
+    // A symlink whose target leaves the root is legal layer content (it is
+    // resolved inside the container); it must either be refused or stored
+    // verbatim, and nothing may be created through it.
+    let mut t = base();
+    t.symlink("etc/up", "../../../../../../etc/passwd");
+    let mut c = Case::new("symlink_alone", t.finish(), &["etc/up"]);
+    c.expect = Expect::Either;
+    run_case(c);
+}
+
+#[test]
+fn hardlink_escaping() {
+    let mut t = base();
+    t.hardlink("pw", "../../etc/passwd");
+    run_case(Case::new(
+        "hardlink_dotdot",
+        t.finish(),
+        &["pw", "../../etc/passwd"],
+    ));
+}
+
+#[test]
+fn hardlink_absolute_outside_archive() {
+    let mut t = base();
+    t.hardlink("pw", "/etc/passwd");
+    run_case(Case::new("hardlink_abs", t.finish(), &["pw", "/etc/passwd"]));
+}
+
+#[test]
+fn hardlink_to_missing_target() {
+    let mut t = base();
+    t.hardlink("etc/dangling", "etc/nothere");
+    run_case(Case::new(
+        "hardlink_missing",
+        t.finish(),
+        &["etc/dangling", "etc/nothere"],
+    ));
+}
+
+#[test]
+fn hardlink_through_symlink() {
+    let mut t = base();
+    t.symlink("link", "/").hardlink("pwned", "link/etc/passwd");
+    run_case(Case::new(
+        "hardlink_via_symlink",
+        t.finish(),
+        &["pwned", "link/etc/passwd"],
+    ));
+}
+
+#[test]
+fn hardlink_to_directory() {
+    let mut t = base();
+    t.hardlink("etcdir", "etc");
+    run_case(Case::new("hardlink_dir", t.finish(), &["etcdir"]));
+}
+
+#[test]
+fn duplicate_entries() {
+    let mut t = base();
+    t.file("etc/dup", b"first").file("etc/dup", b"second");
+    run_case(Case::new("duplicate", t.finish(), &["etc/dup"]));
+}
+
+#[test]
+fn truncated_file_data() {
+    let mut t = base();
+    let mut e = RawEntry::new("etc/big", b'0');
+    e.size_field = 1 << 20;
+    e.data = b"0123456789".to_vec();
+    e.pad = false;
+    t.entry(e);
+    run_case(Case::new(
+        "truncated",
+        t.unfinished(),
+        &["etc/big", "truncat", "unexpected end"],
+    ));
+}
+
+#[test]
+fn truncated_header() {
+    let mut t = base();
+    let mut tar = t.finish();
+    tar.truncate(BLOCK + 100); // in the middle of the second header
+    run_case(Case::new(
+        "truncated_header",
+        tar,
+        &["etc/ok", "truncat", "unexpected end", "corrupt"],
+    ));
+}
+
+#[test]
+fn giant_pax_header() {
+    // A PAX extended header whose size field claims 8 GiB; only a few bytes follow.
+    let mut t = base();
+    let mut e = RawEntry::new("etc/PaxHeaders/huge", b'x');
+    e.size_field = 8 << 30;
+    e.data = pax_records(&[("path", b"etc/huge")]);
+    e.pad = true;
+    t.entry(e);
+    t.file("etc/huge", b"x");
+    run_case(Case::new(
+        "giant_pax",
+        t.finish(),
+        &["huge", "PaxHeaders", "pax", "PAX"],
+    ));
+}
+
+#[test]
+fn pax_size_record_lies() {
+    // A sane PAX header that says the next file is 8 GiB (data: 10 bytes).
+    let mut t = base();
+    t.pax("etc/PaxHeaders/liar", &[("size", b"8589934592")]);
+    let mut e = RawEntry::new("etc/liar", b'0');
+    e.size_field = 10;
+    e.data = b"0123456789".to_vec();
+    t.entry(e);
+    run_case(Case::new(
+        "pax_size",
+        t.finish(),
+        &["etc/liar", "truncat", "unexpected end"],
+    ));
+}
+
+#[test]
+fn char_device_entry() {
+    let mut t = base();
+    t.dir("dev/").chardev("dev/null2", 1, 3);
+    let mut c = Case::new("chardev", t.finish(), &["dev/null2"]);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    c.expect = if root { Expect::Accept } else { Expect::Reject };
+    run_case(c);
+}
+
+#[test]
+fn whiteout_without_name() {
+    let mut t = base();
+    t.file("etc/.wh.", b"");
+    run_case(Case::new("wh_alone", t.finish(), &["etc/.wh.", ".wh."]));
+}
+
+#[test]
+fn whiteout_with_dotdot_name() {
+    // `.wh...` would whiteout `..`: a deletion outside the directory.
+    let mut t = base();
+    t.file("etc/.wh...", b"");
+    run_case(Case::new("wh_dotdot", t.finish(), &[".wh..."]));
+}
+
+#[test]
+fn not_a_tar() {
+    let run =
+        |name: &'static str, data: Vec<u8>| run_case(Case::new(name, data, &["tar", "archive", "header"]));
+    run("garbage", b"this is not a tar archive, just text\n".repeat(40));
+}
