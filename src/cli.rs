@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about, long_about = None)]
 pub struct Cli {
-    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    /// More log output (-v info, -vv debug, -vvv trace), given before the command;
+    /// RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Image store directory (default: /var/lib/strata as root, else $XDG_DATA_HOME/strata).
     #[arg(long, global = true, env = "STRATA_ROOT", value_name = "DIR")]
@@ -51,6 +52,106 @@ pub enum Command {
     Import(ImportArgs),
     /// Write an image's flattened tree as one tar.
     Export(ExportArgs),
+    /// Create a container: a named working copy of an image.
+    Create(CreateArgs),
+    /// List containers.
+    Ps(PsArgs),
+    /// Remove containers.
+    Rm(RmArgs),
+    /// Run a command in a new container.
+    Run(RunArgs),
+    /// Run a command (default: a shell) in an existing container.
+    Shell(ShellArgs),
+}
+
+/// `strata create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Container name (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The image.
+    pub image: String,
+}
+
+/// `strata ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// `strata rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Remove even while mounted or running (stops the process, unmounts).
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// How a process is run (shared by `run` and `shell`).
+#[derive(Debug, Args, Clone)]
+pub struct ProcessArgs {
+    /// Keep standard input open.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Set an environment variable (KEY=VALUE, or KEY to copy it from here); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User (name, uid, user:group or uid:gid).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Bind-mount a host path: HOST:CONTAINER[:ro]; repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CTR[:ro]")]
+    pub volume: Vec<String>,
+    /// Network: none (a fresh loopback only) or host.
+    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    pub network: String,
+    /// Hostname (default: the container name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+}
+
+/// `strata run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the container when the command ends.
+    #[arg(long)]
+    pub rm: bool,
+    /// Container name (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Process options.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// The image.
+    pub image: String,
+    /// Command and arguments (default: the image's entrypoint and cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `strata shell`.
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Process options.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// The container.
+    pub container: String,
+    /// Command and arguments (default: /bin/sh).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 /// Output formats.
@@ -77,9 +178,9 @@ pub enum Compress {
 /// `strata commit`.
 #[derive(Debug, Args)]
 pub struct CommitArgs {
-    /// The upper directory of an unmounted overlay.
+    /// The upper directory of an unmounted overlay (or give a container instead).
     #[arg(long, value_name = "DIR")]
-    pub upper: PathBuf,
+    pub upper: Option<PathBuf>,
     /// The image the upper was mounted over.
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
@@ -102,9 +203,10 @@ pub struct CommitArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value = "gzip")]
     pub compress: Compress,
-    /// The new image's name.
-    #[arg(value_name = "NAME[:TAG]")]
-    pub name: String,
+    /// `[CONTAINER] NAME[:TAG]`: the container to commit (instead of --upper) and the new
+    /// image's name.
+    #[arg(value_name = "[CONTAINER] NAME[:TAG]", num_args = 1..=2, required = true)]
+    pub names: Vec<String>,
 }
 
 /// `strata diff`.
@@ -119,8 +221,8 @@ pub struct DiffArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
-    /// Two images to compare (instead of --upper).
-    #[arg(value_name = "IMAGE", num_args = 0..=2)]
+    /// A container, or two images to compare (instead of --upper).
+    #[arg(value_name = "CONTAINER | IMAGE IMAGE", num_args = 0..=2)]
     pub images: Vec<String>,
 }
 
@@ -249,7 +351,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
     /// Where to mount; with two arguments the first is an image whose layers are the lowers.
-    #[arg(value_name = "[IMAGE] MOUNTPOINT", num_args = 1..=2, required = true)]
+    /// A container name alone mounts that container (at its own rootfs, or at MOUNTPOINT).
+    #[arg(value_name = "[IMAGE|CONTAINER] MOUNTPOINT", num_args = 1..=2, required = true)]
     pub targets: Vec<String>,
 }
 
@@ -259,6 +362,15 @@ pub struct UmountArgs {
     /// Detach now even if busy; the daemon ends when the last user is gone.
     #[arg(short = 'l', long)]
     pub lazy: bool,
-    /// The mountpoint.
+    /// The mountpoint, or a container name.
     pub mountpoint: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn definitions_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod container;
 pub mod fuse;
 pub mod image;
 pub mod mounts;

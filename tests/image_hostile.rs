@@ -54,6 +54,8 @@ struct Case {
     expect: Expect,
     /// Feed the archive on stdin (`import - NAME`) instead of by path.
     stdin: bool,
+    /// Feed the archive to `strata load -i` instead of `import`.
+    load: bool,
 }
 
 impl Case {
@@ -64,6 +66,7 @@ impl Case {
             needles: needles.to_vec(),
             expect: Expect::Reject,
             stdin: false,
+            load: false,
         }
     }
 }
@@ -132,7 +135,9 @@ fn run_case(case: Case) {
 
     let image = format!("hostile-{}", case.name.replace('_', "-"));
     let start = Instant::now();
-    let import = if case.stdin {
+    let import = if case.load {
+        store.run(&["load", "-i", &input.display().to_string()])
+    } else if case.stdin {
         store.import_stdin(&input, &image)
     } else {
         store.import(&input, &image)
@@ -155,7 +160,7 @@ fn run_case(case: Case) {
     };
     let out_dir = t.join("out");
     fs::create_dir_all(&out_dir).unwrap();
-    if outcome.import.ok() {
+    if outcome.import.ok() && !case.load {
         let out_tar = out_dir.join("export.tar");
         let ex = store.export(&image, &out_tar);
         if ex.ok() {
@@ -169,7 +174,12 @@ fn run_case(case: Case) {
     if !images.ok() {
         problems.push(format!("`strata images` fails after the import: {images}"));
     }
-    let listed = images.stdout.contains(&image);
+    let listed = if case.load {
+        // A refused load must leave the store empty.
+        images.ok() && !store.images().is_empty()
+    } else {
+        images.stdout.contains(&image)
+    };
 
     match (case.expect, outcome.import.ok()) {
         (Expect::Reject, true) => problems.push(format!(
@@ -598,4 +608,251 @@ fn not_a_tar() {
     let run =
         |name: &'static str, data: Vec<u8>| run_case(Case::new(name, data, &["tar", "archive", "header"]));
     run("garbage", b"this is not a tar archive, just text\n".repeat(40));
+}
+
+// ---------------------------------------------------------------------------
+// Hostile archives for `strata load`: the same checks, one level up.
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(data))
+}
+
+/// How to spoil an otherwise valid OCI archive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spoil {
+    None,
+    /// Layer bytes changed after the digest was computed.
+    LayerBytes,
+    /// Config diff_ids do not match the layer.
+    DiffId,
+    /// The manifest names a blob that is not in the archive.
+    MissingBlob,
+}
+
+/// An OCI archive (oci-layout, index.json, blobs) holding one image with `layer`.
+fn oci_archive(layer: &[u8], spoil: Spoil) -> Vec<u8> {
+    let layer_digest = digest(layer);
+    let diff_id = if spoil == Spoil::DiffId {
+        digest(b"something else")
+    } else {
+        layer_digest.clone()
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": digest(&config),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest(&manifest),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "hostile-load:1"},
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let mut t = RawTar::new();
+    t.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .file("index.json", &index)
+        .dir("blobs/")
+        .dir("blobs/sha256/");
+    let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    t.file(&blob(&digest(&config)), &config)
+        .file(&blob(&digest(&manifest)), &manifest);
+    match spoil {
+        Spoil::MissingBlob => {}
+        Spoil::LayerBytes => {
+            let mut bad = layer.to_vec();
+            let n = bad.len();
+            bad[n / 3] ^= 0xff;
+            t.file(&blob(&digest(layer)), &bad);
+        }
+        _ => {
+            t.file(&blob(&digest(layer)), layer);
+        }
+    }
+    t.finish()
+}
+
+fn benign_layer() -> Vec<u8> {
+    let mut t = base();
+    t.file("etc/hello", b"hello\n");
+    t.finish()
+}
+
+fn load_case(name: &'static str, tar: Vec<u8>, needles: &[&'static str]) -> Case {
+    let mut c = Case::new(name, tar, needles);
+    c.load = true;
+    c
+}
+
+#[test]
+fn load_control_valid_oci_archive() {
+    // The archive builder itself is sound: unspoiled, it loads.
+    let mut c = load_case("load_ok", oci_archive(&benign_layer(), Spoil::None), &[]);
+    c.expect = Expect::Accept;
+    run_case(c);
+}
+
+#[test]
+fn load_layer_with_dotdot_entry() {
+    let mut t = base();
+    t.file("../escape", b"escaped");
+    run_case(load_case(
+        "load_dotdot",
+        oci_archive(&t.finish(), Spoil::None),
+        &["../escape"],
+    ));
+}
+
+#[test]
+fn load_layer_writing_through_symlink() {
+    let mut t = base();
+    t.symlink("link", "/").file("link/evil", b"evil");
+    run_case(load_case(
+        "load_symlink",
+        oci_archive(&t.finish(), Spoil::None),
+        &["link/evil"],
+    ));
+}
+
+#[test]
+fn load_layer_digest_mismatch() {
+    let layer = benign_layer();
+    let hex = digest(&layer).trim_start_matches("sha256:")[..12].to_string();
+    let tar = oci_archive(&layer, Spoil::LayerBytes);
+    let needles: &'static [&'static str] =
+        Box::leak(vec![&*Box::leak(hex.into_boxed_str()), "digest"].into_boxed_slice());
+    run_case(load_case("load_bad_digest", tar, needles));
+}
+
+#[test]
+fn load_config_diff_id_mismatch() {
+    run_case(load_case(
+        "load_bad_diffid",
+        oci_archive(&benign_layer(), Spoil::DiffId),
+        &["diff", "DiffID", "diff_id"],
+    ));
+}
+
+#[test]
+fn load_missing_blob() {
+    let layer = benign_layer();
+    let hex = digest(&layer).trim_start_matches("sha256:")[..12].to_string();
+    let needles: &'static [&'static str] =
+        Box::leak(vec![&*Box::leak(hex.into_boxed_str()), "missing"].into_boxed_slice());
+    run_case(load_case(
+        "load_missing_blob",
+        oci_archive(&layer, Spoil::MissingBlob),
+        needles,
+    ));
+}
+
+#[test]
+fn load_docker_manifest_path_traversal() {
+    // A docker-archive manifest.json whose paths leave the archive.
+    let manifest = br#"[{"Config":"../../../../../../etc/passwd","RepoTags":["hostile-load:1"],"Layers":["../../../../../../etc/hostname"]}]"#;
+    let mut t = RawTar::new();
+    t.file("manifest.json", manifest);
+    run_case(load_case(
+        "load_manifest_dotdot",
+        t.finish(),
+        &["../", "etc/passwd", "etc/hostname"],
+    ));
+}
+
+#[test]
+fn load_docker_archive_with_escaping_layer_symlink() {
+    // skopeo-style docker archive whose layer.tar is a symlink out of the archive.
+    let layer = benign_layer();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]},
+    })
+    .to_string()
+    .into_bytes();
+    let cfg_name = format!("{}.json", digest(&config).trim_start_matches("sha256:"));
+    let manifest = serde_json::json!([{
+        "Config": cfg_name, "RepoTags": ["hostile-load:1"], "Layers": ["v1/layer.tar"],
+    }])
+    .to_string()
+    .into_bytes();
+    let mut t = RawTar::new();
+    t.file("manifest.json", &manifest)
+        .file(&cfg_name, &config)
+        .dir("v1/")
+        .symlink("v1/layer.tar", "/etc/passwd");
+    run_case(load_case(
+        "load_layer_symlink_out",
+        t.finish(),
+        &["v1/layer.tar", "/etc/passwd"],
+    ));
+}
+
+/// Regular files in the store other than the layout skeleton.
+fn store_files(store: &Store) -> Vec<String> {
+    snapshot(&store.root)
+        .into_iter()
+        .filter(|(p, e)| {
+            e.kind != Kind::Dir
+                && !["index.json", "oci-layout", "lock"]
+                    .iter()
+                    .any(|k| p == Path::new(k))
+        })
+        .map(|(p, _)| p.display().to_string())
+        .collect()
+}
+
+#[test]
+fn refused_archives_leave_no_blobs() {
+    // Separate from the security checks above: a refused import/load should
+    // not leave the hostile bytes behind as unreferenced blobs (and if it
+    // does, `strata gc` must remove them).
+    let env = TestEnv::new("hostile-blobs");
+    let store = Store::in_env(&env, "store");
+    let mut t = base();
+    t.file("../escape", b"escaped");
+    let input = env.path().join("in.tar");
+    fs::write(&input, t.finish()).unwrap();
+    let out = store.import(&input, "x:1");
+    assert!(!out.ok(), "hostile import accepted: {out}");
+    let after_import = store_files(&store);
+    let out = store.run(&["load", "-i", &input.display().to_string()]);
+    assert!(!out.ok(), "load of a non-image archive accepted: {out}");
+    let after_load = store_files(&store);
+    let gc = store.run(&["gc"]);
+    let after_gc = store_files(&store);
+    if !after_import.is_empty() || !after_load.is_empty() {
+        eprintln!(
+            "NOTE: refused import/load left unreferenced files in the store (after import \
+             {after_import:?}, after load {after_load:?}); `strata gc` must remove them"
+        );
+    }
+    assert!(gc.ok(), "strata gc failed: {gc}");
+    assert!(
+        after_gc.is_empty(),
+        "files of refused archives survive `strata gc`: {after_gc:?} (after import {after_import:?})"
+    );
 }

@@ -966,3 +966,149 @@ fn private_dockerd_starts_and_stops_cleanly() {
         dir.display()
     );
 }
+
+// ---------------------------------------------------------------------------
+// commit --squash / --exclude, and the tag / rmi / gc life cycle.
+
+#[test]
+fn squash_exclude_and_image_lifecycle() {
+    let f = fixture("squash");
+    let st = &f.store;
+    let upper = f.env.dir("app-upper");
+    app_upper(&upper);
+    let reference = reference_tree(&f, &upper);
+
+    // --squash: one layer holding the whole merged tree.
+    commit(st, &upper, "base:1", "sq:1", &["--squash"], &[]);
+    assert_eq!(
+        st.diff_ids("sq:1").len(),
+        1,
+        "--squash must give a one-layer image"
+    );
+    let t = exported_tree(st, "sq:1", &f.env.path().join("export-sq"));
+    assert_trees(&reference, &t, "kernel", "squashed", "commit --squash");
+    let t = mounted_tree(st, "sq:1", &f.env.dir("m-sq"));
+    assert_trees(
+        &reference,
+        &t,
+        "kernel",
+        "squashed mount",
+        "commit --squash, mounted",
+    );
+
+    // --exclude: the matching paths (and everything under a matching dir) are left out.
+    commit(
+        st,
+        &upper,
+        "base:1",
+        "ex:1",
+        &["--exclude", "/srv/secret", "--exclude", "srv/sticky"],
+        &[],
+    );
+    let t = exported_tree(st, "ex:1", &f.env.path().join("export-ex"));
+    let mut want = reference.clone();
+    want.remove(Path::new("srv/secret"));
+    want.remove(Path::new("srv/sticky"));
+    assert_trees(&want, &t, "expected", "excluded", "commit --exclude");
+
+    // tag / images / rmi / gc.
+    st.ok(&["tag", "sq:1", "sq:alias"]);
+    assert_eq!(st.image_id("sq:alias"), st.image_id("sq:1"));
+    let listed = st.images();
+    let sq_id = st.image_id("sq:1");
+    let entry = listed
+        .iter()
+        .find(|(id, _)| normalize_digest(id).starts_with(&sq_id[..19]) || sq_id.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("images --format json lacks {sq_id}: {listed:?}"));
+    assert!(
+        entry.1.iter().any(|t| t.ends_with("sq:1")) && entry.1.iter().any(|t| t.ends_with("sq:alias")),
+        "images lists tags {:?} for {sq_id}",
+        entry.1
+    );
+    st.ok(&["rmi", "sq:alias"]);
+    assert!(
+        st.run(&["inspect", "sq:alias"]).status != Some(0),
+        "sq:alias still resolves after rmi"
+    );
+    assert_eq!(st.image_id("sq:1"), sq_id, "rmi of one tag removed the image");
+    st.ok(&["rmi", "sq:1"]);
+    let gone = st.run(&["inspect", "sq:1"]);
+    assert!(!gone.ok(), "sq:1 still resolves after rmi");
+    assert!(
+        gone.stderr.contains("sq"),
+        "error does not name the reference: {gone}"
+    );
+    st.ok(&["gc"]);
+    // Images that remain are intact after gc.
+    for img in ["base:1", "ex:1"] {
+        let t = exported_tree(
+            st,
+            img,
+            &f.env.path().join(format!("after-gc-{}", img.replace(':', "-"))),
+        );
+        assert!(!t.is_empty(), "{img} empty after gc");
+    }
+}
+
+#[test]
+fn import_with_changes_and_message() {
+    let env = TestEnv::new("import-changes");
+    let rootfs = env.dir("rootfs");
+    busybox_rootfs(&rootfs);
+    let tar = env.path().join("flat.tar");
+    tar_dir(&rootfs, &tar);
+    let st = Store::in_env(&env, "store");
+    st.ok(&[
+        "import",
+        &s(&tar),
+        "flat:1",
+        "-c",
+        "CMD [\"/bin/sh\"]",
+        "-c",
+        "ENV A=1",
+        "-c",
+        "WORKDIR /etc",
+        "-m",
+        "imported for a test",
+    ]);
+    let v = st.inspect("flat:1");
+    assert_eq!(
+        inspect_diff_ids(&v),
+        vec![sha256_file(&tar)],
+        "DiffID = sha256 of the input"
+    );
+    let cfg = inspect_config(&v);
+    assert_eq!(
+        cfg.pointer("/config/Cmd"),
+        Some(&serde_json::json!(["/bin/sh"])),
+        "{cfg}"
+    );
+    let env_list = cfg
+        .pointer("/config/Env")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        env_list.contains(&serde_json::json!("A=1")),
+        "Env lacks A=1: {cfg}"
+    );
+    assert_eq!(
+        cfg.pointer("/config/WorkingDir"),
+        Some(&serde_json::json!("/etc")),
+        "{cfg}"
+    );
+    let h = st.ok(&["history", "--no-trunc", "flat:1"]);
+    assert!(
+        h.stdout.contains("imported for a test"),
+        "history lacks -m: {}",
+        h.stdout
+    );
+    let hj = st.ok(&["history", "--format", "json", "flat:1"]);
+    let _: Value = serde_json::from_str(hj.stdout.trim()).expect("history --format json");
+    let bad = st.run(&["import", &s(&tar), "flat:2", "-c", "FROBNICATE x"]);
+    assert!(!bad.ok(), "unknown -c instruction accepted: {bad}");
+    assert!(
+        bad.stderr.contains("FROBNICATE"),
+        "error does not name the instruction: {bad}"
+    );
+}

@@ -22,18 +22,43 @@ pub fn compression(c: Compress) -> Compression {
 
 /// `strata commit`: prints the new image id.
 pub fn run(a: CommitArgs, root: &Path) -> Result<()> {
-    let tag = Reference::parse(&a.name).map_err(anyhow::Error::msg)?;
+    let (container, name) = match a.names.as_slice() {
+        [n] => (None, n.clone()),
+        [c, n] => (Some(crate::container::Container::open(root, c)?), n.clone()),
+        _ => anyhow::bail!("usage: strata commit [--upper DIR | CONTAINER] NAME[:TAG]"),
+    };
+    let tag = Reference::parse(&name).map_err(anyhow::Error::msg)?;
+    let (upper, base, created_by, mut excludes) = match (&container, a.upper) {
+        (Some(_), Some(_)) => anyhow::bail!("give either a container or --upper, not both"),
+        (None, None) => anyhow::bail!("nothing to commit: give a container or --upper DIR"),
+        (None, Some(u)) => (u, a.base, "strata commit".to_string(), vec![]),
+        (Some(c), None) => {
+            // Mount-point stubs left by an interrupted run are runtime artefacts.
+            let stubs: Vec<String> = std::fs::read_to_string(c.rundir().join("stubs"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            let by = match &c.state.last_command {
+                Some(cmd) => cmd.join(" "),
+                None => "strata commit".into(),
+            };
+            (c.upper(), a.base.or(Some(c.state.image_id.clone())), by, stubs)
+        }
+    };
+    excludes.extend(a.exclude);
     let store = Store::open(root, true)?;
     let o = CommitOpts {
-        upper: a.upper,
-        base: a.base,
+        upper,
+        base,
         author: a.author,
         message: a.message,
         changes: a.change,
         squash: a.squash,
-        excludes: a.exclude,
+        excludes,
         compress: compression(a.compress),
-        created_by: "strata commit".into(),
+        created_by,
         tag,
     };
     let img = commit(&store, &o, &Progress::new())?;

@@ -40,8 +40,17 @@ pub fn run(a: DiffArgs, root: &Path) -> Result<()> {
     let store = Store::open(root, true)?;
     let changes = match (&a.upper, a.images.as_slice()) {
         (Some(u), []) => diff_upper(u, &tree(&store, a.base.as_deref())?)?,
+        (None, [c]) => {
+            let c = crate::container::Container::open(root, c)?;
+            let base = a.base.clone().unwrap_or(c.state.image_id.clone());
+            let stubs = std::fs::read_to_string(c.rundir().join("stubs")).unwrap_or_default();
+            diff_upper(&c.upper(), &tree(&store, Some(&base))?)?
+                .into_iter()
+                .filter(|ch| !stubs.lines().any(|s| s == ch.path))
+                .collect()
+        }
         (None, [x, y]) => diff_trees(&tree(&store, Some(x))?, &tree(&store, Some(y))?)?,
-        _ => bail!("give either --upper DIR [--base IMAGE] or two images"),
+        _ => bail!("give --upper DIR [--base IMAGE], a container, or two images"),
     };
     print(&changes, a.format)
 }

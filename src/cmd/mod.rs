@@ -1,6 +1,7 @@
 //! One file per verb; this module dispatches and owns the single error printer.
 
 pub mod commit;
+pub mod create;
 pub mod diff;
 pub mod export;
 pub mod gc;
@@ -10,7 +11,10 @@ pub mod import;
 pub mod inspect;
 pub mod load;
 pub mod mount;
+pub mod ps;
+pub mod rm;
 pub mod rmi;
+pub mod run;
 pub mod save;
 pub mod tag;
 pub mod umount;
@@ -81,9 +85,15 @@ pub fn main() -> i32 {
     };
     init_logging(cli.verbose);
     let root = cli.root.clone().unwrap_or_else(crate::image::store::default_root);
+    // run and shell pass the command's exit code on; their own failures exit 125.
     let r = match cli.command {
+        Command::Run(a) => return finish(run::run(a, &root), crate::runtime::EXIT_RUNTIME),
+        Command::Shell(a) => return finish(run::shell(a, &root), crate::runtime::EXIT_RUNTIME),
         Command::Mount(a) => mount::run(a, &root),
-        Command::Umount(a) => umount::run(a),
+        Command::Umount(a) => umount::run(a, &root),
+        Command::Create(a) => create::run(a, &root),
+        Command::Ps(a) => ps::run(a, &root),
+        Command::Rm(a) => rm::run(a, &root),
         Command::Commit(a) => commit::run(a, &root),
         Command::Diff(a) => diff::run(a, &root),
         Command::History(a) => history::run(a, &root),
@@ -97,8 +107,13 @@ pub fn main() -> i32 {
         Command::Import(a) => import::run(a, &root),
         Command::Export(a) => export::run(a, &root),
     };
+    finish(r.map(|()| exit::OK), exit::FAILURE)
+}
+
+/// Turn a verb's result into an exit code, printing the error once.
+fn finish(r: anyhow::Result<i32>, failure: i32) -> i32 {
     match r {
-        Ok(()) => exit::OK,
+        Ok(code) => code,
         Err(e) => {
             // A closed pipe (`strata images | head`) is not an error.
             if e.chain().any(|c| {
@@ -108,7 +123,7 @@ pub fn main() -> i32 {
                 return exit::OK;
             }
             print_error(&e);
-            exit::FAILURE
+            failure
         }
     }
 }

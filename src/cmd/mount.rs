@@ -171,8 +171,62 @@ fn record(spec: &MountSpec) -> MountRecord {
     }
 }
 
+/// Mount a container's rootfs (at its own rootfs directory unless `at` is given) and
+/// return the mountpoint.
+pub fn mount_container(
+    store_root: &Path,
+    c: &crate::container::Container,
+    at: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    if let Err(m) = c.mounted() {
+        bail!("{m}; run 'strata umount {}' to clean up", c.state.name);
+    }
+    let mp = at.map(Path::to_path_buf).unwrap_or_else(|| c.rootfs());
+    let lowers = {
+        let store = crate::image::store::Store::open(store_root, true)?;
+        let img = store
+            .resolve(&c.state.image_id)
+            .with_context(|| format!("image of container '{}'", c.state.name))?;
+        store.unpacked_layers(&img, &crate::image::progress::Progress::new())?
+    };
+    let root = crate::sys::euid() == 0;
+    let mut spec = MountSpec {
+        overlay: OverlayConfig {
+            lowers,
+            upper: Some(c.upper()),
+            work: Some(c.work()),
+            ..Default::default()
+        },
+        opts: MountOpts {
+            mountpoint: mp,
+            allow_other: root,
+            dev: root,
+            suid: root,
+            exec: true,
+            ro: false,
+            fsname: format!("strata:{}", c.state.name),
+            threads: 4,
+        },
+        image: Some(c.state.image_id.clone()),
+    };
+    mount_spec(&mut spec, false, None)?;
+    Ok(spec.opts.mountpoint)
+}
+
 /// `strata mount`.
 pub fn run(a: MountArgs, store_root: &Path) -> anyhow::Result<()> {
+    // A container name (no slash) mounts that container.
+    if let Some(first) = a
+        .targets
+        .first()
+        .filter(|t| !t.contains('/') && crate::container::Container::exists(store_root, t))
+    {
+        let c = crate::container::Container::open(store_root, first)?;
+        let at = a.targets.get(1).map(PathBuf::from);
+        let mp = mount_container(store_root, &c, at.as_deref())?;
+        println!("{}", mp.display());
+        return Ok(());
+    }
     let mut spec = spec_from_args(&a, store_root)?;
     mount_spec(&mut spec, a.foreground, a.log_file.as_deref())
 }

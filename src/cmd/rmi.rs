@@ -16,7 +16,7 @@ pub fn users(root: &Path, image_id: &str) -> Vec<String> {
         .map(|m| format!("mount {}", m.mountpoint.display()))
         .collect();
     v.extend(
-        crate::runtime::container::using_image(root, image_id)
+        crate::container::using_image(root, image_id)
             .into_iter()
             .map(|c| format!("container {c}")),
     );

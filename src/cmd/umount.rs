@@ -108,7 +108,26 @@ pub fn umount(p: &Path, lazy: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `strata umount`.
-pub fn run(a: UmountArgs) -> anyhow::Result<()> {
+/// Where a container is mounted, if anywhere.
+pub fn container_mountpoint(c: &crate::container::Container) -> Option<PathBuf> {
+    let upper = std::fs::canonicalize(c.upper()).ok()?;
+    crate::mounts::active()
+        .into_iter()
+        .find(|m| m.upper.as_deref() == Some(upper.as_path()))
+        .map(|m| m.mountpoint)
+        .or_else(|| (c.mounted() != Ok(false)).then(|| c.rootfs()))
+}
+
+/// `strata umount`: a mountpoint or a container name.
+pub fn run(a: UmountArgs, store_root: &Path) -> anyhow::Result<()> {
+    let s = a.mountpoint.to_string_lossy();
+    if !s.contains('/') && crate::container::Container::exists(store_root, &s) && !a.mountpoint.is_dir() {
+        let c = crate::container::Container::open(store_root, &s)?;
+        let mp = container_mountpoint(&c).with_context(|| format!("container '{s}' is not mounted"))?;
+        if let Err(m) = c.mounted() {
+            eprintln!("strata: {m}; cleaning up");
+        }
+        return umount(&mp, a.lazy);
+    }
     umount(&a.mountpoint, a.lazy)
 }

@@ -299,6 +299,10 @@ pub fn load<R: Read + 'static>(store: &Store, r: R, progress: &Progress) -> Resu
         }
     })();
     let _ = store::make_writable_and_remove(&tmp);
+    if res.is_err() {
+        // Nothing of a failed load stays: blobs it added are referenced by no image.
+        let _ = store.gc(&[]);
+    }
     res
 }
 
@@ -478,6 +482,9 @@ pub fn import<R: Read>(
         io::copy(&mut h, &mut f).context("reading the input")?;
         f.sync_all()?;
         let (dg, size) = h.finish();
+        if size == 0 {
+            bail!("the input is empty, not a tar archive");
+        }
         let mut head = [0u8; 4];
         let n = File::open(&tmp)?.read(&mut head)?;
         let comp = Compression::sniff(&head[..n]);
@@ -519,5 +526,8 @@ pub fn import<R: Read>(
         store.add_image(&cfg, vec![ldesc], tag)
     })();
     let _ = fs::remove_file(&tmp);
+    if res.is_err() {
+        let _ = store.gc(&[]);
+    }
     res
 }

@@ -1,3 +1,353 @@
-//! Containers: named working copies of images, and running processes inside them.
+//! Running a process inside a mounted root: namespaces, pivot_root, a tiny init, a real
+//! terminal for `-it`, signal forwarding and the exit code. Knows only a rootfs path.
+//!
+//! Process tree: the caller (P) forks A, which enters new mount, UTS, IPC, PID (and, unless
+//! `--network host`, network; rootless also user) namespaces and forks B. B is PID 1 of the
+//! new PID namespace: it sets up the root, pivots into it and forks C, the command; then it
+//! forwards signals to C and reaps orphans until C exits, and exits with C's status. A and P
+//! pass that status on. With `-t`, C runs on a pseudo-terminal whose master P relays.
 
-pub mod container;
+pub mod rootfs;
+mod tty;
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::CloneFlags;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::sys::{self, Forked};
+
+/// A host path bind-mounted into the container.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// Host path (must exist).
+    pub host: PathBuf,
+    /// Absolute path in the container.
+    pub container: PathBuf,
+    /// Read-only.
+    pub ro: bool,
+}
+
+/// Everything needed to run one process in a root.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The mounted merged tree.
+    pub rootfs: PathBuf,
+    /// Host directory for injected files (hosts, hostname, resolv.conf).
+    pub rundir: PathBuf,
+    /// Command and arguments.
+    pub argv: Vec<String>,
+    /// Environment (KEY=VALUE).
+    pub env: Vec<String>,
+    /// Working directory in the container.
+    pub cwd: String,
+    /// `user`, `uid`, `user:group` or `uid:gid` ("" = root).
+    pub user: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Allocate a pseudo-terminal.
+    pub tty: bool,
+    /// Keep stdin open.
+    pub interactive: bool,
+    /// Bind mounts.
+    pub volumes: Vec<Volume>,
+    /// Share the host's network namespace.
+    pub host_network: bool,
+}
+
+/// Exit code for an error of strata itself (as docker's 125).
+pub const EXIT_RUNTIME: i32 = 125;
+/// The command could not be run (not executable).
+pub const EXIT_CANNOT_EXEC: i32 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+const FORWARDED: [i32; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+fn status_code(s: WaitStatus) -> Option<i32> {
+    match s {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// Wait for `pid`, retrying when a signal interrupts; returns its exit code.
+fn wait_for(pid: i32) -> i32 {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(s) => {
+                if let Some(c) = status_code(s) {
+                    return c;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return EXIT_RUNTIME,
+        }
+    }
+}
+
+/// Run the process; returns its exit code (128+N when killed by signal N).
+pub fn run(spec: &RunSpec) -> Result<i32> {
+    rootfs::write_injected(&spec.rundir, &spec.hostname, spec.host_network)?;
+    let pty = if spec.tty { Some(tty::Pty::open()?) } else { None };
+    let rootless = sys::euid() != 0;
+    let (uid, gid) = (sys::euid(), sys::egid());
+    sys::catch_signals(&FORWARDED);
+    sys::catch_signals(&[libc::SIGWINCH]);
+    match sys::fork().context("fork")? {
+        Forked::Child => {
+            let code = match stage_a(spec, pty.as_ref(), rootless, uid, gid) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("strata: error: {e:#}");
+                    EXIT_RUNTIME
+                }
+            };
+            std::process::exit(code);
+        }
+        Forked::Parent(a) => {
+            sys::set_forward_pid(a);
+            let code = match pty {
+                Some(p) => {
+                    let relay = p.relay(spec.interactive);
+                    let c = wait_for(a);
+                    if let Err(e) = relay {
+                        log::warn!("terminal: {e:#}");
+                    }
+                    c
+                }
+                None => wait_for(a),
+            };
+            sys::set_forward_pid(0);
+            Ok(code)
+        }
+    }
+}
+
+/// A: enter the namespaces and start PID 1.
+fn stage_a(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool, uid: u32, gid: u32) -> Result<i32> {
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID;
+    if !spec.host_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if rootless {
+        // The user namespace first: it grants the capabilities for the others.
+        nix::sched::unshare(CloneFlags::CLONE_NEWUSER).context("creating a user namespace")?;
+        std::fs::write("/proc/self/setgroups", "deny").context("setgroups deny")?;
+        std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing uid_map")?;
+        std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing gid_map")?;
+    }
+    nix::sched::unshare(flags).context("creating namespaces")?;
+    match sys::fork().context("fork")? {
+        Forked::Child => {
+            let code = match stage_b(spec, pty, rootless) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("strata: error: {e:#}");
+                    EXIT_RUNTIME
+                }
+            };
+            std::process::exit(code);
+        }
+        Forked::Parent(b) => {
+            sys::set_forward_pid(b);
+            Ok(wait_for(b))
+        }
+    }
+}
+
+/// B: PID 1. Set up the root, start the command, forward signals, reap.
+fn stage_b(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool) -> Result<i32> {
+    let console = match pty {
+        Some(p) => Some(p.slave_path()?),
+        None => None,
+    };
+    rootfs::setup(spec, console.as_deref())?;
+    nix::unistd::sethostname(&spec.hostname).context("sethostname")?;
+    if !spec.host_network {
+        sys::loopback_up().context("bringing up the loopback interface")?;
+    }
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()?;
+    if argv.is_empty() {
+        bail!("no command to run");
+    }
+    let ids = resolve_user(&spec.user)?;
+    match sys::fork().context("fork")? {
+        Forked::Child => {
+            sys::default_signals(&FORWARDED);
+            sys::default_signals(&[libc::SIGWINCH]);
+            let code = exec(spec, &argv, pty, ids, rootless);
+            std::process::exit(code);
+        }
+        Forked::Parent(c) => {
+            sys::set_forward_pid(c);
+            // Reap everything; leave when the command itself is done.
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(s) if s.pid() == Some(Pid::from_raw(c)) => {
+                        if let Some(code) = status_code(s) {
+                            return Ok(code);
+                        }
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return Ok(EXIT_RUNTIME),
+                }
+            }
+        }
+    }
+}
+
+/// uid, gid and supplementary groups for `user`, read from the container's /etc files.
+fn resolve_user(user: &str) -> Result<(u32, u32, Vec<u32>, Option<String>)> {
+    if user.is_empty() {
+        return Ok((0, 0, vec![], Some("/root".into())));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let pw = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == u || f[2] == u));
+    let uid: u32 = match (u.parse(), &pw) {
+        (Ok(n), _) => n,
+        (Err(_), Some(f)) => f[2].parse().context("/etc/passwd: bad uid")?,
+        (Err(_), None) => bail!("unable to find user {u}: no matching entries in /etc/passwd"),
+    };
+    let gid: u32 = match g {
+        Some(g) => match g.parse() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .with_context(|| format!("unable to find group {g}: no matching entries in /etc/group"))?,
+        },
+        None => pw.as_ref().and_then(|f| f[3].parse().ok()).unwrap_or(0),
+    };
+    let name = pw.as_ref().map(|f| f[0].to_string());
+    let extra: Vec<u32> = match &name {
+        Some(n) => group
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == n))
+            .filter_map(|f| f[2].parse().ok())
+            .collect(),
+        None => vec![],
+    };
+    Ok((uid, gid, extra, pw.map(|f| f[5].to_string())))
+}
+
+/// Find `cmd` on the container's PATH.
+fn lookup(cmd: &str, env: &[String]) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        return Some(PathBuf::from(cmd));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':').map(|d| Path::new(d).join(cmd)).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+        })
+    })
+}
+
+/// C: become the command. Returns only on failure, with the exit code to use.
+fn exec(
+    spec: &RunSpec,
+    argv: &[CString],
+    pty: Option<&tty::Pty>,
+    ids: (u32, u32, Vec<u32>, Option<String>),
+    rootless: bool,
+) -> i32 {
+    let fail = |code: i32, msg: String| {
+        eprintln!("strata: {msg}");
+        code
+    };
+    let _ = nix::unistd::setsid();
+    if let Some(p) = pty {
+        if let Err(e) = p.become_controlling() {
+            return fail(EXIT_RUNTIME, format!("terminal: {e:#}"));
+        }
+    } else if !spec.interactive {
+        if let Ok(n) = std::fs::File::open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(&n);
+        }
+    }
+    let (uid, gid, groups, home) = ids;
+    if !rootless {
+        let gs: Vec<nix::unistd::Gid> = std::iter::once(gid)
+            .chain(groups)
+            .map(nix::unistd::Gid::from_raw)
+            .collect();
+        if let Err(e) = nix::unistd::setgroups(&gs) {
+            return fail(EXIT_RUNTIME, format!("setgroups: {e}"));
+        }
+    }
+    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)) {
+        return fail(EXIT_RUNTIME, format!("setgid {gid}: {e}"));
+    }
+    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
+        return fail(EXIT_RUNTIME, format!("setuid {uid}: {e}"));
+    }
+    if let Err(e) = std::env::set_current_dir(&spec.cwd) {
+        return fail(EXIT_CANNOT_EXEC, format!("working directory '{}': {e}", spec.cwd));
+    }
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home.unwrap_or_else(|| "/".into())));
+    }
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", spec.hostname));
+    }
+    if spec.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
+    let cmd = &spec.argv[0];
+    let Some(path) = lookup(cmd, &env) else {
+        return fail(
+            EXIT_NOT_FOUND,
+            format!("exec: \"{cmd}\": executable file not found in $PATH"),
+        );
+    };
+    let cpath = match CString::new(path.as_os_str().as_encoded_bytes()) {
+        Ok(c) => c,
+        Err(_) => return fail(EXIT_NOT_FOUND, "command path contains NUL".into()),
+    };
+    let cenv: Vec<CString> = env.iter().filter_map(|e| CString::new(e.as_str()).ok()).collect();
+    let err = nix::unistd::execve(&cpath, argv, &cenv).unwrap_err();
+    match err {
+        nix::errno::Errno::ENOENT => fail(
+            EXIT_NOT_FOUND,
+            format!("exec: \"{cmd}\": no such file or directory"),
+        ),
+        e => fail(EXIT_CANNOT_EXEC, format!("exec: \"{cmd}\": {}", e.desc())),
+    }
+}

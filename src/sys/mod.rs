@@ -340,3 +340,111 @@ pub fn set_umask(m: u32) -> u32 {
 pub fn bfd<F: AsFd>(f: &F) -> BorrowedFd<'_> {
     f.as_fd()
 }
+
+/// What `fork` returned.
+#[derive(Debug, Clone, Copy)]
+pub enum Forked {
+    /// In the parent, with the child's pid.
+    Parent(i32),
+    /// In the child.
+    Child,
+}
+
+/// fork(2). Callers must be single-threaded (strata forks from its main thread before any
+/// worker thread starts), so the child may keep running ordinary Rust code.
+pub fn fork() -> SysResult<Forked> {
+    // SAFETY: see above; the caller guarantees there is no other thread whose locks or
+    // state the child could inherit half-way.
+    match unsafe { libc::fork() } {
+        -1 => Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static SIGNALLED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static WINCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGWINCH {
+        WINCH.store(true, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    SIGNALLED.store(sig, std::sync::atomic::Ordering::Relaxed);
+    let pid = FORWARD_TO.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Catch `sigs`: each is recorded (see `take_signal`) and, once `set_forward_pid` named a
+/// process, passed on to it. Handlers do not restart syscalls, so a blocking poll/wait
+/// returns EINTR and the caller can look.
+pub fn catch_signals(sigs: &[i32]) {
+    for &s in sigs {
+        // SAFETY: a zeroed sigaction with a handler that only touches atomics and calls
+        // kill(2), both async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(s, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Restore the default action of `sigs` (in a child about to exec).
+pub fn default_signals(sigs: &[i32]) {
+    for &s in sigs {
+        // SAFETY: installing SIG_DFL.
+        unsafe {
+            libc::signal(s, libc::SIG_DFL);
+        }
+    }
+}
+
+/// Pass caught signals on to `pid` from now on.
+pub fn set_forward_pid(pid: i32) {
+    FORWARD_TO.store(pid, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The last signal caught (and forget it), if any.
+pub fn take_signal() -> Option<i32> {
+    match SIGNALLED.swap(0, std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// Was SIGWINCH caught since the last call?
+pub fn take_winch() -> bool {
+    WINCH.swap(false, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Bring the loopback interface of the current network namespace up.
+pub fn loopback_up() -> SysResult<()> {
+    // SAFETY: a datagram socket and a zeroed ifreq carrying the name "lo"; the fd is closed
+    // by OwnedFd.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        }
+        let _sock = OwnedFd::from_raw_fd(s);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, c) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *c as libc::c_char;
+        }
+        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        }
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        }
+    }
+    Ok(())
+}

@@ -340,7 +340,8 @@ pub fn parse_images_json(text: &str) -> Vec<(String, Vec<String>)> {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("images JSON line {l:?}: {e}")))
             .collect()
     };
-    items
+    // One row per tag (docker style) or per image: merge rows by id.
+    let rows: Vec<(String, Vec<String>)> = items
         .iter()
         .map(|o| {
             let id = str_field(o, &["Id", "ID", "id", "ImageId", "image_id"]).unwrap_or_default();
@@ -362,7 +363,15 @@ pub fn parse_images_json(text: &str) -> Vec<(String, Vec<String>)> {
             }
             (id, tags)
         })
-        .collect()
+        .collect();
+    let mut merged: Vec<(String, Vec<String>)> = Vec::new();
+    for (id, tags) in rows {
+        match merged.iter_mut().find(|(i, _)| !id.is_empty() && *i == id) {
+            Some((_, t)) => t.extend(tags),
+            None => merged.push((id, tags)),
+        }
+    }
+    merged
 }
 
 // ---------------------------------------------------------------------------

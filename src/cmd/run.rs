@@ -1,0 +1,269 @@
+//! `strata run` and `strata shell`: mount a container's root, run a process in it, clean up.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use oci_spec::image::ImageConfiguration;
+
+use crate::cli::{ProcessArgs, RunArgs, ShellArgs};
+use crate::container::Container;
+use crate::image::store::Store;
+use crate::runtime::{self, RunSpec, Volume, EXIT_RUNTIME};
+use crate::sys;
+
+/// Directories that mount targets live in: a run may copy them up only to create a mount
+/// point stub in them.
+const TARGET_PARENTS: [&str; 1] = ["etc"];
+
+/// Unmounts (and with --rm removes) a container however the run ends.
+struct Cleanup<'a> {
+    c: &'a Container,
+    unmount: bool,
+    remove: bool,
+    /// Target parents that were not in the upper before the run.
+    fresh_parents: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.unmount {
+            let rootfs = self.c.rootfs();
+            if crate::mounts::is_mountpoint(&rootfs) {
+                if let Err(e) =
+                    super::umount::umount(&rootfs, false).or_else(|_| super::umount::umount(&rootfs, true))
+                {
+                    eprintln!("strata: error: unmounting '{}': {e:#}", rootfs.display());
+                }
+            }
+            // A directory copied up only to hold a (since removed) stub is dropped from the
+            // upper again, so it does not show in diff or commit. Unmounted: offline upper
+            // edits are allowed, and an empty non-opaque directory carries no change.
+            if !crate::mounts::is_mountpoint(&rootfs) {
+                for d in &self.fresh_parents {
+                    let opaque = std::fs::File::open(d).map_or(true, |f| {
+                        use std::os::fd::AsFd;
+                        let t = crate::sys::XTarget::Fd(f.as_fd());
+                        ["trusted.overlay.opaque", "user.overlay.opaque"]
+                            .iter()
+                            .any(|n| crate::sys::getxattr(t, std::ffi::OsStr::new(n)).is_ok())
+                    });
+                    if !opaque {
+                        let _ = std::fs::remove_dir(d);
+                    }
+                }
+            }
+        }
+        // Re-read: the run recorded its command meanwhile.
+        let mut st = Container::open(
+            self.c
+                .dir
+                .parent()
+                .and_then(|p| p.parent())
+                .unwrap_or(Path::new("/")),
+            &self.c.state.name,
+        )
+        .unwrap_or_else(|_| self.c.clone());
+        st.state.pid = None;
+        if self.remove {
+            if let Err(e) = super::rm::remove(&st, true) {
+                eprintln!("strata: error: removing container '{}': {e:#}", st.state.name);
+            }
+        } else {
+            let _ = st.save();
+        }
+    }
+}
+
+fn fresh_parents(c: &Container) -> Vec<PathBuf> {
+    TARGET_PARENTS
+        .iter()
+        .map(|p| c.upper().join(p))
+        .filter(|p| !p.exists())
+        .collect()
+}
+
+fn parse_volume(v: &str) -> Result<Volume> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (host, ctr, ro) = match parts.as_slice() {
+        [h, c] => (h, c, false),
+        [h, c, "ro"] => (h, c, true),
+        [h, c, "rw"] => (h, c, false),
+        _ => bail!("volume '{v}': expected HOST:CONTAINER[:ro]"),
+    };
+    let host = std::fs::canonicalize(host)
+        .with_context(|| format!("volume '{v}': host path '{host}' does not exist"))?;
+    if !ctr.starts_with('/') {
+        bail!("volume '{v}': the container path must be absolute");
+    }
+    Ok(Volume {
+        host,
+        container: PathBuf::from(ctr),
+        ro,
+    })
+}
+
+fn process_spec(
+    c: &Container,
+    cfg: &ImageConfiguration,
+    p: &ProcessArgs,
+    command: &[String],
+    default_cmd: Option<&[String]>,
+) -> Result<RunSpec> {
+    let ic = cfg.config().clone().unwrap_or_default();
+    let entry = ic.entrypoint().clone().unwrap_or_default();
+    let argv: Vec<String> = if !command.is_empty() {
+        entry.into_iter().chain(command.iter().cloned()).collect()
+    } else if let Some(d) = default_cmd {
+        d.to_vec()
+    } else {
+        entry
+            .into_iter()
+            .chain(ic.cmd().clone().unwrap_or_default())
+            .collect()
+    };
+    if argv.is_empty() {
+        bail!("no command given and the image has neither Entrypoint nor Cmd");
+    }
+    let mut env = ic.env().clone().unwrap_or_default();
+    for e in &p.env {
+        let kv = if e.contains('=') {
+            e.clone()
+        } else {
+            match std::env::var(e) {
+                Ok(v) => format!("{e}={v}"),
+                Err(_) => continue,
+            }
+        };
+        let k = kv.split('=').next().unwrap_or("").to_string();
+        env.retain(|x| x.split('=').next() != Some(&k));
+        env.push(kv);
+    }
+    let hostname: String = p
+        .hostname
+        .clone()
+        .unwrap_or_else(|| c.state.name.clone())
+        .chars()
+        .take(63)
+        .collect();
+    Ok(RunSpec {
+        rootfs: c.rootfs(),
+        rundir: c.rundir(),
+        argv,
+        env,
+        cwd: p
+            .workdir
+            .clone()
+            .or(ic.working_dir().clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        user: p.user.clone().or(ic.user().clone()).unwrap_or_default(),
+        hostname,
+        tty: p.tty,
+        interactive: p.interactive || p.tty,
+        volumes: p.volume.iter().map(|v| parse_volume(v)).collect::<Result<_>>()?,
+        host_network: p.network == "host",
+    })
+}
+
+fn interrupted() -> Result<()> {
+    if let Some(s) = sys::take_signal() {
+        bail!("interrupted by signal {s}");
+    }
+    Ok(())
+}
+
+/// Run `spec` in the (mounted) container and report a dead filesystem daemon.
+fn execute(root: &Path, c: &mut Container, spec: &RunSpec) -> Result<i32> {
+    c.state.last_command = Some(spec.argv.clone());
+    c.state.pid = Some(std::process::id() as i32);
+    c.save()?;
+    let _ = root;
+    let code = runtime::run(spec)?;
+    if let Err(m) = c.mounted() {
+        // The command could not have worked: say so instead of passing its code on.
+        eprintln!("strata: error: {m}; the container has been unmounted");
+        return Ok(EXIT_RUNTIME);
+    }
+    let stubs: Vec<PathBuf> = std::fs::read_to_string(spec.rundir.join("stubs"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    runtime::rootfs::remove_stubs(&c.rootfs(), &stubs);
+    let _ = std::fs::remove_file(spec.rundir.join("stubs"));
+    Ok(code)
+}
+
+/// `strata run`: returns the command's exit code.
+pub fn run(a: RunArgs, root: &Path) -> Result<i32> {
+    // Ctrl-C during setup must not leave a mount behind: catch it and check between steps.
+    sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let (mut c, cfg) = {
+        let store = Store::open(root, true)?;
+        let img = store.resolve(&a.image)?;
+        store.unpacked_layers(&img, &crate::image::progress::Progress::new())?;
+        (
+            Container::create(root, a.name.as_deref(), &a.image, &img.id)?,
+            img.config,
+        )
+    };
+    let snapshot = c.clone();
+    let mut guard = Cleanup {
+        c: &snapshot,
+        unmount: false,
+        remove: a.rm,
+        fresh_parents: fresh_parents(&c),
+    };
+    interrupted()?;
+    let spec = process_spec(&c, &cfg, &a.process, &a.command, None)?;
+    super::mount::mount_container(root, &c, None)?;
+    guard.unmount = true;
+    interrupted()?;
+    let code = execute(root, &mut c, &spec)?;
+    drop(guard);
+    Ok(code)
+}
+
+/// `strata shell`: a command (default /bin/sh) in an existing container.
+pub fn shell(a: ShellArgs, root: &Path) -> Result<i32> {
+    sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let mut c = Container::open(root, &a.container)?;
+    if c.running() {
+        log::info!(
+            "container '{}' already runs a process; starting another",
+            c.state.name
+        );
+    }
+    let cfg = {
+        let store = Store::open(root, false)?;
+        store.resolve(&c.state.image_id)?.config
+    };
+    let mut p = a.process.clone();
+    if a.command.is_empty() && std::io::stdin().is_terminal() && !p.tty && !p.interactive {
+        p.tty = true;
+        p.interactive = true;
+    }
+    let sh = ["/bin/sh".to_string()];
+    let spec = process_spec(&c, &cfg, &p, &a.command, a.command.is_empty().then_some(&sh[..]))?;
+    let was_mounted = match c.mounted() {
+        Ok(m) => m,
+        Err(m) => bail!("{m}; run 'strata umount {}' to clean up", c.state.name),
+    };
+    let snapshot = c.clone();
+    let mut guard = Cleanup {
+        c: &snapshot,
+        unmount: false,
+        remove: false,
+        fresh_parents: fresh_parents(&c),
+    };
+    if !was_mounted {
+        super::mount::mount_container(root, &c, None)?;
+        guard.unmount = true;
+    }
+    interrupted()?;
+    let code = execute(root, &mut c, &spec)?;
+    drop(guard);
+    Ok(code)
+}

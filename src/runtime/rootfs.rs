@@ -1,0 +1,288 @@
+//! Inside the new mount namespace: /proc, a minimal /dev, read-only /sys, injected files,
+//! volumes, then pivot_root into the merged tree.
+//!
+//! Every mount target is resolved inside the rootfs with openat2(RESOLVE_IN_ROOT) and the
+//! mount is made on `/proc/self/fd/N`, so an image whose `/proc` or `/etc/hosts` is a
+//! symlink to a host path cannot redirect a mount outside its root.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+
+use super::{RunSpec, Volume};
+
+/// What to create at a mount target that does not exist yet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stub {
+    Dir,
+    File,
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> rustix::io::Result<OwnedFd> {
+    loop {
+        match rustix::fs::openat2(
+            root,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT,
+        ) {
+            Err(rustix::io::Errno::AGAIN) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Resolve (creating if missing) a mount target inside the rootfs. Returns an O_PATH fd of
+/// it and the paths it had to create (stubs to remove after the run).
+fn target(root: BorrowedFd<'_>, path: &Path, stub: Stub) -> Result<(OwnedFd, Vec<PathBuf>)> {
+    let rel: PathBuf = path
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    if let Ok(fd) = open_in_root(root, &rel) {
+        return Ok((fd, vec![]));
+    }
+    let mut made = Vec::new();
+    // Create the parents (inside the root) and the stub.
+    let mut cur = PathBuf::new();
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c);
+        if open_in_root(root, &cur).is_ok() {
+            continue;
+        }
+        let parent = open_in_root(root, cur.parent().unwrap_or(Path::new("")))
+            .with_context(|| format!("resolving '{}' in the container", cur.display()))?;
+        let name = c.as_os_str();
+        let last = i + 1 == comps.len();
+        let dir = rustix::fs::openat(
+            &parent,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| {
+            format!(
+                "'{}' in the container is not a directory",
+                cur.parent().unwrap().display()
+            )
+        })?;
+        if last && stub == Stub::File {
+            rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )
+            .with_context(|| format!("creating '{}' in the container", cur.display()))?;
+        } else {
+            rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755))
+                .with_context(|| format!("creating '{}' in the container", cur.display()))?;
+        }
+        made.push(Path::new("/").join(&cur));
+    }
+    Ok((open_in_root(root, &rel)?, made))
+}
+
+fn mount_at(
+    src: Option<&str>,
+    dst: &OwnedFd,
+    fstype: Option<&str>,
+    flags: MountFlags,
+    data: Option<&str>,
+    what: &str,
+) -> Result<()> {
+    let data = data.map(|d| std::ffi::CString::new(d).expect("no NUL"));
+    rustix::mount::mount(
+        src.unwrap_or("none"),
+        fd_path(dst),
+        fstype.unwrap_or(""),
+        flags,
+        data.as_deref(),
+    )
+    .with_context(|| format!("mounting {what}"))
+}
+
+fn bind(src: &Path, dst: &OwnedFd, ro: bool, what: &str) -> Result<()> {
+    rustix::mount::mount_bind_recursive(src, fd_path(dst))
+        .with_context(|| format!("bind-mounting {what}"))?;
+    if ro {
+        rustix::mount::mount_remount(fd_path(dst), MountFlags::BIND | MountFlags::RDONLY, "")
+            .with_context(|| format!("making {what} read-only"))?;
+    }
+    Ok(())
+}
+
+/// Set up the container's filesystem and pivot into it. Mount targets that had to be
+/// created are listed in `rundir/stubs`, to be removed after the run so they never reach
+/// a commit.
+pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
+    rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
+        .context("making mounts private")?;
+    let root = rustix::fs::open(
+        &spec.rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("rootfs '{}'", spec.rootfs.display()))?;
+    let r = root.as_fd();
+    let mut stubs = Vec::new();
+    let mut t = |p: &str, s: Stub| -> Result<OwnedFd> {
+        let (fd, made) = target(r, Path::new(p), s)?;
+        stubs.extend(made);
+        Ok(fd)
+    };
+    let nosuid = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount_at(
+        Some("proc"),
+        &t("/proc", Stub::Dir)?,
+        Some("proc"),
+        nosuid,
+        None,
+        "/proc",
+    )?;
+    let dev = t("/dev", Stub::Dir)?;
+    mount_at(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        Some("mode=755,size=65536k"),
+        "/dev",
+    )?;
+    // The fd still names the directory under the new mount: resolve again to get the
+    // tmpfs. Inside it nothing can be a symlink yet, so plain paths are safe.
+    let dev = t("/dev", Stub::Dir)?;
+    let devp = fd_path(&dev);
+    for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let p = devp.join(d);
+        std::fs::File::create(&p).with_context(|| format!("/dev/{d}"))?;
+        rustix::mount::mount_bind(Path::new("/dev").join(d), &p)
+            .with_context(|| format!("bind-mounting /dev/{d}"))?;
+    }
+    std::fs::create_dir(devp.join("pts"))?;
+    rustix::mount::mount(
+        "devpts",
+        devp.join("pts"),
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        Some(c"newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .context("mounting /dev/pts")?;
+    std::os::unix::fs::symlink("pts/ptmx", devp.join("ptmx"))?;
+    std::fs::create_dir(devp.join("shm"))?;
+    rustix::mount::mount(
+        "shm",
+        devp.join("shm"),
+        "tmpfs",
+        nosuid,
+        Some(c"mode=1777,size=65536k"),
+    )
+    .context("mounting /dev/shm")?;
+    for (l, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(to, devp.join(l))?;
+    }
+    if let Some(c) = console {
+        std::fs::File::create(devp.join("console"))?;
+        rustix::mount::mount_bind(c, devp.join("console")).context("bind-mounting /dev/console")?;
+    }
+    let sys = t("/sys", Stub::Dir)?;
+    if mount_at(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nosuid | MountFlags::RDONLY,
+        None,
+        "/sys",
+    )
+    .is_err()
+    {
+        // Without a network namespace of our own (or in a user namespace) sysfs cannot be
+        // mounted fresh: show the host's, read-only.
+        bind(Path::new("/sys"), &sys, true, "/sys")?;
+    }
+    for (name, path) in [
+        ("hosts", "/etc/hosts"),
+        ("hostname", "/etc/hostname"),
+        ("resolv.conf", "/etc/resolv.conf"),
+    ] {
+        let dst = t(path, Stub::File)?;
+        bind(&spec.rundir.join(name), &dst, false, path)?;
+    }
+    for v in &spec.volumes {
+        add_volume(v, &mut t)?;
+    }
+    // The caller removes these after the run, from outside.
+    let list: String = stubs.iter().map(|p| format!("{}\n", p.display())).collect();
+    std::fs::write(spec.rundir.join("stubs"), list).context("recording mount stubs")?;
+    rustix::process::chdir(&spec.rootfs).context("entering the rootfs")?;
+    rustix::process::pivot_root(".", ".").context("pivot_root")?;
+    rustix::mount::unmount(".", UnmountFlags::DETACH).context("detaching the old root")?;
+    rustix::process::chdir("/")?;
+    Ok(())
+}
+
+fn add_volume(v: &Volume, t: &mut dyn FnMut(&str, Stub) -> Result<OwnedFd>) -> Result<()> {
+    let md = std::fs::metadata(&v.host).with_context(|| format!("volume source '{}'", v.host.display()))?;
+    if !v.container.is_absolute() {
+        bail!(
+            "volume target '{}' must be an absolute path",
+            v.container.display()
+        );
+    }
+    let stub = if md.is_dir() { Stub::Dir } else { Stub::File };
+    let ctr = v.container.to_string_lossy().into_owned();
+    let dst = t(&ctr, stub)?;
+    bind(&v.host, &dst, v.ro, &format!("volume '{}'", v.host.display()))
+}
+
+/// Write the files the runtime injects (bind-mounted, never part of the rootfs).
+pub fn write_injected(rundir: &Path, hostname: &str, host_network: bool) -> Result<()> {
+    std::fs::create_dir_all(rundir)?;
+    std::fs::write(rundir.join("hostname"), format!("{hostname}\n"))?;
+    std::fs::write(
+        rundir.join("hosts"),
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
+    )?;
+    let resolv = if host_network {
+        std::fs::read("/etc/resolv.conf").unwrap_or_default()
+    } else {
+        b"# no network (strata run --network none)\n".to_vec()
+    };
+    std::fs::write(rundir.join("resolv.conf"), resolv)?;
+    Ok(())
+}
+
+/// Remove stubs created for mount targets, deepest first, if they are still empty.
+pub fn remove_stubs(rootfs: &Path, stubs: &[PathBuf]) {
+    let mut s: Vec<&PathBuf> = stubs.iter().collect();
+    s.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in s {
+        let rel: PathBuf = p
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        let full = rootfs.join(&rel);
+        let ok = match std::fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&full).is_ok(),
+            Ok(m) if m.len() == 0 => std::fs::remove_file(&full).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            log::debug!("stub {} kept", full.display());
+        }
+    }
+}
