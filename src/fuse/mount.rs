@@ -104,6 +104,72 @@ fn mount_direct(o: &MountOpts) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
+/// Mount through the setuid helper: it opens /dev/fuse, mounts, and sends the fd back over
+/// the socket named by `_FUSE_COMMFD` (the libfuse protocol).
+fn mount_fusermount(o: &MountOpts) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{
+        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags, SocketType,
+    };
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // The helper's end must survive exec: a duplicate without CLOEXEC.
+    let inherit = rustix::io::dup(&theirs)?;
+    drop(theirs);
+    let mut opts = format!("fsname={},subtype=strata,default_permissions,noatime", o.fsname);
+    for (on, f) in [
+        (!o.dev, "nodev"),
+        (!o.suid, "nosuid"),
+        (!o.exec, "noexec"),
+        (o.ro, "ro"),
+        (o.allow_other, "allow_other"),
+    ] {
+        if on {
+            opts.push(',');
+            opts.push_str(f);
+        }
+    }
+    let child = std::process::Command::new("fusermount3")
+        .arg("-o")
+        .arg(&opts)
+        .arg("--")
+        .arg(&o.mountpoint)
+        .env("_FUSE_COMMFD", inherit.as_raw_fd().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("running fusermount3: {e}")))?;
+    drop(inherit);
+    let mut buf = [0u8; 8];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &ours,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut cmsg,
+        RecvFlags::empty(),
+    );
+    let mut fd = None;
+    if got.is_ok() {
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+                fd = fds.next();
+            }
+        }
+    }
+    let out = child.wait_with_output()?;
+    match fd {
+        Some(fd) if out.status.success() => Ok(fd),
+        _ => Err(std::io::Error::other(format!(
+            "fusermount3 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
 /// Signals the serving thread waits for.
 fn signals() -> SigSet {
     let mut s = SigSet::empty();
@@ -132,9 +198,19 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             })
         })
     } else {
-        Session::new(fs, &o.mountpoint, &cfg)
+        // Unprivileged: the setuid fusermount3 mounts and hands the /dev/fuse fd over.
+        mount_fusermount(o).and_then(|fd| {
+            let acl = cfg.acl;
+            Session::from_fd(fs, fd, acl, cfg).inspect_err(|_| {
+                let _ = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&o.mountpoint)
+                    .status();
+            })
+        })
     };
-    let mut session = match made {
+    let session = match made {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("cannot mount on '{}': {e}", o.mountpoint.display());
@@ -142,9 +218,8 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             return Err(e);
         }
     };
-    let mut unmounter = session.unmount_callable();
     let mountpoint = o.mountpoint.clone();
-    let mut unmount = move || -> std::io::Result<()> {
+    let unmount = move || -> std::io::Result<()> {
         if direct {
             match rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::empty()) {
                 Err(rustix::io::Errno::BUSY) => {
@@ -154,7 +229,18 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             }
             Ok(())
         } else {
-            unmounter.unmount()
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mountpoint)
+                .status()?;
+            if !st.success() {
+                let _ = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&mountpoint)
+                    .status();
+            }
+            Ok(())
         }
     };
     let me = nix::unistd::getpid();

@@ -127,6 +127,9 @@ fn bind(src: &Path, dst: &OwnedFd, ro: bool, what: &str) -> Result<()> {
 pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
     rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
         .context("making mounts private")?;
+    // A mount of our own namespace as the new root: pivot_root refuses one that was copied
+    // from a more privileged namespace (the rootless case).
+    rustix::mount::mount_bind_recursive(&spec.rootfs, &spec.rootfs).context("bind-mounting the rootfs")?;
     let root = rustix::fs::open(
         &spec.rootfs,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
