@@ -373,6 +373,34 @@ fn mount_helper_and_long_flags() {
     m.umount().unwrap();
 }
 
+/// The real mount(8) path: `mount -t fuse.strata` finds /sbin/mount.fuse.strata.
+#[test]
+fn mount_8_with_type_fuse_strata() {
+    let ls = LayerSet::new("mount8", 1);
+    ls.lower(0).file("f", "via mount(8)");
+    let link = Path::new("/sbin/mount.fuse.strata");
+    let ours = !link.exists();
+    if ours {
+        std::os::unix::fs::symlink(strata_bin(), link).unwrap();
+    }
+    let out = run_cmd(
+        Command::new("mount")
+            .args(["-t", "fuse.strata", "strata"])
+            .arg(&ls.mnt)
+            .arg("-o")
+            .arg(ls.spec().options()),
+        Duration::from_secs(30),
+    );
+    if ours {
+        let _ = fs::remove_file(link);
+    }
+    assert!(out.ok(), "{out}");
+    let m = StrataMount::adopt(&ls.spec());
+    assert_eq!(fs::read_to_string(m.root().join("f")).unwrap(), "via mount(8)");
+    assert_eq!(mount_fstype(&ls.mnt).as_deref(), Some("fuse.strata"));
+    m.umount().unwrap();
+}
+
 /// Each bad input: a non-zero exit, a message naming the path or option, nothing mounted.
 #[test]
 fn bad_input_is_refused_cleanly() {
