@@ -130,7 +130,7 @@ fn unlink_of_lower_file_writes_only_a_whiteout() {
     let (a, fh) = o
         .create(ROOT, OsStr::new("big"), 0o640, libc::O_WRONLY, ROOTC)
         .unwrap();
-    o.write(fh, 0, b"new").unwrap();
+    o.write(fh, 0, b"new", false).unwrap();
     o.release(fh);
     assert_eq!(a.perm, 0o640);
     assert_eq!(fs::read(e.upper.join("big")).unwrap(), b"new");

@@ -1456,9 +1456,22 @@ impl Overlay {
         Ok(buf)
     }
 
-    /// write to an open file.
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+    /// write to an open file. With `kill_suidgid` (an unprivileged writer, as the kernel
+    /// judged) setuid and group-executable setgid bits go, as a local write would drop them;
+    /// strata writes as root, which the underlying filesystem would let keep them.
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
         let fd = self.file(fh)?;
+        if kill_suidgid {
+            let st = rustix::fs::fstat(&*fd)?;
+            let mut m = st.st_mode & 0o7777;
+            m &= !libc::S_ISUID;
+            if m & libc::S_IXGRP != 0 {
+                m &= !libc::S_ISGID;
+            }
+            if m != st.st_mode & 0o7777 {
+                rustix::fs::fchmod(&*fd, Mode::from_raw_mode(m))?;
+            }
+        }
         sys::write_all_at(fd.as_fd(), data, off)?;
         Ok(data.len() as u32)
     }
