@@ -75,6 +75,15 @@ pub fn main() -> i32 {
             }
         };
     }
+    // fuse-overlayfs's calling convention (`PROG -o OPTIONS MOUNTPOINT`), used by
+    // containers/storage's mount_program: the same as `strata mount -o ...`.
+    let mut args = args;
+    if args
+        .get(1)
+        .is_some_and(|a| a == "-o" || a.to_string_lossy().starts_with("-o"))
+    {
+        args.insert(1, OsString::from("mount"));
+    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -680,7 +680,8 @@ pub fn glob_match(pat: &str, s: &str) -> bool {
     rec(pat.as_bytes(), s.as_bytes())
 }
 
-fn excluded(opts: &PackOpts, abs: &str) -> bool {
+/// Does an exclude pattern match `/path` (or one of its parents)?
+pub fn excluded(opts: &PackOpts, abs: &str) -> bool {
     opts.excludes.iter().any(|p| {
         let p = if p.starts_with('/') {
             p.clone()

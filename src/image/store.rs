@@ -476,6 +476,9 @@ impl Store {
                     let _ = make_writable_and_remove(&tmp);
                     return Err(e);
                 }
+                // Everything unpacked must be on disk before the name says it is complete.
+                let d = File::open(&tmp)?;
+                rustix::fs::syncfs(&d)?;
                 fs::rename(&tmp, &dir)?;
                 sync_dir(&self.root.join("layers"))?;
             }

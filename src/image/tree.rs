@@ -16,6 +16,16 @@ use crate::overlay::{Attr, Kind, Overlay, OverlayConfig, ROOT};
 #[derive(Debug)]
 pub struct Tree {
     ov: Overlay,
+    /// An empty directory made for an image-less tree, removed on drop.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Some(d) = &self.scratch {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
 }
 
 /// One object found by a walk.
@@ -34,17 +44,19 @@ impl Tree {
             let empty = std::env::temp_dir().join(format!("strata-empty-{}", std::process::id()));
             std::fs::create_dir_all(&empty)?;
             let ov = Overlay::new(&OverlayConfig {
-                lowers: vec![empty],
+                lowers: vec![empty.clone()],
                 ..Default::default()
             })?;
-            return Ok(Tree { ov });
+            return Ok(Tree {
+                ov,
+                scratch: Some(empty),
+            });
         }
-        Ok(Tree {
-            ov: Overlay::new(&OverlayConfig {
-                lowers,
-                ..Default::default()
-            })?,
-        })
+        let ov = Overlay::new(&OverlayConfig {
+            lowers,
+            ..Default::default()
+        })?;
+        Ok(Tree { ov, scratch: None })
     }
 
     /// The attributes at `path` ("a/b"), if it exists.
@@ -137,8 +149,21 @@ impl Tree {
 
     /// Write the whole merged tree as one tar (no whiteouts), hard links kept.
     pub fn export<W: Write>(&self, out: &mut TarOut<W>) -> Result<()> {
+        self.export_except(out, &|_| false)
+    }
+
+    /// `export`, leaving out every path (and subtree) for which `skip("/path")` holds.
+    pub fn export_except<W: Write>(&self, out: &mut TarOut<W>, skip: &dyn Fn(&str) -> bool) -> Result<()> {
         let mut links: HashMap<u64, String> = HashMap::new();
+        let mut skipped: Vec<String> = Vec::new();
         self.walk(&mut |n| {
+            if skipped.iter().any(|p| n.path.starts_with(&format!("{p}/"))) {
+                return Ok(());
+            }
+            if skip(&format!("/{}", n.path)) {
+                skipped.push(n.path.clone());
+                return Ok(());
+            }
             let a = &n.attr;
             let m = Meta {
                 mode: a.perm as u32,

@@ -195,7 +195,23 @@ impl Stack {
                         work: w.clone(),
                     });
                 }
+                if wl.path.join("work/incompat/volatile").exists() {
+                    return Err(bad(
+                        "workdir",
+                        w,
+                        "holds work/incompat/volatile: it was mounted volatile, so after a crash the upper may be inconsistent (as the kernel, strata refuses; remove that directory to mount anyway)",
+                    ));
+                }
                 let work = prepare_work(&wl).map_err(|e| bad("workdir", w, std::io::Error::from(e)))?;
+                if cfg.volatile {
+                    // The kernel's marker, so that a later mount (strata's or the kernel's)
+                    // knows syncs were skipped.
+                    rustix::fs::mkdirat(&work, "incompat", Mode::from_raw_mode(0o700))
+                        .and_then(|()| {
+                            rustix::fs::mkdirat(&work, "incompat/volatile", Mode::from_raw_mode(0o700))
+                        })
+                        .map_err(|e| bad("workdir", w, std::io::Error::from(e)))?;
+                }
                 check_upper(&ul, ns)?;
                 Some(Upper { layer: ul, work })
             }
