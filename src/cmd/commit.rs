@@ -62,7 +62,7 @@ pub fn run(a: CommitArgs, root: &Path) -> Result<()> {
         tag,
     };
     let img = commit(&store, &o, &Progress::new())?;
-    println!("{}", img.id);
+    super::say!("{}", img.id);
     log::info!("committed {} as {}", short_id(&img.id), o.tag);
     Ok(())
 }

@@ -16,6 +16,6 @@ pub fn run(a: CreateArgs, root: &Path) -> Result<()> {
     // Unpack now, so mounting it later is quick.
     store.unpacked_layers(&img, &Progress::new())?;
     let c = Container::create(root, a.name.as_deref(), &a.image, &img.id)?;
-    println!("{}", c.state.name);
+    super::say!("{}", c.state.name);
     Ok(())
 }

@@ -10,6 +10,6 @@ use crate::image::store::Store;
 pub fn run(root: &Path) -> Result<()> {
     let store = Store::open(root, true)?;
     let (b, l) = store.gc(&[])?;
-    println!("removed {b} blobs and {l} unpacked layers");
+    super::say!("removed {b} blobs and {l} unpacked layers");
     Ok(())
 }

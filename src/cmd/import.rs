@@ -28,6 +28,6 @@ pub fn run(a: ImportArgs, root: &Path) -> Result<()> {
         &Progress::new(),
     )
     .with_context(|| format!("importing '{}'", a.file.display()))?;
-    println!("{}", img.id);
+    super::say!("{}", img.id);
     Ok(())
 }

@@ -17,10 +17,10 @@ pub fn run(a: LoadArgs, root: &Path) -> Result<()> {
         .with_context(|| format!("loading '{}'", a.input.display()))?;
     for (img, names) in loaded.images {
         if names.is_empty() {
-            println!("Loaded image ID: {}", img.id);
+            super::say!("Loaded image ID: {}", img.id);
         }
         for n in names {
-            println!("Loaded image: {n}");
+            super::say!("Loaded image: {n}");
         }
     }
     Ok(())

@@ -1,5 +1,19 @@
 //! One file per verb; this module dispatches and owns the single error printer.
 
+/// Print a line on stdout; a closed pipe (`strata images | head`) ends the program quietly
+/// instead of panicking as `println!` would.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+pub(crate) use say;
+
 pub mod commit;
 pub mod create;
 pub mod diff;

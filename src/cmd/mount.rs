@@ -224,7 +224,7 @@ pub fn run(a: MountArgs, store_root: &Path) -> anyhow::Result<()> {
         let c = crate::container::Container::open(store_root, first)?;
         let at = a.targets.get(1).map(PathBuf::from);
         let mp = mount_container(store_root, &c, at.as_deref())?;
-        println!("{}", mp.display());
+        super::say!("{}", mp.display());
         return Ok(());
     }
     let mut spec = spec_from_args(&a, store_root)?;

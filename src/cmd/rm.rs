@@ -51,7 +51,7 @@ pub fn run(a: RmArgs, root: &Path) -> Result<()> {
     for n in &a.containers {
         let c = Container::open(root, n)?;
         remove(&c, a.force)?;
-        println!("{n}");
+        super::say!("{n}");
     }
     Ok(())
 }

@@ -46,14 +46,14 @@ pub fn run(a: RmiArgs, root: &Path) -> Result<()> {
         match by_name {
             Some(r) if img.refs.len() > 1 => {
                 store.remove_tag(&r)?;
-                println!("Untagged: {r}");
+                super::say!("Untagged: {r}");
             }
             _ => {
                 for r in &img.refs {
-                    println!("Untagged: {r}");
+                    super::say!("Untagged: {r}");
                 }
                 store.remove_manifest(&img.manifest_digest)?;
-                println!("Deleted: {}", img.id);
+                super::say!("Deleted: {}", img.id);
             }
         }
     }
