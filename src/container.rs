@@ -164,13 +164,61 @@ impl Container {
     /// ("transport endpoint is not connected").
     pub fn mounted(&self) -> std::result::Result<bool, String> {
         let r = self.rootfs();
-        match std::fs::metadata(&r) {
+        // statfs always reaches the daemon; stat may be answered from the kernel's cache.
+        match rustix::fs::statfs(&r).map_err(std::io::Error::from) {
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(format!(
                 "the filesystem daemon of container '{}' died (transport endpoint is not connected)",
                 self.state.name
             )),
             _ => Ok(crate::mounts::is_mountpoint(&r)),
         }
+    }
+
+    /// Record upper directories about to be created by copy-up only because a mount target
+    /// (a stub) goes inside them: `paths` are container paths; those not yet in the upper
+    /// are remembered in run/fresh-dirs.
+    pub fn note_fresh_dirs(&self, paths: &[PathBuf]) {
+        let mut known: Vec<String> = std::fs::read_to_string(self.rundir().join("fresh-dirs"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        for p in paths {
+            let rel = p.strip_prefix("/").unwrap_or(p);
+            if rel.as_os_str().is_empty() || self.upper().join(rel).exists() {
+                continue;
+            }
+            let s = rel.to_string_lossy().into_owned();
+            if !known.contains(&s) {
+                known.push(s);
+            }
+        }
+        let _ = std::fs::write(self.rundir().join("fresh-dirs"), known.join("\n"));
+    }
+
+    /// After unmounting: drop from the upper the directories listed by `note_fresh_dirs`
+    /// that are still empty and not opaque, so a mount point stub leaves no trace in diff
+    /// or commit. (Offline edits of the upper are allowed; an empty non-opaque copied-up
+    /// directory carries no change.)
+    pub fn drop_fresh_dirs(&self) {
+        let f = self.rundir().join("fresh-dirs");
+        let list = std::fs::read_to_string(&f).unwrap_or_default();
+        let mut dirs: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        for d in dirs {
+            let p = self.upper().join(d);
+            let opaque = std::fs::File::open(&p).map_or(true, |fh| {
+                use std::os::fd::AsFd;
+                let t = crate::sys::XTarget::Fd(fh.as_fd());
+                ["trusted.overlay.opaque", "user.overlay.opaque"]
+                    .iter()
+                    .any(|n| crate::sys::getxattr(t, std::ffi::OsStr::new(n)).is_ok())
+            });
+            if !opaque {
+                let _ = std::fs::remove_dir(&p);
+            }
+        }
+        let _ = std::fs::remove_file(f);
     }
 
     /// Is a process of it running?

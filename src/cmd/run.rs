@@ -12,17 +12,11 @@ use crate::image::store::Store;
 use crate::runtime::{self, RunSpec, Volume, EXIT_RUNTIME};
 use crate::sys;
 
-/// Directories that mount targets live in: a run may copy them up only to create a mount
-/// point stub in them.
-const TARGET_PARENTS: [&str; 1] = ["etc"];
-
 /// Unmounts (and with --rm removes) a container however the run ends.
 struct Cleanup<'a> {
     c: &'a Container,
     unmount: bool,
     remove: bool,
-    /// Target parents that were not in the upper before the run.
-    fresh_parents: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup<'_> {
@@ -36,22 +30,8 @@ impl Drop for Cleanup<'_> {
                     eprintln!("strata: error: unmounting '{}': {e:#}", rootfs.display());
                 }
             }
-            // A directory copied up only to hold a (since removed) stub is dropped from the
-            // upper again, so it does not show in diff or commit. Unmounted: offline upper
-            // edits are allowed, and an empty non-opaque directory carries no change.
             if !crate::mounts::is_mountpoint(&rootfs) {
-                for d in &self.fresh_parents {
-                    let opaque = std::fs::File::open(d).map_or(true, |f| {
-                        use std::os::fd::AsFd;
-                        let t = crate::sys::XTarget::Fd(f.as_fd());
-                        ["trusted.overlay.opaque", "user.overlay.opaque"]
-                            .iter()
-                            .any(|n| crate::sys::getxattr(t, std::ffi::OsStr::new(n)).is_ok())
-                    });
-                    if !opaque {
-                        let _ = std::fs::remove_dir(d);
-                    }
-                }
+                self.c.drop_fresh_dirs();
             }
         }
         // Re-read: the run recorded its command meanwhile.
@@ -75,12 +55,29 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-fn fresh_parents(c: &Container) -> Vec<PathBuf> {
-    TARGET_PARENTS
+/// Parent directories of every mount target of a run (they may be copied up to hold a stub).
+fn target_parents(spec: &RunSpec) -> Vec<PathBuf> {
+    let fixed = [
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/proc",
+        "/dev",
+        "/sys",
+    ];
+    let mut v: Vec<PathBuf> = Vec::new();
+    for t in fixed
         .iter()
-        .map(|p| c.upper().join(p))
-        .filter(|p| !p.exists())
-        .collect()
+        .map(PathBuf::from)
+        .chain(spec.volumes.iter().map(|v| v.container.clone()))
+    {
+        for a in t.ancestors().skip(1) {
+            if a != Path::new("/") && !v.iter().any(|x| x == a) {
+                v.push(a.to_path_buf());
+            }
+        }
+    }
+    v
 }
 
 fn parse_volume(v: &str) -> Result<Volume> {
@@ -175,6 +172,7 @@ fn interrupted() -> Result<()> {
 
 /// Run `spec` in the (mounted) container and report a dead filesystem daemon.
 fn execute(root: &Path, c: &mut Container, spec: &RunSpec) -> Result<i32> {
+    c.note_fresh_dirs(&target_parents(spec));
     c.state.last_command = Some(spec.argv.clone());
     c.state.pid = Some(std::process::id() as i32);
     c.save()?;
@@ -200,6 +198,10 @@ fn execute(root: &Path, c: &mut Container, spec: &RunSpec) -> Result<i32> {
 pub fn run(a: RunArgs, root: &Path) -> Result<i32> {
     // Ctrl-C during setup must not leave a mount behind: catch it and check between steps.
     sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    // Bad volumes are refused before anything is created.
+    for v in &a.process.volume {
+        parse_volume(v)?;
+    }
     let (mut c, cfg) = {
         let store = Store::open(root, true)?;
         let img = store.resolve(&a.image)?;
@@ -214,7 +216,6 @@ pub fn run(a: RunArgs, root: &Path) -> Result<i32> {
         c: &snapshot,
         unmount: false,
         remove: a.rm,
-        fresh_parents: fresh_parents(&c),
     };
     interrupted()?;
     let spec = process_spec(&c, &cfg, &a.process, &a.command, None)?;
@@ -256,7 +257,6 @@ pub fn shell(a: ShellArgs, root: &Path) -> Result<i32> {
         c: &snapshot,
         unmount: false,
         remove: false,
-        fresh_parents: fresh_parents(&c),
     };
     if !was_mounted {
         super::mount::mount_container(root, &c, None)?;

@@ -127,7 +127,9 @@ pub fn run(a: UmountArgs, store_root: &Path) -> anyhow::Result<()> {
         if let Err(m) = c.mounted() {
             eprintln!("strata: {m}; cleaning up");
         }
-        return umount(&mp, a.lazy);
+        umount(&mp, a.lazy)?;
+        c.drop_fresh_dirs();
+        return Ok(());
     }
     umount(&a.mountpoint, a.lazy)
 }

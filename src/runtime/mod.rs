@@ -11,6 +11,7 @@ pub mod rootfs;
 mod tty;
 
 use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -100,14 +101,28 @@ fn wait_for(pid: i32) -> i32 {
 /// Run the process; returns its exit code (128+N when killed by signal N).
 pub fn run(spec: &RunSpec) -> Result<i32> {
     rootfs::write_injected(&spec.rundir, &spec.hostname, spec.host_network)?;
-    let pty = if spec.tty { Some(tty::Pty::open()?) } else { None };
+    if std::path::Path::new(&spec.cwd).is_relative() {
+        bail!("working directory '{}' must be absolute", spec.cwd);
+    }
+    // With -t, PID 1 sends the pty master back over this socket.
+    let pty = if spec.tty {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        Some(rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?)
+    } else {
+        None
+    };
     let rootless = sys::euid() != 0;
     let (uid, gid) = (sys::euid(), sys::egid());
     sys::catch_signals(&FORWARDED);
     sys::catch_signals(&[libc::SIGWINCH]);
     match sys::fork().context("fork")? {
         Forked::Child => {
-            let code = match stage_a(spec, pty.as_ref(), rootless, uid, gid) {
+            let code = match stage_a(spec, pty.as_ref().map(|p| &p.1), rootless, uid, gid) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("strata: error: {e:#}");
@@ -119,8 +134,9 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
         Forked::Parent(a) => {
             sys::set_forward_pid(a);
             let code = match pty {
-                Some(p) => {
-                    let relay = p.relay(spec.interactive);
+                Some((ours, theirs)) => {
+                    drop(theirs);
+                    let relay = tty::relay(ours, spec.interactive);
                     let c = wait_for(a);
                     if let Err(e) = relay {
                         log::warn!("terminal: {e:#}");
@@ -136,7 +152,7 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
 }
 
 /// A: enter the namespaces and start PID 1.
-fn stage_a(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool, uid: u32, gid: u32) -> Result<i32> {
+fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid: u32) -> Result<i32> {
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -171,12 +187,21 @@ fn stage_a(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool, uid: u32, gid
 }
 
 /// B: PID 1. Set up the root, start the command, forward signals, reap.
-fn stage_b(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool) -> Result<i32> {
-    let console = match pty {
-        Some(p) => Some(p.slave_path()?),
+fn stage_b(spec: &RunSpec, pty_sock: Option<&OwnedFd>, rootless: bool) -> Result<i32> {
+    rootfs::setup(spec)?;
+    // Docker creates a missing working directory; so do we (as root, before the user switch).
+    if !Path::new(&spec.cwd).exists() {
+        std::fs::create_dir_all(&spec.cwd)
+            .with_context(|| format!("creating working directory '{}'", spec.cwd))?;
+    }
+    let slave = match pty_sock {
+        Some(sock) => {
+            let (master, slave) = tty::open_in_container()?;
+            sys::send_fd(sock.as_fd(), master.as_fd()).context("handing the terminal over")?;
+            Some(slave)
+        }
         None => None,
     };
-    rootfs::setup(spec, console.as_deref())?;
     nix::unistd::sethostname(&spec.hostname).context("sethostname")?;
     if !spec.host_network {
         sys::loopback_up().context("bringing up the loopback interface")?;
@@ -194,7 +219,7 @@ fn stage_b(spec: &RunSpec, pty: Option<&tty::Pty>, rootless: bool) -> Result<i32
         Forked::Child => {
             sys::default_signals(&FORWARDED);
             sys::default_signals(&[libc::SIGWINCH]);
-            let code = exec(spec, &argv, pty, ids, rootless);
+            let code = exec(spec, &argv, slave.as_ref(), ids, rootless);
             std::process::exit(code);
         }
         Forked::Parent(c) => {
@@ -280,7 +305,7 @@ fn lookup(cmd: &str, env: &[String]) -> Option<PathBuf> {
 fn exec(
     spec: &RunSpec,
     argv: &[CString],
-    pty: Option<&tty::Pty>,
+    slave: Option<&OwnedFd>,
     ids: (u32, u32, Vec<u32>, Option<String>),
     rootless: bool,
 ) -> i32 {
@@ -289,8 +314,8 @@ fn exec(
         code
     };
     let _ = nix::unistd::setsid();
-    if let Some(p) = pty {
-        if let Err(e) = p.become_controlling() {
+    if let Some(p) = slave {
+        if let Err(e) = tty::become_controlling(p) {
             return fail(EXIT_RUNTIME, format!("terminal: {e:#}"));
         }
     } else if !spec.interactive {

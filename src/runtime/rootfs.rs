@@ -26,6 +26,11 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
 }
 
 fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> rustix::io::Result<OwnedFd> {
+    let path = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
     loop {
         match rustix::fs::openat2(
             root,
@@ -111,20 +116,26 @@ fn mount_at(
     .with_context(|| format!("mounting {what}"))
 }
 
-fn bind(src: &Path, dst: &OwnedFd, ro: bool, what: &str) -> Result<()> {
-    rustix::mount::mount_bind_recursive(src, fd_path(dst))
-        .with_context(|| format!("bind-mounting {what}"))?;
-    if ro {
-        rustix::mount::mount_remount(fd_path(dst), MountFlags::BIND | MountFlags::RDONLY, "")
-            .with_context(|| format!("making {what} read-only"))?;
-    }
-    Ok(())
+fn bind(src: &Path, dst: &OwnedFd, what: &str) -> Result<()> {
+    rustix::mount::mount_bind_recursive(src, fd_path(dst)).with_context(|| format!("bind-mounting {what}"))
+}
+
+/// Make the bind mount now at `path` read-only. `path` is resolved again: an fd taken
+/// before the mount names the directory underneath it.
+fn remount_ro(root: BorrowedFd<'_>, path: &Path, what: &str) -> Result<()> {
+    let rel: PathBuf = path
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    let fd = open_in_root(root, &rel).with_context(|| format!("resolving {what}"))?;
+    rustix::mount::mount_remount(fd_path(&fd), MountFlags::BIND | MountFlags::RDONLY, "")
+        .with_context(|| format!("making {what} read-only"))
 }
 
 /// Set up the container's filesystem and pivot into it. Mount targets that had to be
 /// created are listed in `rundir/stubs`, to be removed after the run so they never reach
 /// a commit.
-pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
+pub fn setup(spec: &RunSpec) -> Result<()> {
     rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
         .context("making mounts private")?;
     // A mount of our own namespace as the new root: pivot_root refuses one that was copied
@@ -198,10 +209,6 @@ pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
     ] {
         std::os::unix::fs::symlink(to, devp.join(l))?;
     }
-    if let Some(c) = console {
-        std::fs::File::create(devp.join("console"))?;
-        rustix::mount::mount_bind(c, devp.join("console")).context("bind-mounting /dev/console")?;
-    }
     let sys = t("/sys", Stub::Dir)?;
     if mount_at(
         Some("sysfs"),
@@ -215,7 +222,8 @@ pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
     {
         // Without a network namespace of our own (or in a user namespace) sysfs cannot be
         // mounted fresh: show the host's, read-only.
-        bind(Path::new("/sys"), &sys, true, "/sys")?;
+        bind(Path::new("/sys"), &sys, "/sys")?;
+        remount_ro(r, Path::new("/sys"), "/sys")?;
     }
     for (name, path) in [
         ("hosts", "/etc/hosts"),
@@ -223,10 +231,13 @@ pub fn setup(spec: &RunSpec, console: Option<&Path>) -> Result<()> {
         ("resolv.conf", "/etc/resolv.conf"),
     ] {
         let dst = t(path, Stub::File)?;
-        bind(&spec.rundir.join(name), &dst, false, path)?;
+        bind(&spec.rundir.join(name), &dst, path)?;
     }
     for v in &spec.volumes {
         add_volume(v, &mut t)?;
+        if v.ro {
+            remount_ro(r, &v.container, &format!("volume '{}'", v.host.display()))?;
+        }
     }
     // The caller removes these after the run, from outside.
     let list: String = stubs.iter().map(|p| format!("{}\n", p.display())).collect();
@@ -249,7 +260,7 @@ fn add_volume(v: &Volume, t: &mut dyn FnMut(&str, Stub) -> Result<OwnedFd>) -> R
     let stub = if md.is_dir() { Stub::Dir } else { Stub::File };
     let ctr = v.container.to_string_lossy().into_owned();
     let dst = t(&ctr, stub)?;
-    bind(&v.host, &dst, v.ro, &format!("volume '{}'", v.host.display()))
+    bind(&v.host, &dst, &format!("volume '{}'", v.host.display()))
 }
 
 /// Write the files the runtime injects (bind-mounted, never part of the rootfs).

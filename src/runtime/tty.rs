@@ -1,84 +1,80 @@
-//! The pseudo-terminal of `run -t`: the command gets the slave as its controlling
-//! terminal; the caller relays between its own terminal (in raw mode) and the master, and
-//! passes window-size changes on.
+//! The pseudo-terminal of `run -t`. It is allocated inside the container's own devpts (so
+//! `tty` inside says /dev/pts/0), by PID 1 after the pivot; the master goes back to the
+//! caller over a socket, and the caller relays between its own terminal (in raw mode) and
+//! the master, passing window-size changes on.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use rustix::fs::{Mode, OFlags};
 
-/// Master and slave of a new pty.
-pub struct Pty {
-    master: OwnedFd,
-    slave: OwnedFd,
-    path: PathBuf,
-}
+use crate::sys;
 
 fn stdin() -> BorrowedFd<'static> {
     // fd 0 stays open for the life of the process.
     rustix::stdio::stdin()
 }
 
-impl Pty {
-    /// Allocate one, sized like our terminal when we have one.
-    pub fn open() -> Result<Pty> {
-        let master = rustix::pty::openpt(
-            rustix::pty::OpenptFlags::RDWR
-                | rustix::pty::OpenptFlags::NOCTTY
-                | rustix::pty::OpenptFlags::CLOEXEC,
-        )
-        .context("opening a pseudo-terminal")?;
-        rustix::pty::grantpt(&master)?;
-        rustix::pty::unlockpt(&master)?;
-        let name = rustix::pty::ptsname(&master, Vec::new())?;
-        let path = PathBuf::from(name.to_string_lossy().into_owned());
-        let slave = rustix::fs::open(
-            &path,
-            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("opening {}", path.display()))?;
-        if let Ok(ws) = rustix::termios::tcgetwinsize(stdin()) {
-            let _ = rustix::termios::tcsetwinsize(&master, ws);
-        }
-        Ok(Pty { master, slave, path })
+/// Inside the container: a new pty from its /dev/ptmx. Returns (master, slave); the slave
+/// is also bind-mounted on /dev/console.
+pub fn open_in_container() -> Result<(OwnedFd, OwnedFd)> {
+    let master = rustix::fs::open(
+        "/dev/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .context("opening /dev/ptmx in the container")?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let path = std::path::PathBuf::from(name.to_string_lossy().into_owned());
+    let slave = rustix::fs::open(
+        &path,
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    if std::fs::File::create("/dev/console").is_ok() {
+        rustix::mount::mount_bind(&path, "/dev/console").context("bind-mounting /dev/console")?;
     }
+    Ok((master, slave))
+}
 
-    /// Path of the slave (for /dev/console).
-    pub fn slave_path(&self) -> Result<PathBuf> {
-        Ok(self.path.clone())
-    }
+/// In the command's process (after setsid): make the slave the controlling terminal and
+/// standard input, output and error.
+pub fn become_controlling(slave: &OwnedFd) -> Result<()> {
+    rustix::process::ioctl_tiocsctty(slave).context("TIOCSCTTY")?;
+    nix::unistd::dup2_stdin(slave)?;
+    nix::unistd::dup2_stdout(slave)?;
+    nix::unistd::dup2_stderr(slave)?;
+    Ok(())
+}
 
-    /// In the command's process (after setsid): make the slave our controlling terminal
-    /// and standard input, output and error.
-    pub fn become_controlling(&self) -> Result<()> {
-        rustix::process::ioctl_tiocsctty(&self.slave).context("TIOCSCTTY")?;
-        nix::unistd::dup2_stdin(&self.slave)?;
-        nix::unistd::dup2_stdout(&self.slave)?;
-        nix::unistd::dup2_stderr(&self.slave)?;
-        Ok(())
+/// In the caller: wait for the master from the container, then relay until the command
+/// side closes the terminal. Our terminal (if stdin is one) is in raw mode meanwhile, so
+/// Ctrl-C and friends reach the command's terminal.
+pub fn relay(sock: OwnedFd, interactive: bool) -> Result<()> {
+    let Some(master) = sys::recv_fd(sock.as_fd())? else {
+        // The container failed before its terminal existed; its error is on stderr.
+        return Ok(());
+    };
+    drop(sock);
+    if let Ok(ws) = rustix::termios::tcgetwinsize(stdin()) {
+        let _ = rustix::termios::tcsetwinsize(&master, ws);
     }
-
-    /// Relay until the command side closes the terminal. Our terminal (if stdin is one) is
-    /// in raw mode meanwhile, so Ctrl-C and friends reach the command's terminal.
-    pub fn relay(self, interactive: bool) -> Result<()> {
-        let Pty { master, slave, .. } = self;
-        drop(slave);
-        let saved = rustix::termios::tcgetattr(stdin()).ok();
-        if let Some(t) = &saved {
-            let mut raw = t.clone();
-            raw.make_raw();
-            let _ = rustix::termios::tcsetattr(stdin(), rustix::termios::OptionalActions::Now, &raw);
-        }
-        let r = pump(&master, interactive);
-        if let Some(t) = &saved {
-            let _ = rustix::termios::tcsetattr(stdin(), rustix::termios::OptionalActions::Now, t);
-        }
-        r
+    let saved = rustix::termios::tcgetattr(stdin()).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(stdin(), rustix::termios::OptionalActions::Now, &raw);
     }
+    let r = pump(&master, interactive);
+    if let Some(t) = &saved {
+        let _ = rustix::termios::tcsetattr(stdin(), rustix::termios::OptionalActions::Now, t);
+    }
+    r
 }
 
 fn pump(master: &OwnedFd, interactive: bool) -> Result<()> {
@@ -87,7 +83,7 @@ fn pump(master: &OwnedFd, interactive: bool) -> Result<()> {
     let mut out = std::io::stdout();
     let mut mf = std::fs::File::from(master.try_clone()?);
     loop {
-        if crate::sys::take_winch() {
+        if sys::take_winch() {
             if let Ok(ws) = rustix::termios::tcgetwinsize(stdin()) {
                 let _ = rustix::termios::tcsetwinsize(master, ws);
             }

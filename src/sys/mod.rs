@@ -448,3 +448,45 @@ pub fn loopback_up() -> SysResult<()> {
     }
     Ok(())
 }
+
+/// Send one fd over a unix socket (SCM_RIGHTS).
+pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> SysResult<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+    rustix::net::sendmsg(
+        sock,
+        &[std::io::IoSlice::new(b"F")],
+        &mut cmsg,
+        SendFlags::empty(),
+    )?;
+    Ok(())
+}
+
+/// Receive one fd sent with `send_fd`; None when the peer closed without sending.
+pub fn recv_fd(sock: BorrowedFd<'_>) -> SysResult<Option<OwnedFd>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut buf = [0u8; 1];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    loop {
+        match rustix::net::recvmsg(
+            sock,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut cmsg,
+            RecvFlags::empty(),
+        ) {
+            Ok(_) => break,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+            return Ok(fds.next());
+        }
+    }
+    Ok(None)
+}
