@@ -35,6 +35,23 @@ impl FuseFs {
     }
 }
 
+/// Attributes sent with a negative entry (the kernel looks only at the node id 0).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    size: 0,
+    blocks: 0,
+    atime: (0, 0),
+    mtime: (0, 0),
+    ctime: (0, 0),
+    kind: Kind::File,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+};
+
 fn errno(e: overlay::Errno) -> Errno {
     Errno::from_i32(e.raw_os_error())
 }
@@ -151,6 +168,14 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ov.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            // A negative entry (node id 0) the kernel may cache: PATH and library searches
+            // in a container ask for the same missing names again and again. Names only
+            // appear through this mount, which turns the kernel's dentry positive itself.
+            Err(e) if e == overlay::Errno::NOENT => {
+                let mut a = attr(&NEGATIVE);
+                a.ino = INodeNo(0);
+                reply.entry(&TTL, &a, Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
