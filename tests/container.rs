@@ -1696,3 +1696,21 @@ fn rm_and_rmi_refuse_in_use() {
     fx.ok(&["rmi", "busybox"]);
     fx.assert_clean("after rm/rmi");
 }
+
+/// A container's root keeps only docker's default capabilities: no mount, no module loading.
+#[test]
+fn run_capabilities_are_restricted() {
+    let fx = Fixture::new("caps");
+    let out = fx.sh_ok(
+        &[],
+        "grep CapBnd /proc/self/status; mount -t tmpfs none /mnt 2>/dev/null && echo MOUNTED || echo refused",
+    );
+    assert!(
+        out.contains("00000000a80425fb"),
+        "bounding set is not docker's default set:\n{out}"
+    );
+    assert!(
+        out.contains("refused") && !out.contains("MOUNTED"),
+        "mount was allowed in the container:\n{out}"
+    );
+}

@@ -66,6 +66,25 @@ pub const EXIT_CANNOT_EXEC: i32 = 126;
 /// The command was not found.
 pub const EXIT_NOT_FOUND: i32 = 127;
 
+/// Capabilities a container's processes keep: docker's default set. Everything else (module
+/// loading, mounting, raw I/O, tracing other processes...) is dropped from the bounding set.
+const DEFAULT_CAPS: [u32; 14] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    13, // NET_RAW
+    18, // SYS_CHROOT
+    27, // MKNOD
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
 const FORWARDED: [i32; 6] = [
     libc::SIGINT,
     libc::SIGTERM,
@@ -322,6 +341,10 @@ fn exec(
         if let Ok(n) = std::fs::File::open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(&n);
         }
+    }
+    // Before the user switch: dropping needs CAP_SETPCAP, which a non-root user lacks.
+    if let Err(e) = sys::restrict_capabilities(&DEFAULT_CAPS) {
+        return fail(EXIT_RUNTIME, format!("dropping capabilities: {e}"));
     }
     let (uid, gid, groups, home) = ids;
     if !rootless {

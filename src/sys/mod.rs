@@ -490,3 +490,27 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> SysResult<Option<OwnedFd>> {
     }
     Ok(None)
 }
+
+/// Remove every capability not in `keep` from the bounding set, so a process exec'd as root
+/// afterwards gets only those (docker's default set, for containers).
+pub fn restrict_capabilities(keep: &[u32]) -> SysResult<()> {
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        if keep.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes plain integers.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r != 0 {
+            let e = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO);
+            // EINVAL: a capability this kernel does not know.
+            if e != Errno::INVAL {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
