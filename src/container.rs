@@ -61,12 +61,6 @@ fn random_name() -> String {
     format!("c-{}", crate::image::digest::hex(&b))
 }
 
-fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"))
-        .unwrap_or(false)
-}
-
 impl Container {
     /// Where containers live.
     pub fn base(root: &Path) -> PathBuf {
@@ -223,7 +217,7 @@ impl Container {
 
     /// Is a process of it running?
     pub fn running(&self) -> bool {
-        self.state.pid.is_some_and(pid_alive)
+        self.state.pid.is_some_and(crate::mounts::pid_alive)
     }
 
     /// Size of the upper directory in bytes (what the container changed).

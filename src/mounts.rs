@@ -59,7 +59,8 @@ pub fn write_pid_file(r: &MountRecord) -> anyhow::Result<PathBuf> {
     Ok(f)
 }
 
-fn alive(pid: i32) -> bool {
+/// Is the process running? A zombie (exited, not yet reaped) counts as gone.
+pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"),
         Err(_) => false,
@@ -83,7 +84,7 @@ pub fn active() -> Vec<MountRecord> {
         let mountpoint = PathBuf::from(l.next().unwrap_or(""));
         let upper = l.next().filter(|x| !x.is_empty()).map(PathBuf::from);
         let image = l.next().filter(|x| !x.is_empty()).map(String::from);
-        if alive(pid) {
+        if pid_alive(pid) {
             out.push(MountRecord {
                 pid,
                 mountpoint,

@@ -36,18 +36,6 @@ fn read_pid(pf: &Path) -> Option<i32> {
         .ok()
 }
 
-/// Is the process still running? A zombie (exited, not yet reaped) counts as gone.
-fn alive(pid: nix::unistd::Pid) -> bool {
-    if nix::sys::signal::kill(pid, None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(s) => s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
-}
-
 /// Unmount `p`; with `lazy`, detach even if busy. Waits for the daemon to exit.
 pub fn umount(p: &Path, lazy: bool) -> anyhow::Result<()> {
     let mp = mountpoint_path(p)?;
@@ -89,7 +77,7 @@ pub fn umount(p: &Path, lazy: bool) -> anyhow::Result<()> {
     if let Some(pid) = pid {
         let pid = nix::unistd::Pid::from_raw(pid);
         let start = Instant::now();
-        while alive(pid) {
+        while crate::mounts::pid_alive(pid.as_raw()) {
             if lazy {
                 break;
             }
