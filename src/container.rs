@@ -199,17 +199,19 @@ impl Container {
         let list = std::fs::read_to_string(&f).unwrap_or_default();
         let mut dirs: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
         dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
-        for d in dirs {
-            let p = self.upper().join(d);
-            let opaque = std::fs::File::open(&p).map_or(true, |fh| {
-                use std::os::fd::AsFd;
-                let t = crate::sys::XTarget::Fd(fh.as_fd());
-                ["trusted.overlay.opaque", "user.overlay.opaque"]
-                    .iter()
-                    .any(|n| crate::sys::getxattr(t, std::ffi::OsStr::new(n)).is_ok())
-            });
-            if !opaque {
-                let _ = std::fs::remove_dir(&p);
+        if let Ok(upper) = std::fs::File::open(self.upper()) {
+            use std::os::fd::AsFd;
+            for d in dirs {
+                // Only directories that are not opaque: an opaque one records a change.
+                let opaque = crate::sys::open_dir_beneath(upper.as_fd(), d).map_or(true, |fd| {
+                    let t = crate::sys::XTarget::Fd(fd.as_fd());
+                    ["trusted.overlay.opaque", "user.overlay.opaque"]
+                        .iter()
+                        .any(|n| crate::sys::getxattr(t, std::ffi::OsStr::new(n)).is_ok())
+                });
+                if !opaque {
+                    crate::runtime::rootfs::remove_empty_beneath(upper.as_fd(), std::path::Path::new(d));
+                }
             }
         }
         let _ = std::fs::remove_file(f);

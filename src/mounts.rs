@@ -55,7 +55,18 @@ pub fn write_pid_file(r: &MountRecord) -> anyhow::Result<PathBuf> {
             .unwrap_or_default(),
         r.image.clone().unwrap_or_default()
     );
-    std::fs::write(&f, body).with_context(|| format!("writing {}", f.display()))?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut fh = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&f)
+        .with_context(|| format!("writing {}", f.display()))?;
+    fh.write_all(body.as_bytes())
+        .with_context(|| format!("writing {}", f.display()))?;
     Ok(f)
 }
 

@@ -1714,3 +1714,68 @@ fn run_capabilities_are_restricted() {
         "mount was allowed in the container:\n{out}"
     );
 }
+
+/// The host is out of reach from a rootful container: kernel tunables in /proc are
+/// read-only, host-state files are masked, device nodes cannot be opened, SIGPIPE and the
+/// umask are the caller's defaults, not strata's.
+#[test]
+fn run_hardening() {
+    let fx = Fixture::new("harden");
+    let out = fx.sh_ok(
+        &[],
+        "echo '|/x' > /proc/sys/kernel/core_pattern 2>/dev/null && echo CORE-WRITTEN || echo core-refused; \
+         echo s > /proc/sysrq-trigger 2>/dev/null && echo SYSRQ || echo sysrq-refused; \
+         head -c 16 /proc/kcore 2>/dev/null | wc -c; \
+         mknod /tmp/disk b 8 0 && (head -c 1 /tmp/disk >/dev/null 2>&1 && echo DEVICE-READ || echo device-refused); \
+         yes | head -n 1; umask",
+    );
+    assert!(
+        out.contains("core-refused") && !out.contains("CORE-WRITTEN"),
+        "{out}"
+    );
+    assert!(out.contains("sysrq-refused") && !out.contains("SYSRQ\n"), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "0"),
+        "/proc/kcore is readable:\n{out}"
+    );
+    assert!(
+        out.contains("device-refused") && !out.contains("DEVICE-READ"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "y"), "yes | head failed:\n{out}");
+    let umask = out.lines().last().unwrap_or("");
+    assert_ne!(umask, "0000", "the container inherited strata's umask 0:\n{out}");
+}
+
+/// An image whose /etc/hosts is a dangling symlink to a host path: the mount-point stub is
+/// created inside the container root, nothing appears on the host.
+#[test]
+fn dangling_symlink_mount_target_stays_inside() {
+    let fx = Fixture::new("dangling");
+    let host_target = format!("/etc/strata-test-dangling-{}", std::process::id());
+    let rootfs = fx.env.dir("dangling-rootfs");
+    let out = run_cmd(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", fx.rootfs.display()))
+            .arg(&rootfs),
+        TIMEOUT,
+    );
+    assert!(out.ok(), "{out}");
+    let _ = fs::remove_file(rootfs.join("etc/hosts"));
+    std::os::unix::fs::symlink(&host_target, rootfs.join("etc/hosts")).unwrap();
+    let tar = fx.env.path().join("dangling.tar");
+    tar_dir(&rootfs, &tar);
+    fx.ok(&["import", &tar.display().to_string(), "dangling:1"]);
+    let run = fx.strata(&["run", "--rm", "dangling:1", "cat", "/etc/hosts"]);
+    let on_host = Path::new(&host_target).exists();
+    if on_host {
+        let _ = fs::remove_file(&host_target);
+    }
+    assert!(
+        !on_host,
+        "strata created {host_target} on the host through the image's symlink"
+    );
+    assert!(run.ok(), "{run}");
+    assert!(run.stdout.contains("localhost"), "{run}");
+}

@@ -559,3 +559,28 @@ fn foreground_mount_ends_on_sigterm() {
     assert!(mount_fstype(&ls.mnt).is_none(), "SIGTERM left the mount behind");
     drop(guard);
 }
+
+/// Copy-up keeps file capabilities (chown before the xattrs: chown drops them).
+#[test]
+fn copy_up_keeps_file_capabilities() {
+    let ls = LayerSet::new("fcaps", 1);
+    ls.lower(0).file_mode("ping", "#!/bin/true\n", 0o755);
+    // vfs_cap_data revision 2, effective, permitted = CAP_NET_RAW (13).
+    let mut cap = Vec::new();
+    cap.extend_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+    cap.extend_from_slice(&[0; 12]);
+    set_xattr(&ls.lower(0).path("ping"), "security.capability", &cap, false).unwrap();
+    let m = StrataMount::new(&ls.spec());
+    set_times(&m.root().join("ping"), (1, 0), (2, 0), false).unwrap();
+    assert_eq!(
+        get_xattr(&m.root().join("ping"), "security.capability", false).unwrap(),
+        cap
+    );
+    m.umount().unwrap();
+    assert_eq!(
+        get_xattr(&ls.upper.path("ping"), "security.capability", false).unwrap(),
+        cap,
+        "the copied-up file lost its capabilities"
+    );
+}

@@ -200,7 +200,9 @@ pub fn mount_container(
         opts: MountOpts {
             mountpoint: mp,
             allow_other: root,
-            dev: root,
+            // A container root never honours device nodes: an image shipping one (say the
+            // host's disk, mode 0666) must not open the device (/dev is a tmpfs of its own).
+            dev: false,
             suid: root,
             exec: true,
             ro: false,
@@ -240,11 +242,11 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
         spec.overlay.upper =
             Some(std::fs::canonicalize(u).with_context(|| format!("upperdir '{}'", u.display()))?);
     }
-    // New objects get exactly the mode the caller asked for.
-    crate::sys::set_umask(0);
     let ov = Arc::new(Overlay::new(&spec.overlay)?);
     let mp = spec.opts.mountpoint.clone();
     if foreground {
+        // The daemon creates objects with exactly the mode the caller asked for.
+        crate::sys::set_umask(0);
         let pf = write_pid_file(&record(spec))?;
         let mut failed = None;
         let r = serve(ov, &spec.opts, |r| failed = r.err());
@@ -282,6 +284,8 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
 }
 
 fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file: Option<&Path>) -> i32 {
+    // Only here, in the daemon: the caller (e.g. `strata run`) keeps its umask.
+    crate::sys::set_umask(0);
     let mut wr = std::fs::File::from(wr);
     let _ = nix::unistd::setsid();
     let devnull = std::fs::OpenOptions::new()

@@ -101,12 +101,34 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
+/// The `size` record of a PAX extended header, if any.
+fn pax_size(data: &[u8]) -> Option<u64> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|c| *c == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len <= sp || len > rest.len() {
+            return None;
+        }
+        let rec = &rest[sp + 1..len];
+        if let Some(v) = rec.strip_prefix(b"size=") {
+            return std::str::from_utf8(v).ok()?.trim_end_matches('\n').parse().ok();
+        }
+        rest = &rest[len..];
+    }
+    None
+}
+
 /// First pass over an uncompressed layer: check the raw structure and return its DiffID.
+/// Entries are framed exactly as the `tar` crate of the second pass frames them (the
+/// header's size for every type, overridden by a PAX `size`), so both passes agree on
+/// where each header starts; extension headers are capped, and non-files may carry no data.
 pub fn check_and_hash<R: Read>(r: R, what: &str) -> Result<String> {
     let mut h = HashReader::new(r);
     let mut block = [0u8; 512];
     let mut off: u64 = 0;
     let mut skip = vec![0u8; 1 << 16];
+    let mut next_size: Option<u64> = None;
     loop {
         let n = read_full(&mut h, &mut block)?;
         if n == 0 {
@@ -121,15 +143,35 @@ pub fn check_and_hash<R: Read>(r: R, what: &str) -> Result<String> {
         }
         let name =
             String::from_utf8_lossy(block[..100].split(|c| *c == 0).next().unwrap_or(&[])).into_owned();
-        let size =
+        let hsize =
             parse_num(&block[124..136]).with_context(|| format!("{what}: entry '{name}': bad size field"))?;
         let kind = block[156];
-        if matches!(kind, b'x' | b'g' | b'L' | b'K') && size > MAX_EXT_HEADER {
+        let ext = matches!(kind, b'x' | b'g' | b'L' | b'K');
+        let size = if ext {
+            hsize
+        } else {
+            next_size.take().unwrap_or(hsize)
+        };
+        if ext && size > MAX_EXT_HEADER {
             bail!("{what}: entry '{name}': {size}-byte extension header (limit {MAX_EXT_HEADER})");
         }
-        // Only these carry data; for links and devices the size field is ignored.
-        let has_data = matches!(kind, b'0' | 0 | b'7' | b'x' | b'g' | b'L' | b'K');
-        let mut left = if has_data { size.div_ceil(512) * 512 } else { 0 };
+        if !ext && !matches!(kind, b'0' | 0 | b'7') && size != 0 {
+            bail!(
+                "{what}: entry '{name}': a non-file entry (type '{}') carrying {size} bytes of data",
+                kind as char
+            );
+        }
+        let padded = size.div_ceil(512) * 512;
+        if kind == b'x' {
+            let mut data = vec![0u8; padded as usize];
+            if read_full(&mut h, &mut data)? < data.len() {
+                bail!("{what}: entry '{name}' is truncated: it declares {size} bytes but the archive ends");
+            }
+            off += padded;
+            next_size = pax_size(&data[..size as usize]);
+            continue;
+        }
+        let mut left = padded;
         while left > 0 {
             let want = (left as usize).min(skip.len());
             let got = read_full(&mut h, &mut skip[..want])?;
@@ -863,6 +905,13 @@ mod tests {
         assert!(clean_path(b"/etc/passwd").is_err());
         assert!(clean_path(b"a/../../b").is_err());
         assert!(clean_path(b"./").unwrap().is_empty());
+    }
+
+    #[test]
+    fn pax_records() {
+        assert_eq!(pax_size(b"16 size=1234567\n20 path=some/where\n"), Some(1234567));
+        assert_eq!(pax_size(b"20 path=some/where\n"), None);
+        assert_eq!(pax_size(b"99 size=1\n"), None);
     }
 
     #[test]

@@ -65,15 +65,16 @@ fn times_of(st: &rustix::fs::Stat) -> Timestamps {
     }
 }
 
-/// Copy user-visible xattrs from `src` to `dst`. Overlay bookkeeping never travels.
-fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>) -> Result<()> {
+/// Copy xattrs from `src` to `dst`; the mount's own overlay bookkeeping never travels (other
+/// namespaces are ordinary data to it, as to the kernel).
+fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>, ns: whiteout::XattrNs) -> Result<()> {
     let names = match sys::listxattr(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) => return Ok(()),
         Err(e) => return Err(e),
     };
     for n in names {
-        if whiteout::is_private_xattr(&n) {
+        if ns.is_private(&n) {
             continue;
         }
         let name = OsStr::from_bytes(&n);
@@ -91,6 +92,14 @@ fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Work left after copying up one name of a lower hard-link set.
+struct LinkSetJob {
+    layer: u16,
+    lower_ino: u64,
+    parent: u64,
+    name: OsString,
 }
 
 impl Overlay {
@@ -127,15 +136,23 @@ impl Overlay {
         if ino != ROOT {
             self.copy_up(parent)?;
         }
-        let _g = self.stripe(ino);
-        if self.with_node(ino, |n| n.upper)? {
-            return Ok(());
+        let job = {
+            let _g = self.stripe(ino);
+            if self.with_node(ino, |n| n.upper)? {
+                return Ok(());
+            }
+            if kind == Kind::Dir {
+                return self.copy_up_dir(ino);
+            }
+            self.copy_up_other(ino, limit)?
+        };
+        if let Some(j) = job {
+            // Keep POSIX semantics: every visible name of the lower link set follows.
+            if let Err(e) = self.copy_up_link_set(ino, j.layer, j.lower_ino, j.parent, &j.name) {
+                log::warn!("copy-up of the other links of {}: {e}", j.name.to_string_lossy());
+            }
         }
-        if kind == Kind::Dir {
-            self.copy_up_dir(ino)
-        } else {
-            self.copy_up_other(ino, limit)
-        }
+        Ok(())
     }
 
     fn origin_value(&self, dir: rustix::fd::BorrowedFd<'_>, name: &OsStr, layer: u16) -> Option<Vec<u8>> {
@@ -160,15 +177,16 @@ impl Overlay {
         rustix::fs::mkdirat(work, &tmp, Mode::from_raw_mode(0o700))?;
         let built = (|| -> Result<OwnedFd> {
             let d = sys::open_dir_beneath(work, &tmp)?;
-            copy_xattrs(XTarget::Fd(src.as_fd()), XTarget::Fd(d.as_fd()))?;
-            if let Some(v) = pfds.lower(l0).and_then(|pl| self.origin_value(pl, &name, l0)) {
-                sys::setxattr(XTarget::Fd(d.as_fd()), &self.ns.name("origin"), &v, 0)?;
-            }
+            // Owner first: chown drops security.capability, which must survive.
             rustix::fs::fchown(
                 &d,
                 Some(rustix::fs::Uid::from_raw(st.st_uid)),
                 Some(rustix::fs::Gid::from_raw(st.st_gid)),
             )?;
+            copy_xattrs(XTarget::Fd(src.as_fd()), XTarget::Fd(d.as_fd()), self.ns)?;
+            if let Some(v) = pfds.lower(l0).and_then(|pl| self.origin_value(pl, &name, l0)) {
+                sys::setxattr(XTarget::Fd(d.as_fd()), &self.ns.name("origin"), &v, 0)?;
+            }
             rustix::fs::fchmod(&d, Mode::from_raw_mode(st.st_mode & 0o7777))?;
             rustix::fs::futimens(&d, &times_of(&st))?;
             rustix::fs::renameat_with(work, &tmp, pu, &name, RenameFlags::NOREPLACE)?;
@@ -203,7 +221,7 @@ impl Overlay {
         Ok(())
     }
 
-    fn copy_up_other(&self, ino: u64, limit: Option<u64>) -> Result<()> {
+    fn copy_up_other(&self, ino: u64, limit: Option<u64>) -> Result<Option<LinkSetJob>> {
         let up = self.upper()?;
         let loc = self.loc(ino)?;
         let l = loc.lower.ok_or(Errno::IO)?;
@@ -236,11 +254,13 @@ impl Overlay {
                     let n = limit.map_or(size, |lim| lim.min(size));
                     let how = sys::copy_data(src.as_fd(), dst.as_fd(), n, n == size)?;
                     log::debug!("copy-up {} ({n} bytes, {how})", name.to_string_lossy());
-                    copy_xattrs(XTarget::Fd(src.as_fd()), XTarget::Fd(dst.as_fd()))?;
+                    // Owner before xattrs (chown drops security.capability), mode after chown
+                    // (chown clears setuid).
+                    rustix::fs::fchown(&dst, owner.0, owner.1)?;
+                    copy_xattrs(XTarget::Fd(src.as_fd()), XTarget::Fd(dst.as_fd()), self.ns)?;
                     if let Some(v) = &origin {
                         sys::setxattr(XTarget::Fd(dst.as_fd()), &oname, v, 0)?;
                     }
-                    rustix::fs::fchown(&dst, owner.0, owner.1)?;
                     rustix::fs::fchmod(&dst, Mode::from_raw_mode(st.st_mode & 0o7777))?;
                     rustix::fs::futimens(&dst, &times_of(&st))?;
                     if !self.volatile && n > 0 {
@@ -250,13 +270,13 @@ impl Overlay {
                 FileType::Symlink => {
                     let target = rustix::fs::readlinkat(src_dir, name, Vec::new())?;
                     rustix::fs::symlinkat(target.as_c_str(), work, &tmp)?;
-                    copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, &tmp))?;
+                    rustix::fs::chownat(work, &tmp, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                    copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, &tmp), self.ns)?;
                     if let Some(v) = &origin {
                         // user.* xattrs are not allowed on symlinks: rootless copies of
                         // symlinks go without an origin.
                         let _ = sys::setxattr(XTarget::At(work, &tmp), &oname, v, 0);
                     }
-                    rustix::fs::chownat(work, &tmp, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
                     rustix::fs::utimensat(work, &tmp, &times_of(&st), AtFlags::SYMLINK_NOFOLLOW)?;
                 }
                 ft => {
@@ -267,11 +287,11 @@ impl Overlay {
                         Mode::from_raw_mode(st.st_mode & 0o7777),
                         st.st_rdev,
                     )?;
-                    copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, &tmp))?;
+                    rustix::fs::chownat(work, &tmp, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                    copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, &tmp), self.ns)?;
                     if let Some(v) = &origin {
                         sys::setxattr(XTarget::At(work, &tmp), &oname, v, 0)?;
                     }
-                    rustix::fs::chownat(work, &tmp, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
                     rustix::fs::chmodat(
                         work,
                         &tmp,
@@ -310,12 +330,16 @@ impl Overlay {
             }
         }
         if loc.kind == Kind::File && st.st_nlink > 1 {
-            // Keep POSIX semantics: every visible name of the lower link set follows.
-            if let Err(e) = self.copy_up_link_set(ino, l, st.st_ino, loc.parent, name) {
-                log::warn!("copy-up of the other links of {}: {e}", name.to_string_lossy());
-            }
+            // The caller links the rest of the lower link set, after releasing the stripe
+            // lock (that work copies up other directories, whose stripes may be this one).
+            return Ok(Some(LinkSetJob {
+                layer: l,
+                lower_ino: st.st_ino,
+                parent: loc.parent,
+                name: name.clone(),
+            }));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// All paths in lower layer `l` of regular files with more than one link.
@@ -328,7 +352,11 @@ impl Overlay {
         let root = self.lowers[l as usize].fd.as_fd();
         let mut stack: Vec<(Option<OwnedFd>, PathBuf)> =
             vec![(sys::open_dir_beneath(root, ".").ok(), PathBuf::new())];
-        while let Some((Some(d), rel)) = stack.pop() {
+        while let Some((d, rel)) = stack.pop() {
+            let Some(d) = d else {
+                log::warn!("link index of layer {l}: cannot open '{}'", rel.display());
+                continue;
+            };
             let Ok(rd) = rustix::fs::Dir::read_from(&d) else {
                 continue;
             };

@@ -264,13 +264,17 @@ pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
 /// The walk reads only the upper, so its cost grows with the changes, not the image.
 fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
     let mut stack = vec![(sys::open_dir_beneath(ul.fd.as_fd(), ".").ok(), PathBuf::new())];
+    // Only the mount's own namespace counts, as for the kernel.
     let bad_names: Vec<String> = ["redirect", "metacopy"]
         .iter()
-        .flat_map(|w| [XattrNs::Trusted.name(w), XattrNs::User.name(w)])
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(|w| ns.name(w).to_string_lossy().into_owned())
         .collect();
-    let _ = ns;
-    while let Some((Some(dfd), rel)) = stack.pop() {
+    while let Some((dfd, rel)) = stack.pop() {
+        // One unreadable directory must not end the whole check.
+        let Some(dfd) = dfd else {
+            log::warn!("upperdir: cannot open '{}' to check it", rel.display());
+            continue;
+        };
         let Ok(dir) = rustix::fs::Dir::read_from(&dfd) else {
             continue;
         };

@@ -304,6 +304,7 @@ impl Overlay {
             lower_dirs: (0..ov.lowers.len() as u16).collect::<Vec<_>>().into(),
             nlookup: 1,
             fds: Some(Arc::new(root_fds)),
+            orphan: false,
         };
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)
@@ -425,6 +426,9 @@ impl Overlay {
 
     /// Where a non-directory lives now (trying each of its names, for hard links).
     fn loc(&self, ino: u64) -> Result<Loc> {
+        if self.with_node(ino, |n| n.orphan)? {
+            return Err(Errno::STALE);
+        }
         let (names, upper, lower, kind) = self.with_node(ino, |n| {
             let mut v = vec![(n.parent, n.name.clone())];
             v.extend(n.links.iter().cloned());
@@ -471,7 +475,15 @@ impl Overlay {
         let mut nodes = self.nodes.write().unwrap();
         let ino = found.ino;
         match nodes.get_mut(&ino) {
+            Some(n) if n.upper && !found.upper && !n.orphan => {
+                // Resolved before a concurrent copy-up finished: what the table knows is
+                // newer. (An object never goes back from the upper to a lower layer.)
+                if count {
+                    n.nlookup += 1;
+                }
+            }
             Some(n) => {
+                n.orphan = false;
                 if n.parent != parent || n.name != name {
                     let old = (
                         std::mem::replace(&mut n.parent, parent),
@@ -525,6 +537,7 @@ impl Overlay {
                         lower_dirs: found.lower_dirs.into(),
                         nlookup: count as u64,
                         fds,
+                        orphan: false,
                     },
                 );
             }
@@ -545,9 +558,12 @@ impl Overlay {
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {
             if n.parent == parent && n.name == name {
-                if let Some(next) = n.links.pop() {
-                    n.parent = next.0;
-                    n.name = next.1;
+                match n.links.pop() {
+                    Some(next) => {
+                        n.parent = next.0;
+                        n.name = next.1;
+                    }
+                    None => n.orphan = true,
                 }
             } else {
                 n.links.retain(|l| !(l.0 == parent && l.1 == name));
@@ -579,7 +595,9 @@ impl Overlay {
                         && self.origins.read().unwrap().contains_key(&(st.st_dev, st.st_ino)) =>
                 {
                     // Checked before (or made by us): its number is known, its xattrs too.
-                    let ino = self.origins.read().unwrap()[&(st.st_dev, st.st_ino)];
+                    // One lookup under one lock: an unlink may drop the entry meanwhile.
+                    let cached = self.origins.read().unwrap().get(&(st.st_dev, st.st_ino)).copied();
+                    let ino = cached.unwrap_or_else(|| self.map_ino(st.st_dev, st.st_ino));
                     let kind = Kind::from_mode(st.st_mode);
                     return Ok(Found {
                         kind,
@@ -610,7 +628,7 @@ impl Overlay {
                             fds: None,
                         });
                     }
-                    let opaque = whiteout::upper_is_opaque(t, &xnames);
+                    let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
                     let ufd_child = sys::open_dir_beneath(ufd, name)?;
                     let f = Found {
                         kind,
@@ -708,7 +726,7 @@ impl Overlay {
 
     fn check_supported(&self, xnames: &[Vec<u8>], name: &OsStr) -> Result<()> {
         for x in xnames {
-            if x.ends_with(b"overlay.redirect") || x.ends_with(b"overlay.metacopy") {
+            if *x == self.ns.name("redirect").as_bytes() || *x == self.ns.name("metacopy").as_bytes() {
                 log::error!(
                     "'{}' in the upper carries {}: strata follows neither redirects nor metacopy",
                     name.to_string_lossy(),
@@ -1321,7 +1339,11 @@ impl Overlay {
             let f = self.dir_fds(ROOT)?;
             return Ok((f.upper.clone().ok_or(Errno::ROFS)?, OsString::from(".")));
         }
-        let (kind, parent, name) = self.with_node(ino, |n| (n.kind, n.parent, n.name.clone()))?;
+        let (kind, parent, name, orphan) =
+            self.with_node(ino, |n| (n.kind, n.parent, n.name.clone(), n.orphan))?;
+        if orphan {
+            return Err(Errno::STALE);
+        }
         if kind == Kind::Dir {
             let pf = self.dir_fds(parent)?;
             return Ok((pf.upper.clone().ok_or(Errno::IO)?, name));
@@ -1334,6 +1356,14 @@ impl Overlay {
     /// the bytes that survive it).
     pub fn setattr(&self, ino: u64, sa: &SetAttr) -> Result<Attr> {
         self.upper()?;
+        if self.with_node(ino, |n| n.orphan)? {
+            // Unlinked but open: only the open file itself can be changed.
+            let fd = sa
+                .fh
+                .and_then(|fh| self.files.read().unwrap().get(&fh).cloned())
+                .ok_or(Errno::STALE)?;
+            return self.setattr_fd(ino, &fd, sa);
+        }
         let (kind, upper) = self.with_node(ino, |n| (n.kind, n.upper))?;
         if !upper {
             let only_size = sa.mode.is_none()
@@ -1398,6 +1428,46 @@ impl Overlay {
             rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
         }
         self.getattr(ino, None)
+    }
+
+    fn setattr_fd(&self, ino: u64, fd: &OwnedFd, sa: &SetAttr) -> Result<Attr> {
+        if sa.uid.is_some() || sa.gid.is_some() {
+            rustix::fs::fchown(
+                fd,
+                sa.uid.map(rustix::fs::Uid::from_raw),
+                sa.gid.map(rustix::fs::Gid::from_raw),
+            )?;
+        }
+        if let Some(m) = sa.mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(m & 0o7777))?;
+        }
+        if let Some(s) = sa.size {
+            rustix::fs::ftruncate(fd, s)?;
+        }
+        if sa.atime.is_some() || sa.mtime.is_some() {
+            let conv = |t: Option<TimeSet>| match t {
+                None => Timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeSet::Now) => Timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(TimeSet::At(s, n)) => Timespec {
+                    tv_sec: s,
+                    tv_nsec: n as _,
+                },
+            };
+            rustix::fs::futimens(
+                fd,
+                &Timestamps {
+                    last_access: conv(sa.atime),
+                    last_modification: conv(sa.mtime),
+                },
+            )?;
+        }
+        Ok(self.attr_of(&rustix::fs::fstat(fd)?, ino, false))
     }
 
     // ----- files ---------------------------------------------------------------------

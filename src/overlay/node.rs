@@ -74,4 +74,7 @@ pub(crate) struct Node {
     pub nlookup: u64,
     /// Cached directory fds (within the fd budget).
     pub fds: Option<Arc<DirFds>>,
+    /// Its last name is gone (unlinked while open): operations by name must not touch
+    /// whatever takes that name next.
+    pub orphan: bool,
 }

@@ -111,9 +111,27 @@ fn xattr_says_opaque(t: XTarget<'_>, names: &[Vec<u8>], accepted: &[&str]) -> bo
     false
 }
 
-/// Is the upper directory opaque? `names` is its xattr list (already fetched by the caller).
+/// Is the upper directory opaque, in either namespace? For reading uppers offline (commit,
+/// diff), when which mode wrote them is not known. `names` is its xattr list.
 pub fn upper_is_opaque(t: XTarget<'_>, names: &[Vec<u8>]) -> bool {
     xattr_says_opaque(t, names, &["trusted.overlay.opaque", "user.overlay.opaque"])
+}
+
+/// Is the upper directory opaque for a mount in namespace `ns`? Like the kernel, only that
+/// namespace counts, so a user setting `user.overlay.opaque` on a trusted-mode mount hides
+/// nothing.
+pub fn upper_is_opaque_in(t: XTarget<'_>, names: &[Vec<u8>], ns: XattrNs) -> bool {
+    let n = ns.name("opaque");
+    xattr_says_opaque(t, names, &[n.to_str().expect("ASCII")])
+}
+
+impl XattrNs {
+    /// Overlay bookkeeping of this namespace (escaped names are user data): what copy-up
+    /// leaves behind, as the kernel does.
+    pub fn is_private(self, name: &[u8]) -> bool {
+        let p = self.prefix().as_bytes();
+        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
+    }
 }
 
 /// Is the lower directory `dir` (an fd of the directory itself) opaque, by any of the markers

@@ -187,6 +187,9 @@ fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid:
         std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing gid_map")?;
     }
     nix::sched::unshare(flags).context("creating namespaces")?;
+    // Out of the terminal's process group: a Ctrl-C reaches P alone, which forwards it once
+    // (otherwise A and B would each get it too and forward it again).
+    let _ = nix::unistd::setsid();
     match sys::fork().context("fork")? {
         Forked::Child => {
             let code = match stage_b(spec, pty, rootless) {
@@ -236,8 +239,7 @@ fn stage_b(spec: &RunSpec, pty_sock: Option<&OwnedFd>, rootless: bool) -> Result
     let ids = resolve_user(&spec.user)?;
     match sys::fork().context("fork")? {
         Forked::Child => {
-            sys::default_signals(&FORWARDED);
-            sys::default_signals(&[libc::SIGWINCH]);
+            sys::reset_for_exec();
             let code = exec(spec, &argv, slave.as_ref(), ids, rootless);
             std::process::exit(code);
         }

@@ -81,13 +81,23 @@ fn target(root: BorrowedFd<'_>, path: &Path, stub: Stub) -> Result<(OwnedFd, Vec
             )
         })?;
         if last && stub == Stub::File {
-            rustix::fs::openat(
-                &dir,
-                name,
-                OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o644),
-            )
-            .with_context(|| format!("creating '{}' in the container", cur.display()))?;
+            // Created through RESOLVE_IN_ROOT: a dangling symlink the image put there is
+            // followed inside the root, never to a host path (we have not pivoted yet).
+            loop {
+                match rustix::fs::openat2(
+                    root,
+                    &cur,
+                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                    ResolveFlags::IN_ROOT,
+                ) {
+                    Err(rustix::io::Errno::AGAIN) => continue,
+                    r => {
+                        r.with_context(|| format!("creating '{}' in the container", cur.display()))?;
+                        break;
+                    }
+                }
+            }
         } else {
             rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755))
                 .with_context(|| format!("creating '{}' in the container", cur.display()))?;
@@ -128,8 +138,62 @@ fn remount_ro(root: BorrowedFd<'_>, path: &Path, what: &str) -> Result<()> {
         .filter(|c| matches!(c, Component::Normal(_)))
         .collect();
     let fd = open_in_root(root, &rel).with_context(|| format!("resolving {what}"))?;
-    rustix::mount::mount_remount(fd_path(&fd), MountFlags::BIND | MountFlags::RDONLY, "")
-        .with_context(|| format!("making {what} read-only"))
+    remount_ro_path(&fd_path(&fd)).with_context(|| format!("making {what} read-only"))
+}
+
+/// Keep a rootful container from reaching the host through /proc, as runc does: the
+/// kernel tunables and triggers become read-only, files that leak host state are masked.
+fn mask_proc(proc_: &Path) -> Result<()> {
+    for d in ["sys", "sysrq-trigger", "irq", "bus"] {
+        let p = proc_.join(d);
+        if p.exists() {
+            rustix::mount::mount_bind(&p, &p).with_context(|| format!("protecting /proc/{d}"))?;
+            remount_ro_path(&p).with_context(|| format!("making /proc/{d} read-only"))?;
+        }
+    }
+    for f in [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "latency_stats",
+        "kallsyms",
+    ] {
+        let p = proc_.join(f);
+        if p.is_file() {
+            rustix::mount::mount_bind("/dev/null", &p).with_context(|| format!("masking /proc/{f}"))?;
+        }
+    }
+    for d in ["acpi", "scsi"] {
+        let p = proc_.join(d);
+        if p.is_dir() {
+            rustix::mount::mount("tmpfs", &p, "tmpfs", MountFlags::RDONLY, None)
+                .with_context(|| format!("masking /proc/{d}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Remount the bind mount at `p` read-only, keeping the flags it has (a user namespace
+/// may not clear locked nosuid/nodev/noexec).
+fn remount_ro_path(p: &Path) -> rustix::io::Result<()> {
+    let mut flags = MountFlags::BIND | MountFlags::RDONLY;
+    if let Ok(sv) = rustix::fs::statvfs(p) {
+        use rustix::fs::StatVfsMountFlags as F;
+        for (have, f) in [
+            (F::NOSUID, MountFlags::NOSUID),
+            (F::NODEV, MountFlags::NODEV),
+            (F::NOEXEC, MountFlags::NOEXEC),
+            (F::NOATIME, MountFlags::NOATIME),
+            (F::NODIRATIME, MountFlags::NODIRATIME),
+            (F::RELATIME, MountFlags::RELATIME),
+        ] {
+            if sv.f_flag.contains(have) {
+                flags |= f;
+            }
+        }
+    }
+    rustix::mount::mount_remount(p, flags, "")
 }
 
 /// Set up the container's filesystem and pivot into it. Mount targets that had to be
@@ -163,12 +227,17 @@ pub fn setup(spec: &RunSpec) -> Result<()> {
         None,
         "/proc",
     )?;
+    // The fresh proc (resolved again: the old fd names the directory underneath) holds no
+    // image content, so paths inside it are the kernel's.
+    mask_proc(&fd_path(&t("/proc", Stub::Dir)?))?;
     let dev = t("/dev", Stub::Dir)?;
+    // nodev: a device node a container makes (it keeps CAP_MKNOD, as in docker) or an image
+    // ships cannot be opened; the bind-mounted null, zero... are mounts of their own.
     mount_at(
         Some("tmpfs"),
         &dev,
         Some("tmpfs"),
-        MountFlags::NOSUID | MountFlags::NOEXEC,
+        nosuid,
         Some("mode=755,size=65536k"),
         "/dev",
     )?;
@@ -280,23 +349,50 @@ pub fn write_injected(rundir: &Path, hostname: &str, host_network: bool) -> Resu
     Ok(())
 }
 
-/// Remove stubs created for mount targets, deepest first, if they are still empty.
+/// Remove stubs created for mount targets, deepest first, if they are still empty. Walks
+/// with RESOLVE_BENEATH|NO_SYMLINKS: the container may have replaced a directory on the way
+/// with a symlink to a host path.
 pub fn remove_stubs(rootfs: &Path, stubs: &[PathBuf]) {
+    let Ok(root) = rustix::fs::open(
+        rootfs,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
     let mut s: Vec<&PathBuf> = stubs.iter().collect();
     s.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in s {
-        let rel: PathBuf = p
-            .components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .collect();
-        let full = rootfs.join(&rel);
-        let ok = match std::fs::symlink_metadata(&full) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(&full).is_ok(),
-            Ok(m) if m.len() == 0 => std::fs::remove_file(&full).is_ok(),
-            _ => false,
-        };
-        if !ok {
-            log::debug!("stub {} kept", full.display());
+        if !remove_empty_beneath(root.as_fd(), p) {
+            log::debug!("stub {} kept", p.display());
         }
+    }
+}
+
+/// Remove `path` (relative to `root`; `..` and symlinks refused) if it is an empty directory
+/// or an empty regular file. Returns whether it went.
+pub fn remove_empty_beneath(root: BorrowedFd<'_>, path: &Path) -> bool {
+    let comps: Vec<_> = path
+        .components()
+        .filter(|c| !matches!(c, Component::RootDir))
+        .collect();
+    if comps.is_empty() || comps.iter().any(|c| !matches!(c, Component::Normal(_))) {
+        return false;
+    }
+    let rel: PathBuf = comps.iter().collect();
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return false;
+    };
+    let Ok(pd) = crate::sys::open_dir_beneath(root, parent) else {
+        return false;
+    };
+    match crate::sys::stat_at(pd.as_fd(), name) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+            rustix::fs::unlinkat(&pd, name, rustix::fs::AtFlags::REMOVEDIR).is_ok()
+        }
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 => {
+            rustix::fs::unlinkat(&pd, name, rustix::fs::AtFlags::empty()).is_ok()
+        }
+        _ => false,
     }
 }

@@ -514,3 +514,26 @@ pub fn restrict_capabilities(keep: &[u32]) -> SysResult<()> {
     }
     Ok(())
 }
+
+/// Before exec in a container: every signal back to its default action (Rust ignores
+/// SIGPIPE, which exec would pass on), an empty signal mask, and no ambient capabilities.
+pub fn reset_for_exec() {
+    // SAFETY: signal(2) with SIG_DFL and sigprocmask with an empty set; prctl with integers.
+    unsafe {
+        for s in 1..libc::SIGRTMAX() {
+            if s != libc::SIGKILL && s != libc::SIGSTOP {
+                libc::signal(s, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+}
