@@ -256,11 +256,11 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
         }
         return r.with_context(|| format!("serving {}", mp.display()));
     }
-    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
-    // SAFETY: no other thread exists yet (the FUSE workers start in the child), so the child
-    // may go on running Rust code after fork.
-    match unsafe { nix::unistd::fork() }.context("fork")? {
-        nix::unistd::ForkResult::Parent { .. } => {
+    // CLOEXEC: neither end may leak into programs the daemon runs (fusermount3).
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // No other thread exists yet (the FUSE workers start in the child).
+    match crate::sys::fork().context("fork")? {
+        crate::sys::Forked::Parent(_) => {
             drop(wr);
             let mut msg = String::new();
             std::fs::File::from(rd).read_to_string(&mut msg).ok();
@@ -275,7 +275,7 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
                 bail!(msg)
             }
         }
-        nix::unistd::ForkResult::Child => {
+        crate::sys::Forked::Child => {
             drop(rd);
             let code = daemon(ov, spec, wr, log_file);
             std::process::exit(code);
