@@ -132,6 +132,33 @@ pub struct SetAttr {
     pub fh: Option<u64>,
 }
 
+impl SetAttr {
+    fn spec(t: Option<TimeSet>) -> Timespec {
+        match t {
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            Some(TimeSet::Now) => Timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            Some(TimeSet::At(s, n)) => Timespec {
+                tv_sec: s,
+                tv_nsec: n as _,
+            },
+        }
+    }
+    /// The access time for utimensat (UTIME_OMIT when unchanged).
+    fn atime_spec(&self) -> Timespec {
+        Self::spec(self.atime)
+    }
+    /// The modification time for utimensat (UTIME_OMIT when unchanged).
+    fn mtime_spec(&self) -> Timespec {
+        Self::spec(self.mtime)
+    }
+}
+
 /// Who asks: the caller's credentials, for the owner of new objects.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -1407,23 +1434,9 @@ impl Overlay {
             }
         }
         if sa.atime.is_some() || sa.mtime.is_some() {
-            let conv = |t: Option<TimeSet>| match t {
-                None => Timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(TimeSet::Now) => Timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
-                Some(TimeSet::At(s, n)) => Timespec {
-                    tv_sec: s,
-                    tv_nsec: n as _,
-                },
-            };
             let times = Timestamps {
-                last_access: conv(sa.atime),
-                last_modification: conv(sa.mtime),
+                last_access: sa.atime_spec(),
+                last_modification: sa.mtime_spec(),
             };
             rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
         }
@@ -1445,25 +1458,11 @@ impl Overlay {
             rustix::fs::ftruncate(fd, s)?;
         }
         if sa.atime.is_some() || sa.mtime.is_some() {
-            let conv = |t: Option<TimeSet>| match t {
-                None => Timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(TimeSet::Now) => Timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
-                Some(TimeSet::At(s, n)) => Timespec {
-                    tv_sec: s,
-                    tv_nsec: n as _,
-                },
-            };
             rustix::fs::futimens(
                 fd,
                 &Timestamps {
-                    last_access: conv(sa.atime),
-                    last_modification: conv(sa.mtime),
+                    last_access: sa.atime_spec(),
+                    last_modification: sa.mtime_spec(),
                 },
             )?;
         }
