@@ -291,7 +291,7 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
                 .filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let k = e.key_bytes().strip_prefix(b"SCHILY.xattr.")?.to_vec();
-                    (!whiteout::is_private_xattr(&k))
+                    (!crate::overlay::xattr::is_private_xattr(&k))
                         .then(|| (OsString::from_vec(k), e.value_bytes().to_vec()))
                 })
                 .collect(),
@@ -318,7 +318,7 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
         let pfd = ensure_dirs(root, parent).map_err(|e| fail(&err_at(e)))?;
         let p = pfd.as_fd();
         if name.as_bytes() == whiteout::OPAQUE_MARKER.as_bytes() {
-            if whiteout::set_opaque(XTarget::Fd(p), whiteout::XattrNs::Trusted).is_err() {
+            if whiteout::set_opaque(XTarget::Fd(p), crate::overlay::xattr::XattrNs::Trusted).is_err() {
                 File::create(dest.join(&path)).map_err(|e| fail(&e))?;
             }
             continue;
@@ -747,7 +747,7 @@ fn user_xattrs(t: XTarget<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut v: Vec<(Vec<u8>, Vec<u8>)> = sys::listxattr(t)
         .unwrap_or_default()
         .into_iter()
-        .filter(|n| !whiteout::is_private_xattr(n))
+        .filter(|n| !crate::overlay::xattr::is_private_xattr(n))
         .filter_map(|n| sys::getxattr(t, OsStr::from_bytes(&n)).ok().map(|val| (n, val)))
         .collect();
     v.sort();

@@ -135,7 +135,7 @@ impl Tree {
         let mut v: Vec<_> = list
             .split(|c| *c == 0)
             .filter(|n| !n.is_empty())
-            .filter(|n| !crate::overlay::whiteout::is_private_xattr(n))
+            .filter(|n| !crate::overlay::xattr::is_private_xattr(n))
             .filter_map(|n| {
                 self.ov
                     .getxattr(ino, OsStr::from_bytes(n))

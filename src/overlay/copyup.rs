@@ -17,7 +17,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timesta
 use rustix::io::Errno;
 
 use super::node::DirFds;
-use super::{layers, whiteout, Found, Kind, LinkIndex, Overlay, Result, ROOT};
+use super::{Found, Kind, LinkIndex, Overlay, Result, ROOT};
 use crate::sys::{self, FileHandle, XTarget};
 
 /// Encode an origin xattr value in the kernel's `struct ovl_fb` layout.
@@ -67,7 +67,7 @@ fn times_of(st: &rustix::fs::Stat) -> Timestamps {
 
 /// Copy xattrs from `src` to `dst`; the mount's own overlay bookkeeping never travels (other
 /// namespaces are ordinary data to it, as to the kernel).
-fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>, ns: whiteout::XattrNs) -> Result<()> {
+fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>, ns: super::xattr::XattrNs) -> Result<()> {
     let names = match sys::listxattr(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) => return Ok(()),
@@ -161,7 +161,7 @@ impl Overlay {
     }
 
     fn copy_up_dir(&self, ino: u64) -> Result<()> {
-        let up = self.upper()?;
+        self.upper()?;
         let (parent, name) = self.with_node(ino, |n| (n.parent, n.name.clone()))?;
         let fds = self.dir_fds(ino)?;
         let (l0, src) = fds
@@ -172,10 +172,10 @@ impl Overlay {
         let pfds = self.dir_fds(parent)?;
         let pu = pfds.upper().ok_or(Errno::IO)?;
         let st = rustix::fs::fstat(&*src)?;
-        let work = up.work.as_fd();
-        let tmp = self.tmp_name();
+        let mut staged = self.stage()?;
+        let (work, tmp) = (staged.dir(), staged.name().to_owned());
         rustix::fs::mkdirat(work, &tmp, Mode::from_raw_mode(0o700))?;
-        let built = (|| -> Result<OwnedFd> {
+        let d = {
             let d = sys::open_dir_beneath(work, &tmp)?;
             // Owner first: chown drops security.capability, which must survive.
             rustix::fs::fchown(
@@ -189,15 +189,8 @@ impl Overlay {
             }
             rustix::fs::fchmod(&d, Mode::from_raw_mode(st.st_mode & 0o7777))?;
             rustix::fs::futimens(&d, &times_of(&st))?;
-            rustix::fs::renameat_with(work, &tmp, pu, &name, RenameFlags::NOREPLACE)?;
-            Ok(d)
-        })();
-        let d = match built {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = layers::remove_tree_at(&up.work, &tmp);
-                return Err(e);
-            }
+            staged.place(pu, &name, RenameFlags::NOREPLACE)?;
+            d
         };
         if let Ok(ust) = rustix::fs::fstat(&d) {
             self.origins
@@ -213,16 +206,15 @@ impl Overlay {
         if let Some(n) = nodes.get_mut(&ino) {
             n.upper = true;
             if n.fds.is_some() {
-                // The old set lacked the upper fd; the new one costs one more.
-                self.fd_budget.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                n.fds = Some(Arc::new(new));
+                // The old set lacked the upper fd.
+                self.fd_budget.set(&mut n.fds, Arc::new(new));
             }
         }
         Ok(())
     }
 
     fn copy_up_other(&self, ino: u64, limit: Option<u64>) -> Result<Option<LinkSetJob>> {
-        let up = self.upper()?;
+        self.upper()?;
         let loc = self.loc(ino)?;
         let l = loc.lower.ok_or(Errno::IO)?;
         let src_dir = loc.pfds.lower(l).ok_or(Errno::IO)?;
@@ -231,15 +223,15 @@ impl Overlay {
         let pu = pfds.upper().ok_or(Errno::IO)?;
         let name = &loc.name;
         let st = sys::stat_at(src_dir, name)?;
-        let work = up.work.as_fd();
-        let tmp = self.tmp_name();
+        let mut staged = self.stage()?;
+        let (work, tmp) = (staged.dir(), staged.name().to_owned());
         let origin = self.origin_value(src_dir, name, l);
         let oname = self.ns.name("origin");
         let owner = (
             Some(rustix::fs::Uid::from_raw(st.st_uid)),
             Some(rustix::fs::Gid::from_raw(st.st_gid)),
         );
-        let built = (|| -> Result<()> {
+        {
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => {
                     let src =
@@ -301,11 +293,7 @@ impl Overlay {
                     rustix::fs::utimensat(work, &tmp, &times_of(&st), AtFlags::SYMLINK_NOFOLLOW)?;
                 }
             }
-            rustix::fs::renameat_with(work, &tmp, pu, name, RenameFlags::NOREPLACE)
-        })();
-        if let Err(e) = built {
-            let _ = rustix::fs::unlinkat(work, &tmp, AtFlags::empty());
-            return Err(e);
+            staged.place(pu, name, RenameFlags::NOREPLACE)?;
         }
         if let Ok(ust) = sys::stat_at(pu, name) {
             self.origins

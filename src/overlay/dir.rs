@@ -4,6 +4,10 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rustix::io::Errno;
 
 use rustix::fs::FileType;
 
@@ -127,5 +131,44 @@ impl Overlay {
             }
         }
         self.map_ino(dev, ino)
+    }
+}
+
+impl Overlay {
+    // ----- directories ---------------------------------------------------------------
+
+    /// opendir: take a snapshot of the merged listing, so offsets stay stable.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let (kind, parent, lower_dirs) = self.with_node(ino, |n| (n.kind, n.parent, n.lower_dirs.clone()))?;
+        if kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let fds = self.dir_fds(ino)?;
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        entries.extend(self.read_merged(&fds, &lower_dirs, true)?);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().unwrap().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// The snapshot behind a directory handle.
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        self.dirs.lock().unwrap().get(&fh).cloned().ok_or(Errno::BADF)
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().unwrap().remove(&fh);
     }
 }

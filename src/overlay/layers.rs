@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::whiteout::XattrNs;
+use super::xattr::XattrNs;
 use crate::sys;
 
 /// The most lower layers one mount takes (the kernel's limit is 500 as well).
@@ -233,7 +233,8 @@ fn prepare_work(wl: &Layer) -> Result<OwnedFd, Errno> {
 }
 
 /// Remove everything inside the directory `dir`.
-pub fn remove_children(dir: &OwnedFd) -> Result<(), Errno> {
+pub fn remove_children(dir: impl AsFd) -> Result<(), Errno> {
+    let dir = dir.as_fd();
     let names: Vec<_> = rustix::fs::Dir::read_from(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_owned())
@@ -247,11 +248,12 @@ pub fn remove_children(dir: &OwnedFd) -> Result<(), Errno> {
 }
 
 /// Remove `name` in `dir`, recursively if it is a directory (never following symlinks).
-pub fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+pub fn remove_tree_at(dir: impl AsFd, name: &OsStr) -> Result<(), Errno> {
+    let dir = dir.as_fd();
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) => Ok(()),
         Err(Errno::ISDIR) | Err(Errno::PERM) => {
-            let sub = sys::open_dir_beneath(dir.as_fd(), name)?;
+            let sub = sys::open_dir_beneath(dir, name)?;
             remove_children(&sub)?;
             rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
         }

@@ -2,6 +2,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use rustix::io::Errno;
@@ -77,4 +78,43 @@ pub(crate) struct Node {
     /// Its last name is gone (unlinked while open): operations by name must not touch
     /// whatever takes that name next.
     pub orphan: bool,
+}
+
+/// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves
+/// after a reserve for open files. Every cached `DirFds` is paid for here.
+#[derive(Debug)]
+pub(crate) struct FdBudget(AtomicI64);
+
+impl FdBudget {
+    pub fn new(n: i64) -> FdBudget {
+        FdBudget(AtomicI64::new(n))
+    }
+    fn take(&self, n: usize) -> bool {
+        let n = n as i64;
+        if self.0.fetch_sub(n, Ordering::Relaxed) >= n {
+            true
+        } else {
+            self.0.fetch_add(n, Ordering::Relaxed);
+            false
+        }
+    }
+    fn give(&self, n: usize) {
+        self.0.fetch_add(n as i64, Ordering::Relaxed);
+    }
+    /// Cache `new` in `slot` if the budget allows, else leave the slot empty; whatever the
+    /// slot held before is paid back.
+    pub fn set(&self, slot: &mut Option<Arc<DirFds>>, new: Arc<DirFds>) -> bool {
+        let ok = self.take(new.count());
+        self.clear(slot);
+        if ok {
+            *slot = Some(new);
+        }
+        ok
+    }
+    /// Empty `slot`, paying its fds back.
+    pub fn clear(&self, slot: &mut Option<Arc<DirFds>>) {
+        if let Some(old) = slot.take() {
+            self.give(old.count());
+        }
+    }
 }

@@ -13,47 +13,13 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use rustix::fs::{FileType, Mode};
 use rustix::io::Errno;
 
+use super::xattr::XattrNs;
 use crate::sys::{self, XTarget};
 
 /// Prefix of AUFS/OCI whiteout files.
 pub const WH_PREFIX: &[u8] = b".wh.";
 /// Name of the AUFS/OCI opaque marker file.
 pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
-
-/// Which namespace the overlay-private xattrs live in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XattrNs {
-    /// `trusted.overlay.*` (privileged, the kernel default).
-    Trusted,
-    /// `user.overlay.*` (the kernel's `userxattr` mode, for rootless use).
-    User,
-}
-
-impl XattrNs {
-    /// The prefix, with the trailing dot.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            XattrNs::Trusted => "trusted.overlay.",
-            XattrNs::User => "user.overlay.",
-        }
-    }
-    /// Full name of a private xattr such as "opaque" or "origin".
-    pub fn name(self, what: &str) -> OsString {
-        OsString::from(format!("{}{}", self.prefix(), what))
-    }
-}
-
-/// Every xattr name that is overlay bookkeeping, never user data: hidden from listings,
-/// never copied up, never exported into a layer.
-/// Escaped names (`trusted.overlay.overlay.*`) are user data of a nested overlay.
-pub fn is_private_xattr(name: &[u8]) -> bool {
-    if name.starts_with(b"trusted.overlay.overlay.") || name.starts_with(b"user.overlay.overlay.") {
-        return false;
-    }
-    name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name.starts_with(b"user.fuseoverlayfs.")
-}
 
 /// Is this stat a whiteout (character device 0/0)?
 pub fn is_whiteout(st: &rustix::fs::Stat) -> bool {
@@ -125,15 +91,6 @@ pub fn upper_is_opaque_in(t: XTarget<'_>, names: &[Vec<u8>], ns: XattrNs) -> boo
     xattr_says_opaque(t, names, &[n.to_str().expect("ASCII")])
 }
 
-impl XattrNs {
-    /// Overlay bookkeeping of this namespace (escaped names are user data): what copy-up
-    /// leaves behind, as the kernel does.
-    pub fn is_private(self, name: &[u8]) -> bool {
-        let p = self.prefix().as_bytes();
-        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
-    }
-}
-
 /// Is the lower directory `dir` (an fd of the directory itself) opaque, by any of the markers
 /// container tools use?
 pub fn lower_is_opaque(dir: BorrowedFd<'_>) -> bool {
@@ -166,16 +123,6 @@ mod tests {
         assert_eq!(aufs_target(OsStr::new("foo")), None);
         assert_eq!(aufs_name(OsStr::new("a b")), OsString::from(".wh.a b"));
         assert!(is_aufs_marker(OsStr::new(".wh..wh..opq")));
-    }
-
-    #[test]
-    fn private_names() {
-        assert!(is_private_xattr(b"trusted.overlay.opaque"));
-        assert!(is_private_xattr(b"user.overlay.origin"));
-        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
-        assert!(!is_private_xattr(b"user.overlayfoo"));
-        assert!(!is_private_xattr(b"security.capability"));
-        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque"));
     }
 
     #[test]

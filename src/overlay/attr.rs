@@ -1,0 +1,173 @@
+//! Attributes: setattr (chmod, chown, truncate, utimens), access, statfs.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+use rustix::io::Errno;
+
+use super::*;
+use crate::sys::{self};
+
+impl Overlay {
+    // ----- attributes ----------------------------------------------------------------
+
+    /// The upper object of a node as (directory fd, name); the root is (its fd, ".").
+    pub(crate) fn upper_at(&self, ino: u64) -> Result<(Arc<OwnedFd>, OsString)> {
+        if ino == ROOT {
+            let f = self.dir_fds(ROOT)?;
+            return Ok((f.upper.clone().ok_or(Errno::ROFS)?, OsString::from(".")));
+        }
+        let (kind, parent, name, orphan) =
+            self.with_node(ino, |n| (n.kind, n.parent, n.name.clone(), n.orphan))?;
+        if orphan {
+            return Err(Errno::STALE);
+        }
+        if kind == Kind::Dir {
+            let pf = self.dir_fds(parent)?;
+            return Ok((pf.upper.clone().ok_or(Errno::IO)?, name));
+        }
+        let loc = self.loc(ino)?;
+        Ok((loc.pfds.upper.clone().ok_or(Errno::IO)?, loc.name))
+    }
+
+    /// setattr: chmod, chown, truncate, utimens. Copies up first (a truncation copies only
+    /// the bytes that survive it).
+    pub fn setattr(&self, ino: u64, sa: &SetAttr) -> Result<Attr> {
+        self.upper()?;
+        if self.with_node(ino, |n| n.orphan)? {
+            // Unlinked but open: only the open file itself can be changed.
+            let fd = sa
+                .fh
+                .and_then(|fh| self.files.read().unwrap().get(&fh).cloned())
+                .ok_or(Errno::STALE)?;
+            return self.setattr_fd(ino, &fd, sa);
+        }
+        let (kind, upper) = self.with_node(ino, |n| (n.kind, n.upper))?;
+        if !upper {
+            let only_size = sa.mode.is_none()
+                && sa.uid.is_none()
+                && sa.gid.is_none()
+                && sa.atime.is_none()
+                && sa.mtime.is_none();
+            match (only_size, sa.size) {
+                (true, Some(s)) if kind == Kind::File => self.copy_up_limited(ino, Some(s))?,
+                _ => self.copy_up(ino)?,
+            }
+        }
+        let (dfd, name) = self.upper_at(ino)?;
+        let d = dfd.as_fd();
+        if sa.uid.is_some() || sa.gid.is_some() {
+            rustix::fs::chownat(
+                d,
+                &name,
+                sa.uid.map(rustix::fs::Uid::from_raw),
+                sa.gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if let Some(m) = sa.mode {
+            if kind == Kind::Symlink {
+                return Err(Errno::OPNOTSUPP);
+            }
+            rustix::fs::chmodat(d, &name, Mode::from_raw_mode(m & 0o7777), AtFlags::empty())?;
+        }
+        if let Some(s) = sa.size {
+            if kind == Kind::Dir {
+                return Err(Errno::ISDIR);
+            }
+            let via_fh = sa.fh.and_then(|fh| self.files.read().unwrap().get(&fh).cloned());
+            match via_fh.map(|fd| rustix::fs::ftruncate(&*fd, s)) {
+                Some(Ok(())) => {}
+                _ => {
+                    let fd = sys::open_beneath(d, &name, OFlags::WRONLY | OFlags::NOFOLLOW, Mode::empty())?;
+                    rustix::fs::ftruncate(&fd, s)?;
+                }
+            }
+        }
+        if sa.atime.is_some() || sa.mtime.is_some() {
+            let times = Timestamps {
+                last_access: sa.atime_spec(),
+                last_modification: sa.mtime_spec(),
+            };
+            rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        self.getattr(ino, None)
+    }
+
+    pub(crate) fn setattr_fd(&self, ino: u64, fd: &OwnedFd, sa: &SetAttr) -> Result<Attr> {
+        if sa.uid.is_some() || sa.gid.is_some() {
+            rustix::fs::fchown(
+                fd,
+                sa.uid.map(rustix::fs::Uid::from_raw),
+                sa.gid.map(rustix::fs::Gid::from_raw),
+            )?;
+        }
+        if let Some(m) = sa.mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(m & 0o7777))?;
+        }
+        if let Some(s) = sa.size {
+            rustix::fs::ftruncate(fd, s)?;
+        }
+        if sa.atime.is_some() || sa.mtime.is_some() {
+            rustix::fs::futimens(
+                fd,
+                &Timestamps {
+                    last_access: sa.atime_spec(),
+                    last_modification: sa.mtime_spec(),
+                },
+            )?;
+        }
+        Ok(self.attr_of(&rustix::fs::fstat(fd)?, ino, false))
+    }
+
+    /// statfs of the upper (or the top lower when read-only), as the kernel reports it.
+    pub fn statfs(&self) -> Result<StatFs> {
+        let fd = match &self.upper {
+            Some(u) => u.layer.fd.as_fd(),
+            None => self.lowers[0].fd.as_fd(),
+        };
+        let s = rustix::fs::fstatvfs(fd)?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    /// access(2) for callers when the kernel does not check permissions itself.
+    pub fn access(&self, ino: u64, mask: i32, who: Caller) -> Result<()> {
+        let a = self.getattr(ino, None)?;
+        if mask & libc::W_OK != 0 && self.upper.is_none() {
+            return Err(Errno::ROFS);
+        }
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let perm = a.perm as i32;
+        if who.uid == 0 {
+            if mask & libc::X_OK != 0 && a.kind != Kind::Dir && perm & 0o111 == 0 {
+                return Err(Errno::ACCESS);
+            }
+            return Ok(());
+        }
+        let bits = if who.uid == a.uid {
+            (perm >> 6) & 7
+        } else if who.gid == a.gid {
+            (perm >> 3) & 7
+        } else {
+            perm & 7
+        };
+        if bits & mask == mask {
+            Ok(())
+        } else {
+            Err(Errno::ACCESS)
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Creating objects: mknod, mkdir, symlink, create, link.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use super::file::open_flags;
+use super::*;
+use crate::sys::{self, XTarget};
+
+impl Overlay {
+    /// Owner and mode of a new object: the caller owns it; a setgid parent gives its group.
+    pub(crate) fn own(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        who: Caller,
+        parent_st: &rustix::fs::Stat,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_parent { parent_st.st_gid } else { who.gid };
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(who.uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if let Some(m) = mode {
+            // chown clears setuid/setgid, and a directory in a setgid directory inherits it.
+            let m = if setgid_parent && FileType::from_raw_mode(m) == FileType::Directory {
+                m | libc::S_ISGID
+            } else {
+                m
+            };
+            if m & 0o7000 != 0 {
+                rustix::fs::chmodat(dir, name, Mode::from_raw_mode(m & 0o7777), AtFlags::empty())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Owner of an object just created directly in its upper directory: the caller, with
+    /// the group a setgid parent gave it. Returns whether anything changed.
+    pub(crate) fn own_new(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        who: Caller,
+        st: &rustix::fs::Stat,
+        kind: Kind,
+        mode: u32,
+    ) -> Result<bool> {
+        // A group other than ours and the caller's came from a setgid parent: keep it.
+        let gid = if st.st_gid != who.gid && st.st_gid != sys::egid() {
+            st.st_gid
+        } else {
+            who.gid
+        };
+        if st.st_uid == who.uid && st.st_gid == gid {
+            return Ok(false);
+        }
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(who.uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if kind != Kind::Symlink && mode & 0o7000 != 0 {
+            // chown cleared setuid/setgid: put them back.
+            let keep = if kind == Kind::Dir {
+                st.st_mode & libc::S_ISGID
+            } else {
+                0
+            };
+            rustix::fs::chmodat(
+                dir,
+                name,
+                Mode::from_raw_mode((mode & 0o7777) | keep),
+                AtFlags::empty(),
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// Enter an object we just created in the upper into the table, without re-reading it.
+    pub(crate) fn remember_new(&self, parent: u64, name: &OsStr, st: rustix::fs::Stat) -> Attr {
+        let ino = self.map_ino(st.st_dev, st.st_ino);
+        self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
+        let found = Found {
+            kind: Kind::from_mode(st.st_mode),
+            upper: true,
+            lower: None,
+            lower_dirs: vec![],
+            st,
+            ino,
+            fds: None,
+        };
+        self.remember(parent, name, found, true)
+    }
+
+    /// Create a new object `name` in `parent` with `make(dir, name)`, replacing an upper
+    /// whiteout atomically, and making a new directory opaque where lower content exists.
+    pub(crate) fn create_with(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        who: Caller,
+        kind: Kind,
+        mode: u32,
+        make: impl Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
+    ) -> Result<(Attr, Option<OwnedFd>)> {
+        self.upper()?;
+        if name.as_bytes().contains(&b'/') {
+            return Err(Errno::INVAL);
+        }
+        self.copy_up(parent)?;
+        let pfds = self.dir_fds(parent)?;
+        let ufd = pfds.upper().ok_or(Errno::IO)?;
+        let opaque = kind == Kind::Dir && self.lower_positive(parent, name)?;
+        if !opaque {
+            // Common case: create in place; only a name already taken needs a closer look.
+            match make(ufd, name) {
+                Ok(fd) => {
+                    let stat = |fd: &Option<OwnedFd>| match fd {
+                        Some(f) => rustix::fs::fstat(f),
+                        None => sys::stat_at(ufd, name),
+                    };
+                    let done = stat(&fd).and_then(|st| {
+                        let changed = self.own_new(ufd, name, who, &st, kind, mode)?;
+                        if changed {
+                            stat(&fd)
+                        } else {
+                            Ok(st)
+                        }
+                    });
+                    return match done {
+                        Ok(st) => Ok((self.remember_new(parent, name, st), fd)),
+                        Err(e) => {
+                            drop(fd);
+                            let _ = layers::remove_tree_at(ufd, name);
+                            Err(e)
+                        }
+                    };
+                }
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let over_whiteout = match sys::stat_at(ufd, name) {
+            Ok(st) if whiteout::is_whiteout(&st) => true,
+            Ok(_) => return Err(Errno::EXIST),
+            Err(Errno::NOENT) => false,
+            Err(e) => return Err(e),
+        };
+        let opaque = opaque || (kind == Kind::Dir && over_whiteout);
+        let pst = rustix::fs::fstat(ufd)?;
+        // Build it in the work dir, then move it into place in one step.
+        let mut st = self.stage()?;
+        let (work, tmp) = (st.dir(), st.name().to_owned());
+        let fd = make(work, &tmp)?;
+        if opaque {
+            let d = sys::open_dir_beneath(work, &tmp)?;
+            whiteout::set_opaque(XTarget::Fd(d.as_fd()), self.ns)?;
+        }
+        self.own(work, &tmp, who, &pst, Some(mode))?;
+        match (over_whiteout, kind == Kind::Dir) {
+            // A directory cannot replace a whiteout by rename: swap, then drop the whiteout.
+            (true, true) => {
+                st.place(ufd, name, RenameFlags::EXCHANGE)?;
+                st.discard()?;
+            }
+            (true, false) => st.place(ufd, name, RenameFlags::empty())?,
+            (false, _) => st.place(ufd, name, RenameFlags::NOREPLACE)?,
+        }
+        let attr = self.lookup(parent, name)?;
+        Ok((attr, fd))
+    }
+
+    /// mknod: regular files, FIFOs, sockets and device nodes.
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, who: Caller) -> Result<Attr> {
+        let ft = FileType::from_raw_mode(mode);
+        let kind = Kind::from_mode(mode);
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        self.create_with(parent, name, who, kind, mode, |d, n| {
+            rustix::fs::mknodat(d, n, ft, perm, rdev)?;
+            Ok(None)
+        })
+        .map(|r| r.0)
+    }
+
+    /// mkdir.
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> Result<Attr> {
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        self.create_with(parent, name, who, Kind::Dir, mode | libc::S_IFDIR, |d, n| {
+            rustix::fs::mkdirat(d, n, perm)?;
+            Ok(None)
+        })
+        .map(|r| r.0)
+    }
+
+    /// symlink.
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, who: Caller) -> Result<Attr> {
+        self.create_with(parent, name, who, Kind::Symlink, libc::S_IFLNK | 0o777, |d, n| {
+            rustix::fs::symlinkat(target, d, n)?;
+            Ok(None)
+        })
+        .map(|r| r.0)
+    }
+
+    /// create + open.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        who: Caller,
+    ) -> Result<(Attr, u64)> {
+        let oflags = open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        let (attr, fd) = self.create_with(parent, name, who, Kind::File, mode | libc::S_IFREG, |d, n| {
+            Ok(Some(sys::open_beneath(d, n, oflags, perm)?))
+        })?;
+        let fd = fd.ok_or(Errno::IO)?;
+        Ok((attr, self.add_file(fd)))
+    }
+
+    /// link: a new name for an existing object.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.upper()?;
+        if self.with_node(ino, |n| n.kind)? == Kind::Dir {
+            return Err(Errno::PERM);
+        }
+        self.copy_up(ino)?;
+        self.copy_up(newparent)?;
+        let loc = self.loc(ino)?;
+        let src = loc.pfds.upper().ok_or(Errno::IO)?;
+        let npfds = self.dir_fds(newparent)?;
+        let nfd = npfds.upper().ok_or(Errno::IO)?;
+        match sys::stat_at(nfd, newname) {
+            Ok(st) if whiteout::is_whiteout(&st) => {
+                let mut s = self.stage()?;
+                rustix::fs::linkat(src, &loc.name, s.dir(), s.name(), AtFlags::empty())?;
+                s.place(nfd, newname, RenameFlags::empty())?;
+            }
+            Ok(_) => return Err(Errno::EXIST),
+            Err(Errno::NOENT) => rustix::fs::linkat(src, &loc.name, nfd, newname, AtFlags::empty())?,
+            Err(e) => return Err(e),
+        }
+        self.lookup(newparent, newname)
+    }
+}

@@ -1,0 +1,171 @@
+//! Open files: open, read, write, fsync and the other calls on a file handle.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use super::*;
+use crate::sys::{self};
+
+impl Overlay {
+    // ----- files ---------------------------------------------------------------------
+
+    pub(crate) fn add_file(&self, fd: OwnedFd) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.write().unwrap().insert(fh, Arc::new(fd));
+        fh
+    }
+
+    pub(crate) fn file(&self, fh: u64) -> Result<Arc<OwnedFd>> {
+        self.files.read().unwrap().get(&fh).cloned().ok_or(Errno::BADF)
+    }
+
+    /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        let trunc = flags & libc::O_TRUNC != 0;
+        let write = acc != libc::O_RDONLY || trunc;
+        let kind = self.with_node(ino, |n| n.kind)?;
+        if kind == Kind::Dir {
+            return Err(Errno::ISDIR);
+        }
+        if write {
+            self.upper()?;
+            if trunc {
+                self.copy_up_limited(ino, Some(0))?;
+            } else {
+                self.copy_up(ino)?;
+            }
+        }
+        let loc = self.loc(ino)?;
+        let fd = sys::open_beneath(
+            loc.dir()?,
+            &loc.name,
+            open_flags(flags) | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?;
+        Ok(self.add_file(fd))
+    }
+
+    /// read from an open file.
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let fd = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match rustix::io::pread(&*fd, &mut buf[got..], off + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// write to an open file. With `kill_suidgid` (an unprivileged writer, as the kernel
+    /// judged) setuid and group-executable setgid bits go, as a local write would drop them;
+    /// strata writes as root, which the underlying filesystem would let keep them.
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
+        let fd = self.file(fh)?;
+        if kill_suidgid {
+            let st = rustix::fs::fstat(&*fd)?;
+            let mut m = st.st_mode & 0o7777;
+            m &= !libc::S_ISUID;
+            if m & libc::S_IXGRP != 0 {
+                m &= !libc::S_ISGID;
+            }
+            if m != st.st_mode & 0o7777 {
+                rustix::fs::fchmod(&*fd, Mode::from_raw_mode(m))?;
+            }
+        }
+        sys::write_all_at(fd.as_fd(), data, off)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Close an open file.
+    pub fn release(&self, fh: u64) {
+        self.files.write().unwrap().remove(&fh);
+    }
+
+    /// fsync / fdatasync (no-ops on a volatile mount).
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let fd = self.file(fh)?;
+        if self.volatile {
+            return Ok(());
+        }
+        if datasync {
+            rustix::fs::fdatasync(&*fd)
+        } else {
+            rustix::fs::fsync(&*fd)
+        }
+    }
+
+    /// fsync of a directory: only the upper holds changes.
+    pub fn fsyncdir(&self, ino: u64) -> Result<()> {
+        if self.volatile || self.upper.is_none() {
+            return Ok(());
+        }
+        let fds = self.dir_fds(ino)?;
+        match fds.upper() {
+            Some(u) => match sys::open_dir_beneath(u, ".") {
+                Ok(d) => rustix::fs::fsync(&d),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// fallocate on an open file.
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let fd = self.file(fh)?;
+        rustix::fs::fallocate(
+            &*fd,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            off,
+            len,
+        )
+    }
+
+    /// lseek (SEEK_DATA / SEEK_HOLE reach the filesystem; the rest the kernel does itself).
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let fd = self.file(fh)?;
+        let pos = match whence {
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(off as u64),
+            libc::SEEK_CUR => rustix::fs::SeekFrom::Current(off),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(off),
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(off as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(off as u64),
+            _ => return Err(Errno::INVAL),
+        };
+        rustix::fs::seek(&*fd, pos).map(|p| p as i64)
+    }
+
+    /// copy_file_range between two open files, done by the underlying filesystem.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let (a, b) = (self.file(fh_in)?, self.file(fh_out)?);
+        let (mut oi, mut oo) = (off_in, off_out);
+        let n =
+            rustix::fs::copy_file_range(&*a, Some(&mut oi), &*b, Some(&mut oo), len.min(1 << 30) as usize)?;
+        Ok(n as u32)
+    }
+}
+
+/// Flags for opening the real file on behalf of the user. O_APPEND is dropped because the
+/// kernel passes explicit offsets; O_DIRECT would need aligned buffers; creation flags are
+/// handled by the caller.
+pub(crate) fn open_flags(flags: i32) -> OFlags {
+    let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_LARGEFILE;
+    OFlags::from_bits_retain((flags & keep) as u32)
+}

@@ -1,0 +1,226 @@
+//! The inode table: nodes the kernel knows, their names, and the directory fds they cache.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use rustix::io::Errno;
+
+use super::node::{DirFds, Node};
+use super::*;
+use crate::sys::XTarget;
+
+impl Overlay {
+    // ----- inode table -------------------------------------------------------------
+
+    pub(crate) fn with_node<T>(&self, ino: u64, f: impl FnOnce(&Node) -> T) -> Result<T> {
+        let nodes = self.nodes.read().unwrap();
+        nodes.get(&ino).map(f).ok_or(Errno::NOENT)
+    }
+
+    /// The directory fds of a directory node, opened from its parent's when not cached.
+    pub(crate) fn dir_fds(&self, ino: u64) -> Result<Arc<DirFds>> {
+        let (cached, parent, name, upper, lower_dirs, kind) = self.with_node(ino, |n| {
+            (
+                n.fds.clone(),
+                n.parent,
+                n.name.clone(),
+                n.upper,
+                n.lower_dirs.clone(),
+                n.kind,
+            )
+        })?;
+        if let Some(f) = cached {
+            return Ok(f);
+        }
+        if kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let pf = self.dir_fds(parent)?;
+        let fds = DirFds::open_child(&pf, &name, upper, &lower_dirs)?;
+        Ok(self.maybe_cache(ino, fds))
+    }
+
+    /// Keep `fds` on the node if the fd budget allows; returns them either way.
+    pub(crate) fn maybe_cache(&self, ino: u64, fds: DirFds) -> Arc<DirFds> {
+        let fds = Arc::new(fds);
+        let mut nodes = self.nodes.write().unwrap();
+        if let Some(n) = nodes.get_mut(&ino) {
+            self.fd_budget.set(&mut n.fds, fds.clone());
+        }
+        fds
+    }
+
+    /// Where a non-directory lives now (trying each of its names, for hard links).
+    pub(crate) fn loc(&self, ino: u64) -> Result<Loc> {
+        if self.with_node(ino, |n| n.orphan)? {
+            return Err(Errno::STALE);
+        }
+        let (names, upper, lower, kind) = self.with_node(ino, |n| {
+            let mut v = vec![(n.parent, n.name.clone())];
+            v.extend(n.links.iter().cloned());
+            (v, n.upper, n.lower, n.kind)
+        })?;
+        let mut last = Errno::NOENT;
+        for (parent, name) in names {
+            match self.dir_fds(parent) {
+                Ok(pfds) => {
+                    return Ok(Loc {
+                        parent,
+                        pfds,
+                        name,
+                        upper,
+                        lower,
+                        kind,
+                    })
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A target for xattr calls and the real object's fd-or-name, for any node.
+    pub(crate) fn with_target<T>(&self, ino: u64, f: impl FnOnce(XTarget<'_>) -> Result<T>) -> Result<T> {
+        let kind = self.with_node(ino, |n| n.kind)?;
+        if kind == Kind::Dir {
+            let fds = self.dir_fds(ino)?;
+            f(XTarget::Fd(fds.top().ok_or(Errno::IO)?))
+        } else {
+            let loc = self.loc(ino)?;
+            f(XTarget::At(loc.dir()?, &loc.name))
+        }
+    }
+
+    /// Record a lookup result in the table and return its attributes.
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, found: Found, count: bool) -> Attr {
+        let merged = found.kind == Kind::Dir
+            && ((found.upper && !found.lower_dirs.is_empty())
+                || (!found.upper && found.lower_dirs.len() > 1));
+        let attr = self.attr_of(&found.st, found.ino, merged);
+        let fds = found.fds.map(Arc::new);
+        let mut nodes = self.nodes.write().unwrap();
+        let ino = found.ino;
+        match nodes.get_mut(&ino) {
+            Some(n) if n.upper && !found.upper && !n.orphan => {
+                // Resolved before a concurrent copy-up finished: what the table knows is
+                // newer. (An object never goes back from the upper to a lower layer.)
+                if count {
+                    n.nlookup += 1;
+                }
+            }
+            Some(n) => {
+                n.orphan = false;
+                if n.parent != parent || n.name != name {
+                    let old = (
+                        std::mem::replace(&mut n.parent, parent),
+                        std::mem::replace(&mut n.name, name.to_owned()),
+                    );
+                    n.links.retain(|l| !(l.0 == parent && l.1 == name));
+                    if n.kind != Kind::Dir && !n.links.contains(&old) {
+                        n.links.push(old);
+                    }
+                }
+                n.kind = found.kind;
+                n.upper = found.upper;
+                n.lower = found.lower;
+                n.lower_dirs = found.lower_dirs.into();
+                if let Some(f) = fds {
+                    self.fd_budget.set(&mut n.fds, f);
+                }
+                if count {
+                    n.nlookup += 1;
+                }
+            }
+            None => {
+                let mut slot = None;
+                if let Some(f) = fds {
+                    self.fd_budget.set(&mut slot, f);
+                }
+                nodes.insert(
+                    ino,
+                    Node {
+                        parent,
+                        name: name.to_owned(),
+                        links: Vec::new(),
+                        kind: found.kind,
+                        upper: found.upper,
+                        lower: found.lower,
+                        lower_dirs: found.lower_dirs.into(),
+                        nlookup: count as u64,
+                        fds: slot,
+                        orphan: false,
+                    },
+                );
+            }
+        }
+        attr
+    }
+
+    /// The upper object `f` lost a name: once its last link is gone its inode number may be
+    /// reused by the filesystem, so the cached number must go.
+    pub(crate) fn drop_cached(&self, f: &Found) {
+        if f.upper && (f.kind == Kind::Dir || f.st.st_nlink <= 1) {
+            self.origins.write().unwrap().remove(&(f.st.st_dev, f.st.st_ino));
+        }
+    }
+
+    /// A name went away (unlink, rmdir, rename over it).
+    pub(crate) fn forget_name(&self, ino: u64, parent: u64, name: &OsStr) {
+        let mut nodes = self.nodes.write().unwrap();
+        if let Some(n) = nodes.get_mut(&ino) {
+            if n.parent == parent && n.name == name {
+                match n.links.pop() {
+                    Some(next) => {
+                        n.parent = next.0;
+                        n.name = next.1;
+                    }
+                    None => n.orphan = true,
+                }
+            } else {
+                n.links.retain(|l| !(l.0 == parent && l.1 == name));
+            }
+        }
+    }
+
+    /// The caller drops `n` references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut nodes = self.nodes.write().unwrap();
+        if let Some(node) = nodes.get_mut(&ino) {
+            node.nlookup = node.nlookup.saturating_sub(n);
+            if node.nlookup == 0 {
+                if let Some(mut gone) = nodes.remove(&ino) {
+                    self.fd_budget.clear(&mut gone.fds);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn is_ancestor(&self, anc: u64, mut ino: u64) -> Result<bool> {
+        let nodes = self.nodes.read().unwrap();
+        loop {
+            if ino == anc {
+                return Ok(true);
+            }
+            if ino == ROOT {
+                return Ok(false);
+            }
+            ino = nodes.get(&ino).map(|n| n.parent).ok_or(Errno::NOENT)?;
+        }
+    }
+
+    pub(crate) fn rename_node(&self, ino: u64, op: u64, on: &OsStr, np: u64, nn: &OsStr) {
+        let mut nodes = self.nodes.write().unwrap();
+        if let Some(n) = nodes.get_mut(&ino) {
+            if n.parent == op && n.name == on {
+                n.parent = np;
+                n.name = nn.to_owned();
+            } else {
+                n.links.retain(|l| !(l.0 == op && l.1 == on));
+                n.links.push((np, nn.to_owned()));
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Lookup: resolving a name across the layers, and the attributes of what was found.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use rustix::fs::FileType;
+use rustix::io::Errno;
+
+use super::node::DirFds;
+use super::*;
+use crate::sys::{self, XTarget};
+
+impl Overlay {
+    // ----- lookup --------------------------------------------------------------------
+
+    /// Resolve `name` in directory `parent` across the layers, without touching the table.
+    pub(crate) fn resolve(&self, parent: u64, name: &OsStr) -> Result<Found> {
+        if name.as_bytes().contains(&b'/') || name.is_empty() {
+            return Err(Errno::INVAL);
+        }
+        let lower_dirs = self.with_node(parent, |n| {
+            if n.kind == Kind::Dir {
+                Ok(n.lower_dirs.clone())
+            } else {
+                Err(Errno::NOTDIR)
+            }
+        })??;
+        let pfds = self.dir_fds(parent)?;
+        let mut found: Option<Found> = None;
+        if let Some(ufd) = pfds.upper() {
+            match sys::stat_at(ufd, name) {
+                Ok(st) if whiteout::is_whiteout(&st) => return Err(Errno::NOENT),
+                Ok(st)
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Directory
+                        && self.origins.read().unwrap().contains_key(&(st.st_dev, st.st_ino)) =>
+                {
+                    // Checked before (or made by us): its number is known, its xattrs too.
+                    // One lookup under one lock: an unlink may drop the entry meanwhile.
+                    let cached = self.origins.read().unwrap().get(&(st.st_dev, st.st_ino)).copied();
+                    let ino = cached.unwrap_or_else(|| self.map_ino(st.st_dev, st.st_ino));
+                    let kind = Kind::from_mode(st.st_mode);
+                    return Ok(Found {
+                        kind,
+                        upper: true,
+                        lower: None,
+                        lower_dirs: vec![],
+                        st,
+                        ino,
+                        fds: None,
+                    });
+                }
+                Ok(st) => {
+                    let t = XTarget::At(ufd, name);
+                    let xnames = sys::listxattr(t).unwrap_or_default();
+                    self.check_supported(&xnames, name)?;
+                    let ino = self
+                        .origin_ino(t, &xnames, st.st_dev, st.st_ino)
+                        .unwrap_or_else(|| self.map_ino(st.st_dev, st.st_ino));
+                    let kind = Kind::from_mode(st.st_mode);
+                    if kind != Kind::Dir {
+                        return Ok(Found {
+                            kind,
+                            upper: true,
+                            lower: None,
+                            lower_dirs: vec![],
+                            st,
+                            ino,
+                            fds: None,
+                        });
+                    }
+                    let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
+                    let ufd_child = sys::open_dir_beneath(ufd, name)?;
+                    let f = Found {
+                        kind,
+                        upper: true,
+                        lower: None,
+                        lower_dirs: vec![],
+                        st,
+                        ino,
+                        fds: Some(DirFds {
+                            upper: Some(Arc::new(ufd_child)),
+                            lowers: vec![],
+                        }),
+                    };
+                    if opaque {
+                        return Ok(f);
+                    }
+                    found = Some(f);
+                }
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // AUFS markers in lower layers are bookkeeping, never visible names.
+        if !whiteout::is_aufs_marker(name) {
+            for &l in lower_dirs.iter() {
+                let Some(dfd) = pfds.lower(l) else { continue };
+                match sys::stat_at(dfd, name) {
+                    Ok(st) if whiteout::is_whiteout(&st) => break,
+                    Ok(st) => {
+                        let kind = Kind::from_mode(st.st_mode);
+                        match &mut found {
+                            None if kind != Kind::Dir => {
+                                let ino = self.map_ino(st.st_dev, st.st_ino);
+                                found = Some(Found {
+                                    kind,
+                                    upper: false,
+                                    lower: Some(l),
+                                    lower_dirs: vec![],
+                                    st,
+                                    ino,
+                                    fds: None,
+                                });
+                                break;
+                            }
+                            None => {
+                                let cfd = sys::open_dir_beneath(dfd, name)?;
+                                let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                                let ino = self.map_ino(st.st_dev, st.st_ino);
+                                found = Some(Found {
+                                    kind,
+                                    upper: false,
+                                    lower: None,
+                                    lower_dirs: vec![l],
+                                    st,
+                                    ino,
+                                    fds: Some(DirFds {
+                                        upper: None,
+                                        lowers: vec![(l, Arc::new(cfd))],
+                                    }),
+                                });
+                                if opaque {
+                                    break;
+                                }
+                            }
+                            Some(f) => {
+                                // Below a directory only directories merge; anything else ends it.
+                                if kind != Kind::Dir {
+                                    break;
+                                }
+                                let cfd = sys::open_dir_beneath(dfd, name)?;
+                                let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                                f.lower_dirs.push(l);
+                                if let Some(fds) = &mut f.fds {
+                                    fds.lowers.push((l, Arc::new(cfd)));
+                                }
+                                if opaque {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(Errno::NOENT) => {
+                        if sys::stat_at(dfd, &whiteout::aufs_name(name)).is_ok() {
+                            break;
+                        }
+                    }
+                    Err(Errno::NAMETOOLONG) if found.is_none() => return Err(Errno::NAMETOOLONG),
+                    Err(Errno::NAMETOOLONG) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        found.ok_or(Errno::NOENT)
+    }
+
+    pub(crate) fn check_supported(&self, xnames: &[Vec<u8>], name: &OsStr) -> Result<()> {
+        for x in xnames {
+            if *x == self.ns.name("redirect").as_bytes() || *x == self.ns.name("metacopy").as_bytes() {
+                log::error!(
+                    "'{}' in the upper carries {}: strata follows neither redirects nor metacopy",
+                    name.to_string_lossy(),
+                    String::from_utf8_lossy(x)
+                );
+                return Err(Errno::IO);
+            }
+        }
+        Ok(())
+    }
+
+    /// The reported inode number of an upper object with an origin xattr: its origin's.
+    pub(crate) fn origin_ino(&self, t: XTarget<'_>, xnames: &[Vec<u8>], dev: u64, ino: u64) -> Option<u64> {
+        if let Some(v) = self.origins.read().unwrap().get(&(dev, ino)) {
+            return Some(*v);
+        }
+        let want = self.ns.name("origin");
+        if !xnames.iter().any(|x| x.as_slice() == want.as_bytes()) {
+            return None;
+        }
+        let raw = sys::getxattr(t, &want).ok()?;
+        let (uuid, fh) = copyup::decode_origin(&raw)?;
+        for l in &self.lowers {
+            if uuid != [0; 16] && l.uuid != [0; 16] && l.uuid != uuid {
+                continue;
+            }
+            if let Ok(fd) = sys::open_by_handle(l.fd.as_fd(), &fh) {
+                if let Ok(ost) = rustix::fs::fstat(&fd) {
+                    let v = self.map_ino(ost.st_dev, ost.st_ino);
+                    self.origins.write().unwrap().insert((dev, ino), v);
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
+    /// lookup: resolve and count one reference for the caller.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let found = self.resolve(parent, name)?;
+        Ok(self.remember(parent, name, found, true))
+    }
+
+    /// Attributes of a node (through an open handle when given, which also works after the
+    /// last name is gone).
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        if let Some(fh) = fh {
+            if let Some(fd) = self.files.read().unwrap().get(&fh).cloned() {
+                let st = rustix::fs::fstat(&fd)?;
+                return Ok(self.attr_of(&st, ino, false));
+            }
+        }
+        let (kind, upper, nlower) = self.with_node(ino, |n| (n.kind, n.upper, n.lower_dirs.len()))?;
+        if kind == Kind::Dir {
+            let fds = self.dir_fds(ino)?;
+            let st = rustix::fs::fstat(fds.top().ok_or(Errno::IO)?)?;
+            let merged = (upper && nlower > 0) || (!upper && nlower > 1);
+            return Ok(self.attr_of(&st, ino, merged));
+        }
+        let loc = self.loc(ino)?;
+        let st = sys::stat_at(loc.dir()?, &loc.name)?;
+        Ok(self.attr_of(&st, ino, false))
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let loc = self.loc(ino)?;
+        if loc.kind != Kind::Symlink {
+            return Err(Errno::INVAL);
+        }
+        Ok(rustix::fs::readlinkat(loc.dir()?, &loc.name, Vec::new())?.into_bytes())
+    }
+
+    // ----- creating ------------------------------------------------------------------
+
+    /// Is there something in a lower layer at `name` that a deletion must keep hidden?
+    pub(crate) fn lower_positive(&self, parent: u64, name: &OsStr) -> Result<bool> {
+        if whiteout::is_aufs_marker(name) {
+            return Ok(false);
+        }
+        let lower_dirs = self.with_node(parent, |n| n.lower_dirs.clone())?;
+        if lower_dirs.is_empty() {
+            return Ok(false);
+        }
+        let pfds = self.dir_fds(parent)?;
+        for &l in lower_dirs.iter() {
+            let Some(d) = pfds.lower(l) else { continue };
+            match sys::stat_at(d, name) {
+                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Err(Errno::NOENT) => {
+                    if sys::stat_at(d, &whiteout::aufs_name(name)).is_ok() {
+                        return Ok(false);
+                    }
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+}

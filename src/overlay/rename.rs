@@ -1,0 +1,149 @@
+//! rename, with RENAME_NOREPLACE and RENAME_EXCHANGE.
+
+use std::ffi::OsStr;
+
+use rustix::fs::{AtFlags, FileType, RenameFlags};
+use rustix::io::Errno;
+
+use super::*;
+use crate::sys::{self, XTarget};
+
+impl Overlay {
+    /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE. A directory that has lower
+    /// content cannot move (EXDEV, as the kernel without redirect_dir).
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        self.upper()?;
+        let rf = RenameFlags::from_bits(flags).ok_or(Errno::INVAL)?;
+        if rf.intersects(!(RenameFlags::NOREPLACE | RenameFlags::EXCHANGE))
+            || rf.contains(RenameFlags::NOREPLACE | RenameFlags::EXCHANGE)
+        {
+            return Err(Errno::INVAL);
+        }
+        let exchange = rf.contains(RenameFlags::EXCHANGE);
+        let src = self.resolve(parent, name)?;
+        let dst = match self.resolve(newparent, newname) {
+            Ok(f) => Some(f),
+            Err(Errno::NOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if parent == newparent && name == newname {
+            return Ok(());
+        }
+        let movable = |f: &Found| f.kind != Kind::Dir || (f.upper && f.lower_dirs.is_empty());
+        match &dst {
+            None if exchange => return Err(Errno::NOENT),
+            Some(_) if rf.contains(RenameFlags::NOREPLACE) => return Err(Errno::EXIST),
+            Some(d) if d.ino == src.ino && !exchange && src.kind != Kind::Dir => return Ok(()),
+            _ => {}
+        }
+        if !movable(&src) {
+            return Err(Errno::XDEV);
+        }
+        if let Some(d) = &dst {
+            if exchange && !movable(d) {
+                return Err(Errno::XDEV);
+            }
+            if !exchange {
+                match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                    (true, false) => return Err(Errno::NOTDIR),
+                    (false, true) => return Err(Errno::ISDIR),
+                    (true, true) => {
+                        let fds = d.fds.as_ref().ok_or(Errno::IO)?;
+                        if !self.read_merged(fds, &d.lower_dirs, false)?.is_empty() {
+                            return Err(Errno::NOTEMPTY);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // A directory must not move into its own subtree.
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, newparent)? {
+            return Err(Errno::INVAL);
+        }
+        self.copy_up(parent)?;
+        self.copy_up(newparent)?;
+        self.copy_up_ino(parent, name, &src)?;
+        if exchange {
+            if let Some(d) = &dst {
+                self.copy_up_ino(newparent, newname, d)?;
+            }
+        }
+        let ofds = self.dir_fds(parent)?;
+        let nfds = self.dir_fds(newparent)?;
+        let ofd = ofds.upper().ok_or(Errno::IO)?;
+        let nfd = nfds.upper().ok_or(Errno::IO)?;
+        let src_lower = self.lower_positive(parent, name)?;
+        let dst_lower = self.lower_positive(newparent, newname)?;
+        let old_merged = !self.with_node(parent, |n| n.lower_dirs.is_empty())?;
+        let new_merged = !self.with_node(newparent, |n| n.lower_dirs.is_empty())?;
+        if exchange {
+            rustix::fs::renameat_with(ofd, name, nfd, newname, RenameFlags::EXCHANGE)?;
+            // As the kernel: a pure-upper directory moved into a merged directory becomes
+            // opaque, so lower content that appears there later stays hidden.
+            if src.kind == Kind::Dir && (dst_lower || new_merged) {
+                whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
+            }
+            if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) && (src_lower || old_merged) {
+                whiteout::set_opaque(XTarget::At(ofd, name), self.ns)?;
+            }
+        } else {
+            match sys::stat_at(nfd, newname) {
+                Ok(st) if whiteout::is_whiteout(&st) && src.kind == Kind::Dir => {
+                    // A directory cannot replace a character device: drop the whiteout;
+                    // the moved directory becomes opaque below.
+                    rustix::fs::unlinkat(nfd, newname, AtFlags::empty())?;
+                }
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                    // Merged-empty: only whiteouts remain inside, which must go first.
+                    let d = sys::open_dir_beneath(nfd, newname)?;
+                    layers::remove_children(&d)?;
+                }
+                _ => {}
+            }
+            let wf = if src_lower {
+                RenameFlags::WHITEOUT
+            } else {
+                RenameFlags::empty()
+            };
+            match rustix::fs::renameat_with(ofd, name, nfd, newname, wf) {
+                Ok(()) => {}
+                Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::OPNOTSUPP) if src_lower => {
+                    rustix::fs::renameat(ofd, name, nfd, newname)?;
+                    whiteout::make_whiteout(ofd, name)?;
+                }
+                Err(e) => return Err(e),
+            }
+            if src.kind == Kind::Dir && (dst_lower || new_merged) {
+                whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
+            }
+        }
+        // Tell the kernel's future mounts that this pure-upper directory now holds an entry
+        // with an origin, so its readdir fixes up d_ino (the kernel's "impure" marker).
+        if self
+            .with_node(newparent, |n| n.lower_dirs.is_empty())
+            .unwrap_or(false)
+            && newparent != ROOT
+        {
+            let _ = sys::setxattr(XTarget::Fd(nfd), &self.ns.name("impure"), b"y", 0);
+        }
+        // Table: move the source's name; the destination loses (or swaps) its name.
+        if let Some(d) = &dst {
+            if exchange {
+                self.rename_node(d.ino, newparent, newname, parent, name);
+            } else {
+                self.drop_cached(d);
+                self.forget_name(d.ino, newparent, newname);
+            }
+        }
+        self.rename_node(src.ino, parent, name, newparent, newname);
+        Ok(())
+    }
+}

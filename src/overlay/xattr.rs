@@ -1,0 +1,134 @@
+//! Extended attributes: the one owner of the rules for overlay-private names (which
+//! namespace the mount writes, what is bookkeeping, and the kernel's escaping of user data
+//! in the private namespace).
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use super::*;
+use crate::sys::{self};
+
+/// Which namespace the overlay-private xattrs live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrNs {
+    /// `trusted.overlay.*` (privileged, the kernel default).
+    Trusted,
+    /// `user.overlay.*` (the kernel's `userxattr` mode, for rootless use).
+    User,
+}
+
+impl XattrNs {
+    /// The prefix, with the trailing dot.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            XattrNs::Trusted => "trusted.overlay.",
+            XattrNs::User => "user.overlay.",
+        }
+    }
+    /// Full name of a private xattr such as "opaque" or "origin".
+    pub fn name(self, what: &str) -> OsString {
+        OsString::from(format!("{}{}", self.prefix(), what))
+    }
+}
+
+/// Every xattr name that is overlay bookkeeping, never user data: hidden from listings,
+/// never copied up, never exported into a layer.
+/// Escaped names (`trusted.overlay.overlay.*`) are user data of a nested overlay.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    if name.starts_with(b"trusted.overlay.overlay.") || name.starts_with(b"user.overlay.overlay.") {
+        return false;
+    }
+    name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"user.fuseoverlayfs.")
+}
+
+impl XattrNs {
+    /// Overlay bookkeeping of this namespace (escaped names are user data): what copy-up
+    /// leaves behind, as the kernel does.
+    pub fn is_private(self, name: &[u8]) -> bool {
+        let p = self.prefix().as_bytes();
+        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
+    }
+}
+
+impl Overlay {
+    // ----- xattrs --------------------------------------------------------------------
+
+    /// The name an xattr is stored under. Like the kernel since 6.7, names in the private
+    /// namespace are escaped (`trusted.overlay.X` is kept as `trusted.overlay.overlay.X`),
+    /// so an overlay can be the lower layer of another one.
+    pub(crate) fn stored_xattr_name(&self, name: &OsStr) -> OsString {
+        let p = self.ns.prefix().as_bytes();
+        match name.as_bytes().strip_prefix(p) {
+            Some(rest) => {
+                let mut v = p.to_vec();
+                v.extend_from_slice(b"overlay.");
+                v.extend_from_slice(rest);
+                OsString::from_vec(v)
+            }
+            None => name.to_owned(),
+        }
+    }
+
+    /// getxattr.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        let real = self.stored_xattr_name(name);
+        self.with_target(ino, |t| sys::getxattr(t, &real))
+    }
+
+    /// listxattr: overlay bookkeeping hidden, escaped names shown unescaped.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let names = self.with_target(ino, sys::listxattr)?;
+        let p = self.ns.prefix().as_bytes();
+        let mut out = Vec::new();
+        for n in names {
+            match n.strip_prefix(p) {
+                Some(rest) => match rest.strip_prefix(b"overlay.") {
+                    Some(user) => {
+                        out.extend_from_slice(p);
+                        out.extend_from_slice(user);
+                    }
+                    None => continue,
+                },
+                None => out.extend_from_slice(&n),
+            }
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// setxattr: copies up first.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.upper()?;
+        let real = self.stored_xattr_name(name);
+        self.copy_up(ino)?;
+        self.with_target(ino, |t| sys::setxattr(t, &real, value, flags))
+    }
+
+    /// removexattr: copies up first, unless the attribute does not exist at all.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.upper()?;
+        let real = self.stored_xattr_name(name);
+        if !self.with_node(ino, |n| n.upper)? {
+            self.with_target(ino, |t| sys::getxattr(t, &real))?;
+            self.copy_up(ino)?;
+        }
+        self.with_target(ino, |t| sys::removexattr(t, &real))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_names() {
+        assert!(is_private_xattr(b"trusted.overlay.opaque"));
+        assert!(is_private_xattr(b"user.overlay.origin"));
+        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
+        assert!(!is_private_xattr(b"user.overlayfoo"));
+        assert!(!is_private_xattr(b"security.capability"));
+        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque"));
+    }
+}
