@@ -56,6 +56,8 @@ impl Overlay {
                 _ => self.copy_up(ino)?,
             }
         }
+        // chown drops security.capability, chmod rewrites an ACL.
+        self.xattrs_changed(ino);
         let (dfd, name) = self.upper_at(ino)?;
         let d = dfd.as_fd();
         if sa.uid.is_some() || sa.gid.is_some() {
@@ -93,6 +95,7 @@ impl Overlay {
             };
             rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
         }
+        self.xattrs_changed(ino);
         self.getattr(ino, None)
     }
 

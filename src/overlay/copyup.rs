@@ -205,6 +205,7 @@ impl Overlay {
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {
             n.upper = true;
+            n.no_xattrs = false;
             if n.fds.is_some() {
                 // The old set lacked the upper fd.
                 self.fd_budget.set(&mut n.fds, Arc::new(new));
@@ -306,6 +307,7 @@ impl Overlay {
             if let Some(n) = nodes.get_mut(&ino) {
                 n.upper = true;
                 n.lower = None;
+                n.no_xattrs = false;
                 if n.parent != loc.parent || n.name != *name {
                     // Make the name we copied up the primary one.
                     let old = (

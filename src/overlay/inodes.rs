@@ -120,6 +120,9 @@ impl Overlay {
                         n.links.push(old);
                     }
                 }
+                if n.upper != found.upper || n.lower != found.lower {
+                    n.no_xattrs = false;
+                }
                 n.kind = found.kind;
                 n.upper = found.upper;
                 n.lower = found.lower;
@@ -149,6 +152,7 @@ impl Overlay {
                         nlookup: count as u64,
                         fds: slot,
                         orphan: false,
+                        no_xattrs: false,
                     },
                 );
             }

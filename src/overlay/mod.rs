@@ -98,6 +98,8 @@ pub struct Overlay {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Bumped by every xattr change (see `xattrs_changed`).
+    xattr_epoch: AtomicU64,
     stripes: Vec<Mutex<()>>,
     /// Some(dev) when every layer is on one filesystem: inode numbers pass through.
     single_dev: Option<u64>,
@@ -141,6 +143,7 @@ impl Overlay {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
+            xattr_epoch: AtomicU64::new(0),
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
             single_dev,
             devs: RwLock::new(devs),
@@ -181,6 +184,7 @@ impl Overlay {
             nlookup: 1,
             fds: Some(Arc::new(root_fds)),
             orphan: false,
+            no_xattrs: false,
         };
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)

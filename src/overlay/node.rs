@@ -78,6 +78,10 @@ pub(crate) struct Node {
     /// Its last name is gone (unlinked while open): operations by name must not touch
     /// whatever takes that name next.
     pub orphan: bool,
+    /// The object is known to carry no xattrs at all, so getxattr answers ENODATA without
+    /// a syscall (`ls -l` asks two or three names per file). Cleared by anything that may
+    /// add one: setxattr, setattr, copy-up, a new resolve.
+    pub no_xattrs: bool,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves

@@ -5,6 +5,8 @@
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 use crate::sys::{self};
 
@@ -71,10 +73,39 @@ impl Overlay {
         }
     }
 
-    /// getxattr.
+    /// The node may have changed its xattrs: forget that it had none. The epoch tells a
+    /// getxattr that listed the names meanwhile that its answer may be stale.
+    pub(crate) fn xattrs_changed(&self, ino: u64) {
+        self.xattr_epoch.fetch_add(1, Ordering::SeqCst);
+        if self.with_node(ino, |n| n.no_xattrs).unwrap_or(false) {
+            if let Some(n) = self.nodes.write().unwrap().get_mut(&ino) {
+                n.no_xattrs = false;
+            }
+        }
+    }
+
+    /// getxattr. A miss lists the names once, so later misses on an object without xattrs
+    /// (the common case) cost no syscall.
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if self.with_node(ino, |n| n.no_xattrs)? {
+            return Err(Errno::NODATA);
+        }
         let real = self.stored_xattr_name(name);
-        self.with_target(ino, |t| sys::getxattr(t, &real))
+        let epoch = self.xattr_epoch.load(Ordering::SeqCst);
+        self.with_target(ino, |t| match sys::getxattr(t, &real) {
+            Err(Errno::NODATA) => {
+                if sys::listxattr(t).is_ok_and(|l| l.is_empty()) {
+                    // Under the table lock, so a change cannot slip between check and set.
+                    if let Some(n) = self.nodes.write().unwrap().get_mut(&ino) {
+                        if self.xattr_epoch.load(Ordering::SeqCst) == epoch {
+                            n.no_xattrs = true;
+                        }
+                    }
+                }
+                Err(Errno::NODATA)
+            }
+            r => r,
+        })
     }
 
     /// listxattr: overlay bookkeeping hidden, escaped names shown unescaped.
@@ -103,7 +134,10 @@ impl Overlay {
         self.upper()?;
         let real = self.stored_xattr_name(name);
         self.copy_up(ino)?;
-        self.with_target(ino, |t| sys::setxattr(t, &real, value, flags))
+        self.xattrs_changed(ino);
+        let r = self.with_target(ino, |t| sys::setxattr(t, &real, value, flags));
+        self.xattrs_changed(ino);
+        r
     }
 
     /// removexattr: copies up first, unless the attribute does not exist at all.
@@ -114,13 +148,17 @@ impl Overlay {
             self.with_target(ino, |t| sys::getxattr(t, &real))?;
             self.copy_up(ino)?;
         }
-        self.with_target(ino, |t| sys::removexattr(t, &real))
+        let r = self.with_target(ino, |t| sys::removexattr(t, &real));
+        self.xattrs_changed(ino);
+        r
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::atomic::Ordering;
+
+use super::*;
 
     #[test]
     fn private_names() {
