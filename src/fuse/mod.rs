@@ -367,29 +367,31 @@ impl Filesystem for FuseFs {
         empty(reply, self.ov.fsync(fh.0, datasync))
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.ov.opendir(ino.0) {
-            // The kernel may keep the listing in its page cache across opens: every change
-            // to a directory goes through this mount, and the kernel drops the cached
-            // listing itself when it sees one (create, unlink, rename... bump the
-            // directory's version). Layers do not change while mounted.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno(e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS: the kernel then never sends OPENDIR/RELEASEDIR again (two round trips
+        // less per directory) and reads with handle 0, caching the listing in its page
+        // cache (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE is its default then). That is safe:
+        // every change to a directory goes through this mount, and the kernel drops its
+        // cached listing when it sees one. Listings are served by cookie (see
+        // `overlay::DirEntry::off`), so no per-open state is needed.
+        reply.error(Errno::ENOSYS);
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.ov.readdir(fh.0) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.ov.listing(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), &e.name) {
+        let start = entries.partition_point(|e| e.off <= offset);
+        let mut full = false;
+        for e in &entries[start..] {
+            if reply.add(INodeNo(e.ino), e.off, kind(e.kind), &e.name) {
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.ov.listing_done(ino.0);
         }
         reply.ok();
     }
@@ -398,15 +400,17 @@ impl Filesystem for FuseFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.ov.readdir(fh.0) {
+        let entries = match self.ov.listing(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let start = entries.partition_point(|e| e.off <= offset);
+        let mut full = false;
+        for e in &entries[start..] {
             let name = e.name.as_bytes();
             if name == b"." || name == b".." {
                 // No lookup for these: the kernel does not count references for them.
@@ -418,32 +422,31 @@ impl Filesystem for FuseFs {
                 fa.ino = INodeNo(e.ino);
                 if reply.add(
                     INodeNo(e.ino),
-                    i as u64 + 1,
+                    e.off,
                     &e.name,
                     &Duration::ZERO,
                     &fa,
                     Generation(0),
                 ) {
+                    full = true;
                     break;
                 }
                 continue;
             }
-            // An entry that vanished since opendir is skipped, as a concurrent unlink would.
+            // An entry that vanished since the listing was taken is skipped, as a
+            // concurrent unlink would.
             let Ok(a) = self.ov.lookup(ino.0, &e.name) else {
                 continue;
             };
-            if reply.add(
-                INodeNo(a.ino),
-                i as u64 + 1,
-                &e.name,
-                &TTL,
-                &attr(&a),
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(a.ino), e.off, &e.name, &TTL, &attr(&a), Generation(0)) {
                 // Did not fit: the kernel never saw this reference.
                 self.ov.forget(a.ino, 1);
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.ov.listing_done(ino.0);
         }
         reply.ok();
     }

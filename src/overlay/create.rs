@@ -115,6 +115,7 @@ impl Overlay {
         mode: u32,
         make: impl Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
     ) -> Result<(Attr, Option<OwnedFd>)> {
+        let _changed = self.changing(parent);
         self.upper()?;
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
@@ -233,6 +234,7 @@ impl Overlay {
 
     /// link: a new name for an existing object.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let _changed = self.changing(newparent);
         self.upper()?;
         if self.with_node(ino, |n| n.kind)? == Kind::Dir {
             return Err(Errno::PERM);

@@ -1,6 +1,6 @@
 //! Merged directory listings.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -11,32 +11,22 @@ use rustix::io::Errno;
 
 use rustix::fs::FileType;
 
+use super::index::{kind_of, LowerIndex};
 use super::node::DirFds;
 use super::{whiteout, DirEntry, Kind, Overlay, Result};
 use crate::sys::{self, XTarget};
 
-fn kind_of(ft: FileType) -> Option<Kind> {
-    Some(match ft {
-        FileType::Directory => Kind::Dir,
-        FileType::RegularFile => Kind::File,
-        FileType::Symlink => Kind::Symlink,
-        FileType::Fifo => Kind::Fifo,
-        FileType::Socket => Kind::Socket,
-        FileType::BlockDevice => Kind::Block,
-        FileType::CharacterDevice => Kind::Char,
-        _ => return None,
-    })
-}
-
 impl Overlay {
     /// The merged entries of a directory (without "." and ".."): upper first, then each
     /// lower layer, with whiteouts (and, in lower layers, AUFS markers) hiding names below.
+    /// `idx`, the directory's lower index, stands in for reading the lower layers.
     /// `with_ino` computes d_ino equal to what lookup reports (costlier for copied-up
     /// entries); an emptiness check does not need it.
     pub(crate) fn read_merged(
         &self,
         fds: &DirFds,
         lower_dirs: &[u16],
+        idx: Option<&LowerIndex>,
         with_ino: bool,
     ) -> Result<Vec<DirEntry>> {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
@@ -70,11 +60,25 @@ impl Overlay {
                 };
                 seen.insert(nb.to_vec());
                 out.push(DirEntry {
+                    off: 0,
                     ino,
                     kind,
                     name: name.to_owned(),
                 });
             }
+        }
+        if let Some(idx) = idx {
+            for (n, e) in &idx.names {
+                if !seen.contains(&**n) {
+                    out.push(DirEntry {
+                        off: 0,
+                        ino: e.ino,
+                        kind: e.kind,
+                        name: OsStr::from_bytes(n).to_owned(),
+                    });
+                }
+            }
+            return Ok(out);
         }
         for &l in lower_dirs {
             let Some(d) = fds.lower(l) else { continue };
@@ -107,6 +111,7 @@ impl Overlay {
                 here.push(nb.to_vec());
                 let ino = if with_ino { self.map_ino(dev, ent.ino()) } else { 0 };
                 out.push(DirEntry {
+                    off: 0,
                     ino,
                     kind,
                     name: name.to_owned(),
@@ -134,31 +139,115 @@ impl Overlay {
     }
 }
 
+/// The position cookie of a name (see `DirEntry::off`): a fixed-key hash, above the
+/// cookies of "." and "..", below 2^62 so it is a valid signed file offset.
+fn cookie(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    (h.finish() >> 2) + 3
+}
+
+/// Cached listings of directories being read, by directory inode. `gen` counts changes,
+/// so a listing computed while the directory changed is not kept.
+#[derive(Debug, Default)]
+pub(crate) struct Listings {
+    slots: HashMap<u64, (u64, Option<Arc<Vec<DirEntry>>>)>,
+}
+
+/// See `Overlay::changing`.
+pub(crate) struct DirChange<'a>(&'a Overlay, u64);
+
+impl Drop for DirChange<'_> {
+    fn drop(&mut self) {
+        self.0.dir_changed(self.1);
+    }
+}
+
+/// Listings kept at most (directories being read at the same time).
+const MAX_LISTINGS: usize = 256;
+
 impl Overlay {
     // ----- directories ---------------------------------------------------------------
 
-    /// opendir: take a snapshot of the merged listing, so offsets stay stable.
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    /// The merged listing of directory `ino` with "." and "..", ordered by cookie. It is
+    /// cached until the directory changes or `listing_done`, so a directory read in many
+    /// chunks is merged once.
+    pub fn listing(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let gen = {
+            let mut l = self.listings.lock().unwrap();
+            if let Some((_, Some(v))) = l.slots.get(&ino) {
+                return Ok(v.clone());
+            }
+            if l.slots.len() >= MAX_LISTINGS {
+                l.slots.retain(|_, (_, v)| v.is_none());
+            }
+            l.slots.entry(ino).or_insert((0, None)).0
+        };
         let (kind, parent, lower_dirs) = self.with_node(ino, |n| (n.kind, n.parent, n.lower_dirs.clone()))?;
         if kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
         let fds = self.dir_fds(ino)?;
-        let mut entries = vec![
-            DirEntry {
-                ino,
-                kind: Kind::Dir,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: parent,
-                kind: Kind::Dir,
-                name: "..".into(),
-            },
-        ];
-        entries.extend(self.read_merged(&fds, &lower_dirs, true)?);
+        let idx = self.lower_index(ino, &fds, &lower_dirs, true)?;
+        let mut entries = self.read_merged(&fds, &lower_dirs, idx.as_deref(), true)?;
+        for e in entries.iter_mut() {
+            e.off = cookie(e.name.as_bytes());
+        }
+        entries.sort_unstable_by(|a, b| (a.off, &a.name).cmp(&(b.off, &b.name)));
+        let mut all = Vec::with_capacity(entries.len() + 2);
+        all.push(DirEntry {
+            ino,
+            off: 1,
+            kind: Kind::Dir,
+            name: ".".into(),
+        });
+        all.push(DirEntry {
+            ino: parent,
+            off: 2,
+            kind: Kind::Dir,
+            name: "..".into(),
+        });
+        all.extend(entries);
+        let all = Arc::new(all);
+        let mut l = self.listings.lock().unwrap();
+        if let Some(slot) = l.slots.get_mut(&ino) {
+            if slot.0 == gen {
+                slot.1 = Some(all.clone());
+            }
+        }
+        Ok(all)
+    }
+
+    /// The reader got to the end of the listing of `ino`: it need not be kept.
+    pub fn listing_done(&self, ino: u64) {
+        let mut l = self.listings.lock().unwrap();
+        if let Some(slot) = l.slots.get_mut(&ino) {
+            slot.1 = None;
+        }
+    }
+
+    /// Names in directory `ino` changed: a cached listing is stale.
+    pub(crate) fn dir_changed(&self, ino: u64) {
+        let mut l = self.listings.lock().unwrap();
+        if let Some(slot) = l.slots.get_mut(&ino) {
+            slot.0 += 1;
+            slot.1 = None;
+        }
+    }
+
+    /// A guard that marks directory `ino` changed when the operation ends, whatever its
+    /// outcome (so a listing computed meanwhile is not kept).
+    pub(crate) fn changing(&self, ino: u64) -> DirChange<'_> {
+        DirChange(self, ino)
+    }
+
+    /// opendir: take a snapshot of the merged listing, so offsets stay stable.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let entries = self.listing(ino)?;
+        self.listing_done(ino);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().unwrap().insert(fh, Arc::new(entries));
+        self.dirs.lock().unwrap().insert(fh, entries);
         Ok(fh)
     }
 

@@ -153,6 +153,7 @@ impl Overlay {
                         fds: slot,
                         orphan: false,
                         no_xattrs: false,
+                        probes: 0,
                     },
                 );
             }
@@ -197,6 +198,10 @@ impl Overlay {
             if node.nlookup == 0 {
                 if let Some(mut gone) = nodes.remove(&ino) {
                     self.fd_budget.clear(&mut gone.fds);
+                    if gone.kind == Kind::Dir {
+                        drop(nodes);
+                        self.drop_index(ino);
+                    }
                 }
             }
         }

@@ -12,6 +12,9 @@ use super::node::DirFds;
 use super::*;
 use crate::sys::{self, XTarget};
 
+/// Longest name the layers' filesystems take (what a probe would answer ENAMETOOLONG to).
+const NAME_MAX: usize = 255;
+
 impl Overlay {
     // ----- lookup --------------------------------------------------------------------
 
@@ -94,8 +97,19 @@ impl Overlay {
             }
         }
         // AUFS markers in lower layers are bookkeeping, never visible names.
-        if !whiteout::is_aufs_marker(name) {
-            for &l in lower_dirs.iter() {
+        if !whiteout::is_aufs_marker(name) && !lower_dirs.is_empty() {
+            // With an index only the layers that hold the name are probed.
+            let probe: std::borrow::Cow<'_, [u16]> =
+                match self.index_for_lookup(parent, &pfds, &lower_dirs)? {
+                    Some(idx) => {
+                        if name.len() > NAME_MAX && found.is_none() {
+                            return Err(Errno::NAMETOOLONG);
+                        }
+                        idx.candidates(name).into()
+                    }
+                    None => (*lower_dirs).into(),
+                };
+            for &l in probe.iter() {
                 let Some(dfd) = pfds.lower(l) else { continue };
                 match sys::stat_at(dfd, name) {
                     Ok(st) if whiteout::is_whiteout(&st) => break,

@@ -10,6 +10,7 @@ mod copyup;
 mod create;
 mod dir;
 mod file;
+mod index;
 mod inodes;
 pub mod layers;
 mod lookup;
@@ -41,6 +42,9 @@ type LinkIndex = HashMap<u64, Vec<std::path::PathBuf>>;
 
 /// Result of a core operation: a value or the errno to hand back to the caller.
 pub type Result<T> = std::result::Result<T, Errno>;
+
+/// How many lower-index entries are kept in memory at most (about 70 bytes each).
+const INDEX_ENTRIES: usize = 65536;
 
 /// Inode number of the root directory (FUSE's FUSE_ROOT_ID).
 pub const ROOT: u64 = 1;
@@ -96,6 +100,7 @@ pub struct Overlay {
     nodes: RwLock<HashMap<u64, Node>>,
     files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    listings: Mutex<dir::Listings>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     /// Bumped by every xattr change (see `xattrs_changed`).
@@ -111,6 +116,8 @@ pub struct Overlay {
     fd_budget: FdBudget,
     /// Per lower layer: inode -> paths, for files with several links (built on demand).
     link_index: Mutex<HashMap<u16, Arc<LinkIndex>>>,
+    /// Lower indexes of merged directories.
+    indexes: Mutex<index::IndexCache>,
 }
 
 fn ts(sec: i64, nsec: u64) -> (i64, u32) {
@@ -141,6 +148,7 @@ impl Overlay {
             nodes: RwLock::new(HashMap::new()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(dir::Listings::default()),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
             xattr_epoch: AtomicU64::new(0),
@@ -150,6 +158,7 @@ impl Overlay {
             origins: RwLock::new(HashMap::new()),
             fd_budget: FdBudget::new((limit - 1024).max(64) / 2),
             link_index: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
         };
         let dup = |fd: &OwnedFd| fd.try_clone().map(Arc::new);
         let root_fds = DirFds {
@@ -185,6 +194,7 @@ impl Overlay {
             fds: Some(Arc::new(root_fds)),
             orphan: false,
             no_xattrs: false,
+            probes: 0,
         };
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)

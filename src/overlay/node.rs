@@ -82,6 +82,8 @@ pub(crate) struct Node {
     /// a syscall (`ls -l` asks two or three names per file). Cleared by anything that may
     /// add one: setxattr, setattr, copy-up, a new resolve.
     pub no_xattrs: bool,
+    /// Directory: layer probes its lookups have cost without an index (see `index`).
+    pub probes: u32,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves

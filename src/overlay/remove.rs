@@ -13,6 +13,7 @@ impl Overlay {
 
     /// unlink: remove a non-directory. A lower object gets a whiteout and is never copied up.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _changed = self.changing(parent);
         self.upper()?;
         let found = self.resolve(parent, name)?;
         if found.kind == Kind::Dir {
@@ -39,6 +40,7 @@ impl Overlay {
 
     /// rmdir: the merged directory must be empty; whiteouts inside the upper go with it.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _changed = self.changing(parent);
         self.upper()?;
         let found = self.resolve(parent, name)?;
         if found.kind != Kind::Dir {
@@ -46,7 +48,15 @@ impl Overlay {
         }
         {
             let fds = found.fds.as_ref().ok_or(Errno::IO)?;
-            if !self.read_merged(fds, &found.lower_dirs, false)?.is_empty() {
+            if !self
+                .read_merged(
+                    fds,
+                    &found.lower_dirs,
+                    self.cached_index(found.ino, &found.lower_dirs).as_deref(),
+                    false,
+                )?
+                .is_empty()
+            {
                 return Err(Errno::NOTEMPTY);
             }
         }

@@ -19,6 +19,7 @@ impl Overlay {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
+        let _changed = (self.changing(parent), self.changing(newparent));
         self.upper()?;
         let rf = RenameFlags::from_bits(flags).ok_or(Errno::INVAL)?;
         if rf.intersects(!(RenameFlags::NOREPLACE | RenameFlags::EXCHANGE))
@@ -56,7 +57,15 @@ impl Overlay {
                     (false, true) => return Err(Errno::ISDIR),
                     (true, true) => {
                         let fds = d.fds.as_ref().ok_or(Errno::IO)?;
-                        if !self.read_merged(fds, &d.lower_dirs, false)?.is_empty() {
+                        if !self
+                            .read_merged(
+                                fds,
+                                &d.lower_dirs,
+                                self.cached_index(d.ino, &d.lower_dirs).as_deref(),
+                                false,
+                            )?
+                            .is_empty()
+                        {
                             return Err(Errno::NOTEMPTY);
                         }
                     }
@@ -144,6 +153,11 @@ impl Overlay {
             }
         }
         self.rename_node(src.ino, parent, name, newparent, newname);
+        // A moved directory's ".." changed.
+        self.dir_changed(src.ino);
+        if let Some(d) = &dst {
+            self.dir_changed(d.ino);
+        }
         Ok(())
     }
 }

@@ -138,6 +138,10 @@ pub struct Caller {
 pub struct DirEntry {
     /// Inode number, equal to what lookup reports as st_ino.
     pub ino: u64,
+    /// Position cookie: listings are ordered by it, and the entry after cookie X is the
+    /// first one above X. It is a hash of the name ("." is 1, ".." 2), so it stays valid
+    /// when other names come and go, as ext4's are.
+    pub off: u64,
     /// Type.
     pub kind: Kind,
     /// Name.

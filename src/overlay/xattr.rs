@@ -158,7 +158,7 @@ impl Overlay {
 mod tests {
     use std::sync::atomic::Ordering;
 
-use super::*;
+    use super::*;
 
     #[test]
     fn private_names() {
