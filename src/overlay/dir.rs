@@ -148,11 +148,14 @@ fn cookie(name: &[u8]) -> u64 {
     (h.finish() >> 2) + 3
 }
 
+/// A merged listing, ordered by cookie.
+type Listing = Arc<Vec<DirEntry>>;
+
 /// Cached listings of directories being read, by directory inode. `gen` counts changes,
 /// so a listing computed while the directory changed is not kept.
 #[derive(Debug, Default)]
 pub(crate) struct Listings {
-    slots: HashMap<u64, (u64, Option<Arc<Vec<DirEntry>>>)>,
+    slots: HashMap<u64, (u64, Option<Listing>)>,
 }
 
 /// See `Overlay::changing`.
