@@ -207,7 +207,7 @@ WORKLOADS = [
     ("readdir_stack", "readdir of that dir ({lookups} entries, {stack} layers) [fresh mount]", "ms"),
     ("untar", "untar {create} small files (tar x) [warm]", "s"),
     ("rm", "`rm -rf` of them [warm]", "s"),
-    ("fio_randread", "fio 4k random read, {fio} file in the mount, psync QD1 buffered (page cache dropped at job start), {fio_secs} s (IOPS)", "iops"),
+    ("fio_randread", "fio 4k random read, {fio} file in the mount, psync QD1 buffered, warm page cache, {fio_secs} s (IOPS)", "iops"),
     ("fio_randwrite", "fio 4k random write, same file (IOPS)", "iops"),
     ("read", "sequential read {read} lower file (dd bs=1M) [cold]", "s"),
     ("cp_a", "`cp -a` of /usr/share/doc ({doc}, lower layer) to a dir in the mount [cold]", "s"),

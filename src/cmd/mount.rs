@@ -64,6 +64,9 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("volatile", None) | ("fsync", Some("0")) => spec.overlay.volatile = true,
             ("fsync", Some(_)) => {}
             ("userxattr", None) => spec.overlay.userxattr = true,
+            ("passthrough", Some("on")) => spec.opts.passthrough = true,
+            ("passthrough", Some("off")) => spec.opts.passthrough = false,
+            ("passthrough", Some(v)) => bail!("passthrough={v}: expected on or off"),
             ("ro", None) => spec.opts.ro = true,
             ("rw", None) => spec.opts.ro = false,
             ("dev", None) => spec.opts.dev = true,
@@ -132,6 +135,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             ro: false,
             fsname: "strata".into(),
             threads: a.threads,
+            passthrough: true,
         },
         image: None,
     };
@@ -208,6 +212,7 @@ pub fn mount_container(
             ro: false,
             fsname: format!("strata:{}", c.state.name),
             threads: 4,
+            passthrough: true,
         },
         image: Some(c.state.image_id.clone()),
     };
@@ -394,6 +399,7 @@ mod tests {
                 foreground: false,
                 log_file: None,
                 threads: 1,
+                passthrough: true,
                 targets: vec!["/mnt".into()],
             },
             Path::new("/nonexistent"),

@@ -3,17 +3,19 @@
 
 pub mod mount;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::overlay::{self, Attr, Caller, Kind, Overlay, SetAttr, TimeSet};
@@ -26,12 +28,109 @@ const TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct FuseFs {
     ov: Arc<Overlay>,
+    /// Passthrough allowed by the mount options.
+    want_passthrough: bool,
+    /// The kernel does reads and writes of upper files itself (FUSE passthrough).
+    passthrough: AtomicBool,
+    io: Mutex<IoTable>,
 }
 
 impl FuseFs {
-    /// Serve `ov`.
-    pub fn new(ov: Arc<Overlay>) -> FuseFs {
-        FuseFs { ov }
+    /// Serve `ov`; `passthrough` allows FUSE passthrough where the kernel offers it.
+    pub fn new(ov: Arc<Overlay>, passthrough: bool) -> FuseFs {
+        FuseFs {
+            ov,
+            want_passthrough: passthrough,
+            passthrough: AtomicBool::new(false),
+            io: Mutex::new(IoTable::default()),
+        }
+    }
+}
+
+/// How the open handles of one inode do their I/O. The kernel wants one mode per inode at
+/// a time: every handle through one backing file, or none.
+#[derive(Debug, Default)]
+struct InodeIo {
+    /// Handles served by read/write requests.
+    cached: u32,
+    /// The backing file registered for passthrough, and the handles using it.
+    backing: Option<(Arc<BackingId>, u32)>,
+}
+
+#[derive(Debug, Default)]
+struct IoTable {
+    inodes: HashMap<u64, InodeIo>,
+    /// Handle -> (inode, passthrough?).
+    handles: HashMap<u64, (u64, bool)>,
+}
+
+impl FuseFs {
+    /// Decide how handle `fh` of inode `ino` does its I/O: returns the backing id for a
+    /// passthrough reply. Passthrough is used for upper files only: an upper file stays the
+    /// object's file for good, while a lower one is replaced by its copy-up, which the
+    /// kernel could not switch a live backing to. `register` makes a backing id.
+    fn choose_io(
+        &self,
+        ino: u64,
+        fh: u64,
+        upper: bool,
+        register: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut t = self.io.lock().unwrap();
+        let st = t.inodes.entry(ino).or_default();
+        let id = if let Some((b, n)) = &mut st.backing {
+            *n += 1;
+            Some(b.clone())
+        } else if st.cached == 0 && upper && self.passthrough.load(Ordering::Relaxed) {
+            match self
+                .ov
+                .file_fd(fh)
+                .map_err(std::io::Error::from)
+                .and_then(|fd| register(&fd))
+            {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    st.backing = Some((b.clone(), 1));
+                    Some(b)
+                }
+                Err(e) => {
+                    // Not allowed (unprivileged), or a stacked upper: plain requests then.
+                    log::info!("FUSE passthrough unavailable ({e}); reads and writes go through strata");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if id.is_none() {
+            st.cached += 1;
+        }
+        t.handles.insert(fh, (ino, id.is_some()));
+        id
+    }
+
+    /// Handle `fh` is closed.
+    fn release_io(&self, fh: u64) {
+        let mut t = self.io.lock().unwrap();
+        let Some((ino, pt)) = t.handles.remove(&fh) else {
+            return;
+        };
+        if let Some(st) = t.inodes.get_mut(&ino) {
+            if pt {
+                if let Some((_, n)) = &mut st.backing {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.backing = None;
+                    }
+                }
+            } else {
+                st.cached = st.cached.saturating_sub(1);
+            }
+            if st.cached == 0 && st.backing.is_none() {
+                t.inodes.remove(&ino);
+            }
+        }
     }
 }
 
@@ -165,6 +264,16 @@ impl Filesystem for FuseFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // Passthrough: the kernel reads and writes upper files directly. It needs
+        // CAP_SYS_ADMIN (registering a backing file fails otherwise, and strata falls back
+        // to plain requests) and a stacking depth of 1, which still lets overlayfs stack
+        // on top of this mount.
+        if self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
@@ -293,9 +402,14 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.ov.open(ino.0, flags.0) {
-            // strata is the only writer, so the kernel may keep cached pages across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        match self.ov.open_file(ino.0, flags.0) {
+            Ok((fh, upper)) => match self.choose_io(ino.0, fh, upper && self.ov.passthrough_safe(fh), |fd| {
+                reply.open_backing(fd)
+            }) {
+                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+                // strata is the only writer, so the kernel may keep cached pages across opens.
+                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -359,6 +473,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_io(fh.0);
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -516,13 +631,25 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         match self.ov.create(parent.0, name, mode & !umask, flags, caller(req)) {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fh)) => match self.choose_io(a.ino, fh, self.ov.passthrough_safe(fh), |fd| {
+                reply.open_backing(fd)
+            }) {
+                Some(b) => reply.created_passthrough(
+                    &TTL,
+                    &attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &b,
+                ),
+                None => reply.created(
+                    &TTL,
+                    &attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }

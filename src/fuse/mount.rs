@@ -28,6 +28,8 @@ pub struct MountOpts {
     pub fsname: String,
     /// Worker threads.
     pub threads: usize,
+    /// Let the kernel read and write upper files directly (FUSE passthrough) where it can.
+    pub passthrough: bool,
 }
 
 fn fuser_config(o: &MountOpts) -> Config {
@@ -187,7 +189,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     let sigs = signals();
     sigs.thread_block().map_err(std::io::Error::from)?;
     let cfg = fuser_config(o);
-    let fs = FuseFs::new(ov);
+    let fs = FuseFs::new(ov, o.passthrough);
     let direct = crate::sys::euid() == 0;
     let made = if direct {
         // As root, mount(2) ourselves so the type is "fuse.strata" (fuser would say "fuse").

@@ -1,14 +1,15 @@
 //! Open files: open, read, write, fsync and the other calls on a file handle.
 
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::*;
-use crate::sys::{self};
+use crate::sys::{self, XTarget};
 
 impl Overlay {
     // ----- files ---------------------------------------------------------------------
@@ -25,6 +26,12 @@ impl Overlay {
 
     /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        self.open_file(ino, flags).map(|(fh, _)| fh)
+    }
+
+    /// open, also telling whether the handle is on the upper layer's file (which stays the
+    /// object's file for good, so the kernel may do the I/O on it directly).
+    pub fn open_file(&self, ino: u64, flags: i32) -> Result<(u64, bool)> {
         let acc = flags & libc::O_ACCMODE;
         let trunc = flags & libc::O_TRUNC != 0;
         let write = acc != libc::O_RDONLY || trunc;
@@ -47,7 +54,28 @@ impl Overlay {
             open_flags(flags) | OFlags::NOFOLLOW,
             Mode::empty(),
         )?;
-        Ok(self.add_file(fd))
+        Ok((self.add_file(fd), loc.upper))
+    }
+
+    /// May the kernel write the file behind `fh` directly (FUSE passthrough)? Its writes
+    /// run with the daemon's credentials, so they would not drop setuid, setgid or
+    /// security.capability when an unprivileged user writes. So: only files that carry none
+    /// of these and that no one but the owner may write (a later chmod u+s on a file whose
+    /// owner holds it open for writing gives the owner nothing new).
+    pub fn passthrough_safe(&self, fh: u64) -> bool {
+        let Ok(fd) = self.file(fh) else { return false };
+        let Ok(st) = rustix::fs::fstat(&*fd) else {
+            return false;
+        };
+        let m = st.st_mode;
+        FileType::from_raw_mode(m) == FileType::RegularFile
+            && m & (libc::S_ISUID | libc::S_ISGID | 0o022) == 0
+            && sys::getxattr(XTarget::Fd(fd.as_fd()), OsStr::new("security.capability")).is_err()
+    }
+
+    /// The real file behind a handle.
+    pub fn file_fd(&self, fh: u64) -> Result<Arc<OwnedFd>> {
+        self.file(fh)
     }
 
     /// read from an open file.
