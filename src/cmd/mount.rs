@@ -399,7 +399,6 @@ mod tests {
                 foreground: false,
                 log_file: None,
                 threads: 1,
-                passthrough: true,
                 targets: vec!["/mnt".into()],
             },
             Path::new("/nonexistent"),
