@@ -1199,3 +1199,107 @@ fn random_ops_4() {
 fn random_ops_5() {
     random_case(5);
 }
+
+// ---------------------------------------------------------------------------
+// Directory listings after changes made through the mount. strata lets the kernel cache
+// listings (and serves them by cookie), so each change must show in the next listing.
+
+/// Names of the readdir just recorded; panics if it failed.
+fn listed(o: &Ops) -> Vec<String> {
+    match o.last() {
+        Some(Ok(s)) => s
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| e.split(':').next().unwrap_or_default().to_string())
+            .collect(),
+        r => panic!("readdir failed: {r:?}"),
+    }
+}
+
+fn has(v: &[String], name: &str) -> bool {
+    v.iter().any(|n| n == name)
+}
+
+#[test]
+fn listing_follows_changes_through_the_mount() {
+    run_case(
+        "listing-cache",
+        2,
+        |ls| {
+            base(ls);
+            ls.lower(1)
+                .dir("dir")
+                .file("dir/bottom", "b\n")
+                .file("dir/f1", "under\n");
+            ls.lower(0).dir("big");
+            ls.lower(1).dir("big");
+            for i in 0..700 {
+                // Spread over both layers, with an overlap, so the listing is merged.
+                let l = if i % 3 == 0 { 1 } else { 0 };
+                ls.lower(l)
+                    .file(&format!("big/entry-with-a-longish-name-{i:04}"), "x");
+                if i % 7 == 0 {
+                    ls.lower(1 - l)
+                        .file(&format!("big/entry-with-a-longish-name-{i:04}"), "y");
+                }
+            }
+        },
+        |o| {
+            o.readdir("dir");
+            let before = listed(o);
+            assert!(
+                has(&before, "bottom") && has(&before, "f1") && has(&before, "sub"),
+                "{before:?}"
+            );
+            o.readdir("dir");
+            assert_eq!(listed(o), before, "a second listing must be the same");
+            o.write("dir/new", b"n");
+            o.readdir("dir");
+            assert!(has(&listed(o), "new"), "created name missing");
+            o.unlink("dir/f1");
+            o.readdir("dir");
+            assert!(!has(&listed(o), "f1"), "unlinked name still listed");
+            o.unlink("dir/bottom");
+            o.readdir("dir");
+            assert!(!has(&listed(o), "bottom"), "whiteout not honoured by the listing");
+            o.rename("dir/f2", "dir/g2");
+            o.readdir("dir");
+            let l = listed(o);
+            assert!(has(&l, "g2") && !has(&l, "f2"), "rename not listed: {l:?}");
+            o.rename("a", "dir/a");
+            o.readdir("");
+            assert!(!has(&listed(o), "a"), "moved name still in its old dir");
+            o.readdir("dir");
+            assert!(has(&listed(o), "a"), "moved name missing from its new dir");
+            o.mkdir("dir/d", 0o755);
+            o.readdir("dir");
+            assert!(has(&listed(o), "d"));
+            o.rmdir("dir/d");
+            o.readdir("dir");
+            assert!(!has(&listed(o), "d"));
+            o.symlink("x", "dir/l");
+            o.link("b", "dir/hb");
+            o.readdir("dir");
+            let l = listed(o);
+            assert!(has(&l, "l") && has(&l, "hb"), "{l:?}");
+            o.remove_all("dir/sub");
+            o.readdir("dir");
+            assert!(!has(&listed(o), "sub"));
+            // A listing that takes many readdir calls, changed in between reads.
+            o.readdir("big");
+            assert_eq!(listed(o).len(), 700);
+            for i in (0..700).step_by(5) {
+                o.unlink(&format!("big/entry-with-a-longish-name-{i:04}"));
+            }
+            o.readdir("big");
+            assert_eq!(listed(o).len(), 560);
+            for i in 0..50 {
+                o.write(&format!("big/added-{i}"), b"z");
+            }
+            o.readdir("big");
+            let l = listed(o);
+            assert_eq!(l.len(), 610);
+            assert!(has(&l, "added-49") && !has(&l, "entry-with-a-longish-name-0005"));
+        },
+    );
+}

@@ -584,3 +584,90 @@ fn copy_up_keeps_file_capabilities() {
         "the copied-up file lost its capabilities"
     );
 }
+
+/// Threads create, rename and delete in one directory while others list it: no listing
+/// fails, every listing holds each name that never changes exactly once and no name twice,
+/// and at the end the listing is exactly what is left, also under the kernel.
+#[test]
+fn listing_while_others_change_the_directory() {
+    use std::collections::{BTreeSet, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let ls = LayerSet::new("stress-list", 2);
+    ls.lower(0).dir("d");
+    ls.lower(1).dir("d");
+    for i in 0..150 {
+        ls.lower(1).file(&format!("d/stable-{i}"), "s");
+        ls.lower(0).file(&format!("d/low-{i}"), "l");
+    }
+    let spec = ls.spec();
+    let m = StrataMount::new(&spec);
+    let d = m.root().join("d");
+    let stable: BTreeSet<String> = (0..150).map(|i| format!("stable-{i}")).collect();
+    let done = AtomicBool::new(false);
+    let listings = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let mut writers = Vec::new();
+        for w in 0..3 {
+            let d = &d;
+            writers.push(s.spawn(move || {
+                for i in 0..200 {
+                    let a = d.join(format!("w{w}-{i}"));
+                    let b = d.join(format!("w{w}-{i}-moved"));
+                    fs::write(&a, b"x").unwrap();
+                    fs::rename(&a, &b).unwrap();
+                    if i % 2 == 0 {
+                        fs::remove_file(&b).unwrap();
+                    }
+                    if i % 4 == w {
+                        let _ = fs::remove_file(d.join(format!("low-{}", i % 150)));
+                    }
+                }
+            }));
+        }
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let names: Vec<String> = read_dir_raw(&d).unwrap().into_iter().map(|e| e.0).collect();
+                    let set: HashSet<&String> = names.iter().collect();
+                    assert_eq!(set.len(), names.len(), "a name listed twice");
+                    for n in &stable {
+                        assert!(set.contains(n), "{n} missing from a listing");
+                    }
+                    listings.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert!(listings.load(Ordering::Relaxed) > 2, "the listers did not run");
+    let mut want = stable.clone();
+    for w in 0..3 {
+        for i in (1..200).step_by(2) {
+            want.insert(format!("w{w}-{i}-moved"));
+        }
+    }
+    let removed: BTreeSet<usize> = (0..200)
+        .filter(|i| (0..3).contains(&(i % 4)))
+        .map(|i| i % 150)
+        .collect();
+    for i in 0..150 {
+        if !removed.contains(&i) {
+            want.insert(format!("low-{i}"));
+        }
+    }
+    let got: BTreeSet<String> = read_dir_raw(&d).unwrap().into_iter().map(|e| e.0).collect();
+    assert_eq!(got, want);
+    m.umount().unwrap();
+    // The upper it left reads the same under the kernel.
+    let k = KernelMount::new(&spec);
+    let kgot: BTreeSet<String> = read_dir_raw(&k.root().join("d"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(kgot, want);
+    k.umount().unwrap();
+}
