@@ -74,14 +74,13 @@ pub fn umount(p: &Path, lazy: bool) -> anyhow::Result<()> {
             return Err(std::io::Error::from(e)).with_context(|| format!("unmounting '{}'", p.display()))
         }
     }
-    if let Some(pid) = pid {
-        let pid = nix::unistd::Pid::from_raw(pid);
+    if let Some(pid) = pid.filter(|_| !lazy) {
         let start = Instant::now();
-        while crate::mounts::pid_alive(pid.as_raw()) {
-            if lazy {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
+        let limit = Duration::from_secs(30);
+        // Woken the moment it exits where pidfds work, else polled.
+        let _ = crate::sys::wait_exit(pid, limit);
+        while crate::mounts::pid_alive(pid) {
+            if start.elapsed() > limit {
                 bail!(
                     "the daemon (pid {pid}) of '{}' did not exit within 30 s",
                     p.display()

@@ -53,8 +53,17 @@ impl FuseFs {
 struct InodeIo {
     /// Handles served by read/write requests.
     cached: u32,
-    /// The backing file registered for passthrough, and the handles using it.
-    backing: Option<(Arc<BackingId>, u32)>,
+    /// The backing file registered for passthrough.
+    backing: Option<Backing>,
+}
+
+#[derive(Debug)]
+struct Backing {
+    id: Arc<BackingId>,
+    /// Handles using it.
+    handles: u32,
+    /// It is the lower file (opened read-only before any copy-up).
+    lower: bool,
 }
 
 #[derive(Debug, Default)]
@@ -64,24 +73,54 @@ struct IoTable {
     handles: HashMap<u64, (u64, bool)>,
 }
 
+/// An open that needs a lower file's data to change while passthrough handles read that
+/// lower file: the kernel cannot move them to the copy-up, so it is refused, as writing a
+/// running binary is.
+const BUSY: Errno = Errno::ETXTBSY;
+
 impl FuseFs {
-    /// Decide how handle `fh` of inode `ino` does its I/O: returns the backing id for a
-    /// passthrough reply. Passthrough is used for upper files only: an upper file stays the
-    /// object's file for good, while a lower one is replaced by its copy-up, which the
-    /// kernel could not switch a live backing to. `register` makes a backing id.
+    /// Is inode `ino` read through a passthrough handle on its lower file?
+    fn lower_backed(&self, ino: u64) -> bool {
+        self.io
+            .lock()
+            .unwrap()
+            .inodes
+            .get(&ino)
+            .and_then(|s| s.backing.as_ref())
+            .is_some_and(|b| b.lower)
+    }
+
+    /// Decide how handle `fh` of inode `ino` does its I/O: Ok(Some(id)) for a passthrough
+    /// reply, Ok(None) for plain requests, Err(BUSY) for a write handle that a lower
+    /// backing rules out. `eligible`: the file may be passed through (see
+    /// `Overlay::passthrough_safe`); `lower`: it is the lower file; `register` makes a
+    /// backing id.
+    ///
+    /// A lower file is passed through for reading only. Until its last such handle
+    /// closes, a copy-up that keeps the data (chmod, chown, xattrs, link, rename) lets
+    /// new read handles share the lower backing (same bytes), and anything that would
+    /// change the data (a write open, a truncate) is refused with ETXTBSY.
     fn choose_io(
         &self,
         ino: u64,
         fh: u64,
-        upper: bool,
+        eligible: bool,
+        lower: bool,
+        write: bool,
         register: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
+    ) -> Result<Option<Arc<BackingId>>, Errno> {
         let mut t = self.io.lock().unwrap();
         let st = t.inodes.entry(ino).or_default();
-        let id = if let Some((b, n)) = &mut st.backing {
-            *n += 1;
-            Some(b.clone())
-        } else if st.cached == 0 && upper && self.passthrough.load(Ordering::Relaxed) {
+        let id = if let Some(b) = &mut st.backing {
+            if b.lower && write {
+                if st.cached == 0 && b.handles == 0 {
+                    t.inodes.remove(&ino);
+                }
+                return Err(BUSY);
+            }
+            b.handles += 1;
+            Some(b.id.clone())
+        } else if st.cached == 0 && eligible && self.passthrough.load(Ordering::Relaxed) {
             match self
                 .ov
                 .file_fd(fh)
@@ -89,14 +128,25 @@ impl FuseFs {
                 .and_then(|fd| register(&fd))
             {
                 Ok(b) => {
-                    let b = Arc::new(b);
-                    st.backing = Some((b.clone(), 1));
-                    Some(b)
+                    let id = Arc::new(b);
+                    st.backing = Some(Backing {
+                        id: id.clone(),
+                        handles: 1,
+                        lower,
+                    });
+                    Some(id)
                 }
                 Err(e) => {
-                    // Not allowed (unprivileged), or a stacked upper: plain requests then.
-                    log::info!("FUSE passthrough unavailable ({e}); reads and writes go through strata");
-                    self.passthrough.store(false, Ordering::Relaxed);
+                    if e.raw_os_error() == Some(libc::EPERM) {
+                        // Not allowed (unprivileged): plain requests from now on.
+                        log::info!(
+                            "FUSE passthrough not permitted ({e}); reads and writes go through strata"
+                        );
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    } else {
+                        // E.g. a layer on a stacked filesystem: this file goes without.
+                        log::debug!("FUSE passthrough refused for inode {ino}: {e}");
+                    }
                     None
                 }
             }
@@ -107,7 +157,7 @@ impl FuseFs {
             st.cached += 1;
         }
         t.handles.insert(fh, (ino, id.is_some()));
-        id
+        Ok(id)
     }
 
     /// Handle `fh` is closed.
@@ -118,9 +168,9 @@ impl FuseFs {
         };
         if let Some(st) = t.inodes.get_mut(&ino) {
             if pt {
-                if let Some((_, n)) = &mut st.backing {
-                    *n -= 1;
-                    if *n == 0 {
+                if let Some(b) = &mut st.backing {
+                    b.handles -= 1;
+                    if b.handles == 0 {
                         st.backing = None;
                     }
                 }
@@ -322,6 +372,10 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // A truncate would change data that passthrough handles read from the lower file.
+        if size.is_some() && self.lower_backed(ino.0) {
+            return reply.error(BUSY);
+        }
         let sa = SetAttr {
             mode,
             uid,
@@ -402,14 +456,26 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if write && self.lower_backed(ino.0) {
+            return reply.error(BUSY);
+        }
         match self.ov.open_file(ino.0, flags.0) {
-            Ok((fh, upper)) => match self.choose_io(ino.0, fh, upper && self.ov.passthrough_safe(fh), |fd| {
-                reply.open_backing(fd)
-            }) {
-                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-                // strata is the only writer, so the kernel may keep cached pages across opens.
-                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            },
+            Ok((fh, upper)) => {
+                // A lower file is never written through its handle; an upper one only
+                // if the kernel's direct writes keep its privileges right.
+                let eligible = !upper || self.ov.passthrough_safe(fh);
+                match self.choose_io(ino.0, fh, eligible, !upper, write, |fd| reply.open_backing(fd)) {
+                    Ok(Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+                    // strata is the only writer, so the kernel may keep cached pages
+                    // across opens.
+                    Ok(None) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Err(e) => {
+                        self.ov.release(fh);
+                        reply.error(e)
+                    }
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -631,25 +697,26 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         match self.ov.create(parent.0, name, mode & !umask, flags, caller(req)) {
-            Ok((a, fh)) => match self.choose_io(a.ino, fh, self.ov.passthrough_safe(fh), |fd| {
-                reply.open_backing(fd)
-            }) {
-                Some(b) => reply.created_passthrough(
-                    &TTL,
-                    &attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                    &b,
-                ),
-                None => reply.created(
-                    &TTL,
-                    &attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
-            },
+            Ok((a, fh)) => {
+                let eligible = self.ov.passthrough_safe(fh);
+                match self.choose_io(a.ino, fh, eligible, false, true, |fd| reply.open_backing(fd)) {
+                    Ok(Some(b)) => reply.created_passthrough(
+                        &TTL,
+                        &attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &b,
+                    ),
+                    _ => reply.created(
+                        &TTL,
+                        &attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    ),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

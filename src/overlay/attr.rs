@@ -20,7 +20,7 @@ impl Overlay {
             return Ok((f.upper.clone().ok_or(Errno::ROFS)?, OsString::from(".")));
         }
         let (kind, parent, name, orphan) =
-            self.with_node(ino, |n| (n.kind, n.parent, n.name.clone(), n.orphan))?;
+            self.with_node(ino, |n| (n.kind, n.parent, n.name.to_os_string(), n.orphan))?;
         if orphan {
             return Err(Errno::STALE);
         }

@@ -162,7 +162,7 @@ impl Overlay {
 
     fn copy_up_dir(&self, ino: u64) -> Result<()> {
         self.upper()?;
-        let (parent, name) = self.with_node(ino, |n| (n.parent, n.name.clone()))?;
+        let (parent, name) = self.with_node(ino, |n| (n.parent, n.name.to_os_string()))?;
         let fds = self.dir_fds(ino)?;
         let (l0, src) = fds
             .lowers
@@ -308,11 +308,11 @@ impl Overlay {
                 n.upper = true;
                 n.lower = None;
                 n.no_xattrs = false;
-                if n.parent != loc.parent || n.name != *name {
+                if n.parent != loc.parent || *n.name != **name {
                     // Make the name we copied up the primary one.
                     let old = (
                         std::mem::replace(&mut n.parent, loc.parent),
-                        std::mem::replace(&mut n.name, name.clone()),
+                        std::mem::replace(&mut n.name, name.as_os_str().into()).into_os_string(),
                     );
                     n.links.retain(|x| !(x.0 == loc.parent && x.1 == *name));
                     n.links.push(old);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::node::{DirFds, Node};
+use super::node::{DirFds, Links, Node};
 use super::*;
 use crate::sys::XTarget;
 
@@ -17,13 +17,25 @@ impl Overlay {
         nodes.get(&ino).map(f).ok_or(Errno::NOENT)
     }
 
+    /// A node's set of lower directories, sharing the two common ones (none, and every
+    /// layer) instead of allocating one per node.
+    pub(crate) fn lower_set(&self, v: Vec<u16>) -> Arc<[u16]> {
+        if v.is_empty() {
+            self.no_lowers.clone()
+        } else if *v == *self.all_lowers {
+            self.all_lowers.clone()
+        } else {
+            v.into()
+        }
+    }
+
     /// The directory fds of a directory node, opened from its parent's when not cached.
     pub(crate) fn dir_fds(&self, ino: u64) -> Result<Arc<DirFds>> {
         let (cached, parent, name, upper, lower_dirs, kind) = self.with_node(ino, |n| {
             (
                 n.fds.clone(),
                 n.parent,
-                n.name.clone(),
+                n.name.to_os_string(),
                 n.upper,
                 n.lower_dirs.clone(),
                 n.kind,
@@ -56,7 +68,7 @@ impl Overlay {
             return Err(Errno::STALE);
         }
         let (names, upper, lower, kind) = self.with_node(ino, |n| {
-            let mut v = vec![(n.parent, n.name.clone())];
+            let mut v = vec![(n.parent, n.name.to_os_string())];
             v.extend(n.links.iter().cloned());
             (v, n.upper, n.lower, n.kind)
         })?;
@@ -110,10 +122,10 @@ impl Overlay {
             }
             Some(n) => {
                 n.orphan = false;
-                if n.parent != parent || n.name != name {
+                if n.parent != parent || *n.name != *name {
                     let old = (
                         std::mem::replace(&mut n.parent, parent),
-                        std::mem::replace(&mut n.name, name.to_owned()),
+                        std::mem::replace(&mut n.name, name.into()).into_os_string(),
                     );
                     n.links.retain(|l| !(l.0 == parent && l.1 == name));
                     if n.kind != Kind::Dir && !n.links.contains(&old) {
@@ -126,7 +138,7 @@ impl Overlay {
                 n.kind = found.kind;
                 n.upper = found.upper;
                 n.lower = found.lower;
-                n.lower_dirs = found.lower_dirs.into();
+                n.lower_dirs = self.lower_set(found.lower_dirs);
                 if let Some(f) = fds {
                     self.fd_budget.set(&mut n.fds, f);
                 }
@@ -143,12 +155,12 @@ impl Overlay {
                     ino,
                     Node {
                         parent,
-                        name: name.to_owned(),
-                        links: Vec::new(),
+                        name: name.into(),
+                        links: Links::default(),
                         kind: found.kind,
                         upper: found.upper,
                         lower: found.lower,
-                        lower_dirs: found.lower_dirs.into(),
+                        lower_dirs: self.lower_set(found.lower_dirs),
                         nlookup: count as u64,
                         fds: slot,
                         orphan: false,
@@ -173,11 +185,11 @@ impl Overlay {
     pub(crate) fn forget_name(&self, ino: u64, parent: u64, name: &OsStr) {
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {
-            if n.parent == parent && n.name == name {
+            if n.parent == parent && *n.name == *name {
                 match n.links.pop() {
                     Some(next) => {
                         n.parent = next.0;
-                        n.name = next.1;
+                        n.name = next.1.into_boxed_os_str();
                     }
                     None => n.orphan = true,
                 }
@@ -223,9 +235,9 @@ impl Overlay {
     pub(crate) fn rename_node(&self, ino: u64, op: u64, on: &OsStr, np: u64, nn: &OsStr) {
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {
-            if n.parent == op && n.name == on {
+            if n.parent == op && *n.name == *on {
                 n.parent = np;
-                n.name = nn.to_owned();
+                n.name = nn.into();
             } else {
                 n.links.retain(|l| !(l.0 == op && l.1 == on));
                 n.links.push((np, nn.to_owned()));

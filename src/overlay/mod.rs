@@ -23,7 +23,7 @@ pub mod whiteout;
 pub mod xattr;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -44,7 +44,7 @@ type LinkIndex = HashMap<u64, Vec<std::path::PathBuf>>;
 pub type Result<T> = std::result::Result<T, Errno>;
 
 /// How many lower-index entries are kept in memory at most (about 70 bytes each).
-const INDEX_ENTRIES: usize = 65536;
+const INDEX_ENTRIES: usize = 16384;
 
 /// Inode number of the root directory (FUSE's FUSE_ROOT_ID).
 pub const ROOT: u64 = 1;
@@ -116,6 +116,9 @@ pub struct Overlay {
     fd_budget: FdBudget,
     /// Per lower layer: inode -> paths, for files with several links (built on demand).
     link_index: Mutex<HashMap<u16, Arc<LinkIndex>>>,
+    /// The shared lower-directory sets of `lower_set`.
+    no_lowers: Arc<[u16]>,
+    all_lowers: Arc<[u16]>,
     /// Lower indexes of merged directories.
     indexes: Mutex<index::IndexCache>,
 }
@@ -140,6 +143,7 @@ impl Overlay {
         }
         let single_dev = if devs.len() == 1 { Some(devs[0]) } else { None };
         let limit = sys::raise_nofile() as i64;
+        let lowers_len = lowers.len();
         let ov = Overlay {
             lowers,
             upper,
@@ -159,6 +163,8 @@ impl Overlay {
             fd_budget: FdBudget::new((limit - 1024).max(64) / 2),
             link_index: Mutex::new(HashMap::new()),
             indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
+            no_lowers: Arc::new([]),
+            all_lowers: (0..lowers_len as u16).collect::<Vec<_>>().into(),
         };
         let dup = |fd: &OwnedFd| fd.try_clone().map(Arc::new);
         let root_fds = DirFds {
@@ -184,12 +190,12 @@ impl Overlay {
         };
         let root = Node {
             parent: ROOT,
-            name: OsString::new(),
-            links: Vec::new(),
+            name: OsStr::new("").into(),
+            links: Default::default(),
             kind: Kind::Dir,
             upper: ov.upper.is_some(),
             lower: None,
-            lower_dirs: (0..ov.lowers.len() as u16).collect::<Vec<_>>().into(),
+            lower_dirs: ov.all_lowers.clone(),
             nlookup: 1,
             fds: Some(Arc::new(root_fds)),
             orphan: false,

@@ -61,9 +61,9 @@ impl DirFds {
 pub(crate) struct Node {
     /// Directory it was last seen in, and its name there.
     pub parent: u64,
-    pub name: OsString,
+    pub name: Box<OsStr>,
     /// Further names of a hard-linked object.
-    pub links: Vec<(u64, OsString)>,
+    pub links: Links,
     pub kind: Kind,
     /// Exists in the upper layer.
     pub upper: bool,
@@ -122,5 +122,37 @@ impl FdBudget {
         if let Some(old) = slot.take() {
             self.give(old.count());
         }
+    }
+}
+
+/// The further names of a hard-linked object: almost always none, so one pointer wide.
+#[derive(Debug, Default)]
+pub(crate) struct Links(Option<Box<Vec<(u64, OsString)>>>);
+
+impl Links {
+    pub fn push(&mut self, l: (u64, OsString)) {
+        self.0.get_or_insert_with(Default::default).push(l);
+    }
+    pub fn pop(&mut self) -> Option<(u64, OsString)> {
+        let v = self.0.as_mut()?;
+        let r = v.pop();
+        if v.is_empty() {
+            self.0 = None;
+        }
+        r
+    }
+    pub fn retain(&mut self, f: impl FnMut(&(u64, OsString)) -> bool) {
+        if let Some(v) = &mut self.0 {
+            v.retain(f);
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+    pub fn contains(&self, l: &(u64, OsString)) -> bool {
+        self.iter().any(|x| x == l)
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, (u64, OsString)> {
+        self.0.as_deref().map(|v| v.iter()).unwrap_or_default()
     }
 }

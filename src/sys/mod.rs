@@ -150,6 +150,37 @@ pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
     }
 }
 
+/// Wait until process `pid` (any process, not only a child) has exited, at most `timeout`,
+/// through a pidfd. Err when pidfds are unavailable; Ok(false) on timeout.
+pub fn wait_exit(pid: i32, timeout: std::time::Duration) -> SysResult<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    // SAFETY: the fd was just returned by the kernel and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut p = [libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one valid pollfd, owned above for the duration of the call.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 1, ms) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        if e != Errno::INTR {
+            return Err(e);
+        }
+    }
+}
+
 /// Copy `len` bytes from `src` to `dst` (both at offset 0): a reflink where the filesystem
 /// can, else copy_file_range, else read/write. Returns the method used, for logging.
 pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, whole: bool) -> SysResult<&'static str> {
