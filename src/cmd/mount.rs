@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use crate::cli::MountArgs;
 use crate::fuse::mount::{serve, MountOpts};
 use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
-use crate::overlay::{Overlay, OverlayConfig};
+use crate::overlay::{LookupIndex, Overlay, OverlayConfig};
 
 /// Everything a mount needs, after parsing and before validation of the directories.
 #[derive(Debug, Clone)]
@@ -64,6 +64,10 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("volatile", None) | ("fsync", Some("0")) => spec.overlay.volatile = true,
             ("fsync", Some(_)) => {}
             ("userxattr", None) => spec.overlay.userxattr = true,
+            ("lookup_index", Some("auto")) => spec.overlay.lookup_index = LookupIndex::Auto,
+            ("lookup_index", Some("always")) => spec.overlay.lookup_index = LookupIndex::Always,
+            ("lookup_index", Some("off")) => spec.overlay.lookup_index = LookupIndex::Off,
+            ("lookup_index", Some(v)) => bail!("lookup_index={v}: expected auto, always or off"),
             ("passthrough", Some("on")) => spec.opts.passthrough = true,
             ("passthrough", Some("off")) => spec.opts.passthrough = false,
             ("passthrough", Some(v)) => bail!("passthrough={v}: expected on or off"),

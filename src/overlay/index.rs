@@ -18,11 +18,13 @@ use std::sync::Arc;
 use rustix::fs::FileType;
 
 use super::node::DirFds;
-use super::{whiteout, Kind, Overlay, Result};
+use super::{whiteout, Kind, LookupIndex, Overlay, Result};
 use crate::sys;
 
-/// Build an index once lookups have cost this many layer probes in a directory.
-const BUILD_AFTER_PROBES: u32 = 64;
+/// Build an index once the layer probes of lookups in a directory cost about what
+/// building it does (some five syscalls per layer, plus a base).
+const BUILD_LAYER_COST: u32 = 5;
+const BUILD_BASE_COST: u32 = 32;
 
 /// One visible name of the lower layers.
 #[derive(Debug)]
@@ -61,14 +63,15 @@ pub(crate) fn kind_of(ft: FileType) -> Option<Kind> {
 }
 
 impl LowerIndex {
-    /// The layers to look at for `name`, top first: empty when no lower layer shows it.
-    pub fn candidates(&self, name: &OsStr) -> Vec<u16> {
+    /// The layers to look at for `name`, top first, each with whether it holds a
+    /// directory there: empty when no lower layer shows it.
+    pub fn candidates(&self, name: &OsStr) -> Vec<(u16, bool)> {
         match self.names.get(name.as_bytes()) {
             None => Vec::new(),
             Some(e) => {
                 let mut v = Vec::with_capacity(1 + e.below.len());
-                v.push(e.layer);
-                v.extend_from_slice(&e.below);
+                v.push((e.layer, e.kind == Kind::Dir));
+                v.extend(e.below.iter().map(|&l| (l, true)));
                 v
             }
         }
@@ -238,6 +241,11 @@ impl Overlay {
         if let Some(i) = self.indexes.lock().unwrap().get(parent, lower_dirs) {
             return Ok(Some(i));
         }
+        let threshold = match self.lookup_index {
+            LookupIndex::Always => 0,
+            LookupIndex::Off => return Ok(None),
+            LookupIndex::Auto => BUILD_BASE_COST + BUILD_LAYER_COST * lower_dirs.len() as u32,
+        };
         let probes = {
             let mut nodes = self.nodes.write().unwrap();
             match nodes.get_mut(&parent) {
@@ -248,7 +256,7 @@ impl Overlay {
                 None => 0,
             }
         };
-        self.lower_index(parent, fds, lower_dirs, probes >= BUILD_AFTER_PROBES)
+        self.lower_index(parent, fds, lower_dirs, probes >= threshold)
     }
 
     /// The cached index of directory `ino`, if any (never builds one).

@@ -27,6 +27,20 @@ pub struct OverlayConfig {
     pub volatile: bool,
     /// Force `user.overlay.*` xattrs (the kernel's `userxattr`); default: by privilege.
     pub userxattr: bool,
+    /// When lookups use a directory's lower index (see `index`).
+    pub lookup_index: LookupIndex,
+}
+
+/// When a lookup builds the lower index of its directory (listings always do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LookupIndex {
+    /// Once the layer probes of lookups in the directory cost about what building does.
+    #[default]
+    Auto,
+    /// At the first lookup (what tests use to exercise the index everywhere).
+    Always,
+    /// Never: every lookup probes the layers.
+    Off,
 }
 
 /// Why a mount cannot be set up. Each names the path or option at fault.

@@ -99,18 +99,31 @@ impl Overlay {
         // AUFS markers in lower layers are bookkeeping, never visible names.
         if !whiteout::is_aufs_marker(name) && !lower_dirs.is_empty() {
             // With an index only the layers that hold the name are probed.
-            let probe: std::borrow::Cow<'_, [u16]> =
-                match self.index_for_lookup(parent, &pfds, &lower_dirs)? {
-                    Some(idx) => {
-                        if name.len() > NAME_MAX && found.is_none() {
-                            return Err(Errno::NAMETOOLONG);
-                        }
-                        idx.candidates(name).into()
+            // With an index only the layers holding the name are probed, and where it is
+            // known to be a directory below the one found, without a stat.
+            let probe: Vec<(u16, bool)> = match self.index_for_lookup(parent, &pfds, &lower_dirs)? {
+                Some(idx) => {
+                    if name.len() > NAME_MAX && found.is_none() {
+                        return Err(Errno::NAMETOOLONG);
                     }
-                    None => (*lower_dirs).into(),
-                };
-            for &l in probe.iter() {
+                    idx.candidates(name)
+                }
+                None => lower_dirs.iter().map(|&l| (l, false)).collect(),
+            };
+            for &(l, known_dir) in probe.iter() {
                 let Some(dfd) = pfds.lower(l) else { continue };
+                if let Some(f) = found.as_mut().filter(|f| known_dir && f.kind == Kind::Dir) {
+                    let cfd = sys::open_dir_beneath(dfd, name)?;
+                    let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                    f.lower_dirs.push(l);
+                    if let Some(fds) = &mut f.fds {
+                        fds.lowers.push((l, Arc::new(cfd)));
+                    }
+                    if opaque {
+                        break;
+                    }
+                    continue;
+                }
                 match sys::stat_at(dfd, name) {
                     Ok(st) if whiteout::is_whiteout(&st) => break,
                     Ok(st) => {

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use rustix::io::Errno;
 
 use layers::{Layer, Stack, Upper};
-pub use layers::{OverlayConfig, SetupError};
+pub use layers::{LookupIndex, OverlayConfig, SetupError};
 use node::{DirFds, FdBudget, Node};
 use xattr::XattrNs;
 
@@ -97,6 +97,7 @@ pub struct Overlay {
     upper: Option<Upper>,
     ns: XattrNs,
     volatile: bool,
+    lookup_index: LookupIndex,
     nodes: RwLock<HashMap<u64, Node>>,
     files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -149,6 +150,7 @@ impl Overlay {
             upper,
             ns,
             volatile: cfg.volatile,
+            lookup_index: cfg.lookup_index,
             nodes: RwLock::new(HashMap::new()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),

@@ -1546,6 +1546,11 @@ pub struct DiffRun {
 impl DiffRun {
     /// Build two identical layer sets with `build` and mount kernel + strata.
     pub fn new(name: &str, nlower: usize, build: impl Fn(&LayerSet)) -> Self {
+        Self::new_with(name, nlower, build, "")
+    }
+
+    /// As `new`, with extra `-o` options for strata.
+    pub fn new_with(name: &str, nlower: usize, build: impl Fn(&LayerSet), extra: &str) -> Self {
         require_fuse();
         let kset = LayerSet::new(&format!("{name}-k"), nlower);
         let sset = LayerSet::new(&format!("{name}-s"), nlower);
@@ -1576,7 +1581,18 @@ impl DiffRun {
             failures: Vec::new(),
             context: String::new(),
         };
-        run.smount = Some(StrataMount::new(&run.sset.spec()));
+        let spec = run.sset.spec();
+        run.smount = Some(if extra.is_empty() {
+            StrataMount::new(&spec)
+        } else {
+            let args = vec![
+                "mount".to_string(),
+                "-o".to_string(),
+                format!("{},{extra}", spec.options()),
+                spec.mnt.display().to_string(),
+            ];
+            StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"))
+        });
         run
     }
 
