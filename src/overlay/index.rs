@@ -25,6 +25,7 @@ use crate::sys;
 /// building it does (some five syscalls per layer, plus a base).
 const BUILD_LAYER_COST: u32 = 5;
 const BUILD_BASE_COST: u32 = 32;
+// (probes saturate at 65535, above any threshold for the 500 layers allowed)
 
 /// One visible name of the lower layers.
 #[derive(Debug)]
@@ -250,8 +251,10 @@ impl Overlay {
             let mut nodes = self.nodes.write().unwrap();
             match nodes.get_mut(&parent) {
                 Some(n) => {
-                    n.probes = n.probes.saturating_add(lower_dirs.len() as u32);
-                    n.probes
+                    n.probes = n
+                        .probes
+                        .saturating_add(lower_dirs.len().min(u16::MAX as usize) as u16);
+                    n.probes as u32
                 }
                 None => 0,
             }

@@ -117,7 +117,7 @@ impl Overlay {
                 // Resolved before a concurrent copy-up finished: what the table knows is
                 // newer. (An object never goes back from the upper to a lower layer.)
                 if count {
-                    n.nlookup += 1;
+                    n.nlookup = n.nlookup.saturating_add(1);
                 }
             }
             Some(n) => {
@@ -143,7 +143,7 @@ impl Overlay {
                     self.fd_budget.set(&mut n.fds, f);
                 }
                 if count {
-                    n.nlookup += 1;
+                    n.nlookup = n.nlookup.saturating_add(1);
                 }
             }
             None => {
@@ -161,7 +161,7 @@ impl Overlay {
                         upper: found.upper,
                         lower: found.lower,
                         lower_dirs: self.lower_set(found.lower_dirs),
-                        nlookup: count as u64,
+                        nlookup: count as u32,
                         fds: slot,
                         orphan: false,
                         no_xattrs: false,
@@ -201,21 +201,35 @@ impl Overlay {
 
     /// The caller drops `n` references.
     pub fn forget(&self, ino: u64, n: u64) {
-        if ino == ROOT {
-            return;
-        }
-        let mut nodes = self.nodes.write().unwrap();
-        if let Some(node) = nodes.get_mut(&ino) {
-            node.nlookup = node.nlookup.saturating_sub(n);
-            if node.nlookup == 0 {
-                if let Some(mut gone) = nodes.remove(&ino) {
-                    self.fd_budget.clear(&mut gone.fds);
-                    if gone.kind == Kind::Dir {
-                        drop(nodes);
-                        self.drop_index(ino);
+        self.forget_many(&[(ino, n)]);
+    }
+
+    /// Drop references to many nodes under one lock (the kernel sends forgets in batches,
+    /// tens of thousands at an unmount). Fds and indexes of the nodes that go are
+    /// released after the lock.
+    pub fn forget_many(&self, items: &[(u64, u64)]) {
+        let mut gone = Vec::new();
+        {
+            let mut nodes = self.nodes.write().unwrap();
+            for &(ino, n) in items {
+                if ino == ROOT {
+                    continue;
+                }
+                if let Some(node) = nodes.get_mut(&ino) {
+                    node.nlookup = node.nlookup.saturating_sub(n.min(u32::MAX as u64) as u32);
+                    if node.nlookup == 0 {
+                        if let Some(mut g) = nodes.remove(&ino) {
+                            self.fd_budget.clear(&mut g.fds);
+                            if g.kind == Kind::Dir {
+                                gone.push(ino);
+                            }
+                        }
                     }
                 }
             }
+        }
+        for ino in gone {
+            self.drop_index(ino);
         }
     }
 

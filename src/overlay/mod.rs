@@ -32,7 +32,7 @@ pub use rustix::io::Errno;
 
 use layers::{Layer, Stack, Upper};
 pub use layers::{LookupIndex, OverlayConfig, SetupError};
-use node::{DirFds, FdBudget, Node};
+use node::{DirFds, FdBudget, Node, NodeTable};
 use xattr::XattrNs;
 
 use crate::sys::{self};
@@ -98,7 +98,7 @@ pub struct Overlay {
     ns: XattrNs,
     volatile: bool,
     lookup_index: LookupIndex,
-    nodes: RwLock<HashMap<u64, Node>>,
+    nodes: RwLock<NodeTable>,
     files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     listings: Mutex<dir::Listings>,
@@ -151,7 +151,7 @@ impl Overlay {
             ns,
             volatile: cfg.volatile,
             lookup_index: cfg.lookup_index,
-            nodes: RwLock::new(HashMap::new()),
+            nodes: RwLock::new(NodeTable::default()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             listings: Mutex::new(dir::Listings::default()),

@@ -1,5 +1,6 @@
 //! Inode table entries and the directory fds they may hold.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -71,8 +72,9 @@ pub(crate) struct Node {
     pub lower: Option<u16>,
     /// Directory: the lower layers merged into it, top first.
     pub lower_dirs: Arc<[u16]>,
-    /// References the kernel holds (FUSE lookup count).
-    pub nlookup: u64,
+    /// References the kernel holds (FUSE lookup count; the kernel's count is 64-bit,
+    /// but four billion lookups without a forget do not happen).
+    pub nlookup: u32,
     /// Cached directory fds (within the fd budget).
     pub fds: Option<Arc<DirFds>>,
     /// Its last name is gone (unlinked while open): operations by name must not touch
@@ -83,7 +85,7 @@ pub(crate) struct Node {
     /// add one: setxattr, setattr, copy-up, a new resolve.
     pub no_xattrs: bool,
     /// Directory: layer probes its lookups have cost without an index (see `index`).
-    pub probes: u32,
+    pub probes: u16,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves
@@ -156,5 +158,62 @@ impl Links {
     }
     pub fn iter(&self) -> std::slice::Iter<'_, (u64, OsString)> {
         self.0.as_deref().map(|v| v.iter()).unwrap_or_default()
+    }
+}
+
+/// Nodes per slab chunk.
+const CHUNK: usize = 1024;
+
+/// The inode table: nodes in fixed-size chunks that never move, found through a small
+/// map of inode number -> slot. A plain `HashMap<u64, Node>` would hold 88-byte buckets
+/// and, while growing, its old and new tables at once; here growth copies only the
+/// 16-byte index buckets.
+#[derive(Debug, Default)]
+pub(crate) struct NodeTable {
+    index: HashMap<u64, u32>,
+    chunks: Vec<Vec<Option<Node>>>,
+    free: Vec<u32>,
+}
+
+impl NodeTable {
+    fn slot(&self, i: u32) -> &Option<Node> {
+        &self.chunks[i as usize / CHUNK][i as usize % CHUNK]
+    }
+    fn slot_mut(&mut self, i: u32) -> &mut Option<Node> {
+        &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK]
+    }
+    pub fn get(&self, ino: &u64) -> Option<&Node> {
+        let i = *self.index.get(ino)?;
+        self.slot(i).as_ref()
+    }
+    pub fn get_mut(&mut self, ino: &u64) -> Option<&mut Node> {
+        let i = *self.index.get(ino)?;
+        self.slot_mut(i).as_mut()
+    }
+    pub fn insert(&mut self, ino: u64, n: Node) -> Option<Node> {
+        if let Some(&i) = self.index.get(&ino) {
+            return self.slot_mut(i).replace(n);
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let used = self.chunks.last().map_or(CHUNK, |c| c.len());
+                if used == CHUNK {
+                    self.chunks.push(Vec::with_capacity(CHUNK));
+                }
+                let last = self.chunks.len() - 1;
+                self.chunks[last].push(None);
+                (last * CHUNK + self.chunks[last].len() - 1) as u32
+            }
+        };
+        *self.slot_mut(i) = Some(n);
+        self.index.insert(ino, i);
+        None
+    }
+    pub fn remove(&mut self, ino: &u64) -> Option<Node> {
+        let i = self.index.remove(ino)?;
+        let n = self.slot_mut(i).take();
+        self.free.push(i);
+        n
     }
 }
