@@ -762,3 +762,48 @@ fn passthrough_reads_writes_and_its_limits() {
         m.umount().unwrap();
     }
 }
+
+/// Under a low fd limit the cached directory fds are given up oldest first and reopened
+/// when needed: directories merged from many layers, visited in turn, still list and
+/// resolve correctly (and a directory in use is not reopened for every lookup).
+#[test]
+fn directory_fds_over_budget_are_recycled() {
+    let nl = 60;
+    let ls = LayerSet::new("fd-budget", nl);
+    for l in 0..nl {
+        for d in ["a", "b", "c", "e"] {
+            ls.lower(l).file(&format!("{d}/f{l}"), format!("{d}{l}"));
+        }
+    }
+    let spec = ls.spec();
+    let cmd = format!(
+        "ulimit -n 400 && exec '{}' mount -o '{}' '{}'",
+        strata_bin().display(),
+        spec.options(),
+        spec.mnt.display()
+    );
+    // Budget: (400 - 60 - 40) / 2 = 150 fds; each directory holds 60 (one per layer)
+    // and, once copied up, the upper's: two at a time, for four directories in turn.
+    let out = run_cmd(Command::new("sh").arg("-c").arg(&cmd), Duration::from_secs(60));
+    assert!(out.ok(), "{out}");
+    let m = StrataMount::adopt(&spec);
+    for round in 0..3 {
+        for d in ["a", "b", "c", "e"] {
+            let dir = m.root().join(d);
+            let n = read_dir_raw(&dir).unwrap().len();
+            assert_eq!(n, nl + round, "round {round}: listing of {d}");
+            for l in (0..nl).step_by(7) {
+                assert_eq!(
+                    fs::read_to_string(dir.join(format!("f{l}"))).unwrap(),
+                    format!("{d}{l}")
+                );
+            }
+            // A write in a merged directory copies it up while others are evicted.
+            fs::write(dir.join(format!("new{round}")), "n").unwrap();
+        }
+    }
+    for d in ["a", "b", "c", "e"] {
+        assert_eq!(read_dir_raw(&m.root().join(d)).unwrap().len(), nl + 3);
+    }
+    m.umount().unwrap();
+}

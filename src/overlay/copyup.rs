@@ -208,7 +208,7 @@ impl Overlay {
             n.no_xattrs = false;
             if n.fds.is_some() {
                 // The old set lacked the upper fd.
-                self.fd_budget.set(&mut n.fds, Arc::new(new));
+                self.cache_fds(&mut nodes, ino, Arc::new(new));
             }
         }
         Ok(())

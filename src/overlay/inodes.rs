@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::node::{DirFds, Links, Node};
+use super::node::{DirFds, Links, Node, NodeTable};
 use super::*;
 use crate::sys::XTarget;
 
@@ -52,14 +52,43 @@ impl Overlay {
         Ok(self.maybe_cache(ino, fds))
     }
 
-    /// Keep `fds` on the node if the fd budget allows; returns them either way.
+    /// Keep `fds` on the node; returns them either way.
     pub(crate) fn maybe_cache(&self, ino: u64, fds: DirFds) -> Arc<DirFds> {
         let fds = Arc::new(fds);
         let mut nodes = self.nodes.write().unwrap();
-        if let Some(n) = nodes.get_mut(&ino) {
-            self.fd_budget.set(&mut n.fds, fds.clone());
-        }
+        self.cache_fds(&mut nodes, ino, fds.clone());
         fds
+    }
+
+    /// Cache `fds` on node `ino`, replacing what it had. Over the fd budget, the directories
+    /// whose fds were cached longest ago give theirs up (they are reopened from their
+    /// parent's when needed), so the directories in use keep theirs: a directory merged from
+    /// 200 layers must not reopen 200 fds for every lookup in it.
+    pub(crate) fn cache_fds(&self, nodes: &mut NodeTable, ino: u64, fds: Arc<DirFds>) {
+        let Some(n) = nodes.get_mut(&ino) else { return };
+        if ino == ROOT {
+            // Outside the budget: every other directory's fds are reopened from it.
+            n.fds = Some(fds);
+            return;
+        }
+        self.fd_budget.clear(&mut n.fds);
+        let mut lru = self.fd_lru.lock().unwrap();
+        while !self.fd_budget.take(fds.count()) {
+            let Some(old) = lru.pop_front() else { return };
+            if old != ino {
+                if let Some(o) = nodes.get_mut(&old) {
+                    self.fd_budget.clear(&mut o.fds);
+                }
+            }
+        }
+        if let Some(n) = nodes.get_mut(&ino) {
+            n.fds = Some(fds);
+        }
+        lru.push_back(ino);
+        if lru.len() > 4096 && lru.len() > 2 * nodes.len() {
+            // Drop the numbers of nodes that are gone.
+            lru.retain(|i| nodes.get(i).is_some_and(|n| n.fds.is_some()));
+        }
     }
 
     /// Where a non-directory lives now (trying each of its names, for hard links).
@@ -139,18 +168,14 @@ impl Overlay {
                 n.upper = found.upper;
                 n.lower = found.lower;
                 n.lower_dirs = self.lower_set(found.lower_dirs);
-                if let Some(f) = fds {
-                    self.fd_budget.set(&mut n.fds, f);
-                }
                 if count {
                     n.nlookup = n.nlookup.saturating_add(1);
                 }
+                if let Some(f) = fds {
+                    self.cache_fds(&mut nodes, ino, f);
+                }
             }
             None => {
-                let mut slot = None;
-                if let Some(f) = fds {
-                    self.fd_budget.set(&mut slot, f);
-                }
                 nodes.insert(
                     ino,
                     Node {
@@ -162,12 +187,15 @@ impl Overlay {
                         lower: found.lower,
                         lower_dirs: self.lower_set(found.lower_dirs),
                         nlookup: count as u32,
-                        fds: slot,
+                        fds: None,
                         orphan: false,
                         no_xattrs: false,
                         probes: 0,
                     },
                 );
+                if let Some(f) = fds {
+                    self.cache_fds(&mut nodes, ino, f);
+                }
             }
         }
         attr

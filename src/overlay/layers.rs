@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
@@ -92,7 +93,7 @@ pub enum SetupError {
 #[derive(Debug)]
 pub struct Layer {
     /// Directory fd (O_RDONLY|O_DIRECTORY).
-    pub fd: OwnedFd,
+    pub fd: Arc<OwnedFd>,
     /// As given (canonical).
     pub path: PathBuf,
     /// st_dev of the layer root.
@@ -133,7 +134,7 @@ fn open_layer(what: &'static str, path: &Path) -> Result<Layer, SetupError> {
     let st = rustix::fs::fstat(&fd).map_err(|e| bad(what, path, std::io::Error::from(e)))?;
     let uuid = sys::fs_uuid(fd.as_fd());
     Ok(Layer {
-        fd,
+        fd: Arc::new(fd),
         path: canon,
         dev: st.st_dev,
         uuid,

@@ -115,6 +115,8 @@ pub struct Overlay {
     origins: RwLock<HashMap<(u64, u64), u64>>,
     /// How many more directory fds may be kept open.
     fd_budget: FdBudget,
+    /// Nodes with cached fds, oldest first (see `cache_fds`).
+    fd_lru: Mutex<std::collections::VecDeque<u64>>,
     /// Per lower layer: inode -> paths, for files with several links (built on demand).
     link_index: Mutex<HashMap<u16, Arc<LinkIndex>>>,
     /// The shared lower-directory sets of `lower_set`.
@@ -162,33 +164,25 @@ impl Overlay {
             single_dev,
             devs: RwLock::new(devs),
             origins: RwLock::new(HashMap::new()),
-            fd_budget: FdBudget::new((limit - 1024).max(64) / 2),
+            // Beyond the layers' own fds and a few more, half the fd limit goes to cached
+            // directory fds and half stays for open files and directories opened for one
+            // operation.
+            fd_budget: FdBudget::new(((limit - lowers_len as i64 - 40) / 2).max(64)),
+            fd_lru: Mutex::new(std::collections::VecDeque::new()),
             link_index: Mutex::new(HashMap::new()),
             indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
             no_lowers: Arc::new([]),
             all_lowers: (0..lowers_len as u16).collect::<Vec<_>>().into(),
         };
-        let dup = |fd: &OwnedFd| fd.try_clone().map(Arc::new);
+        // The root's fds are the layers' own (shared, not duplicated: one fd per layer).
         let root_fds = DirFds {
-            upper: match &ov.upper {
-                Some(u) => Some(dup(&u.layer.fd).map_err(|e| SetupError::BadDir {
-                    what: "upperdir",
-                    path: u.layer.path.clone(),
-                    err: e.to_string(),
-                })?),
-                None => None,
-            },
+            upper: ov.upper.as_ref().map(|u| u.layer.fd.clone()),
             lowers: ov
                 .lowers
                 .iter()
                 .enumerate()
-                .map(|(i, l)| dup(&l.fd).map(|f| (i as u16, f)))
-                .collect::<std::io::Result<Vec<_>>>()
-                .map_err(|e| SetupError::BadDir {
-                    what: "lowerdir",
-                    path: ov.lowers[0].path.clone(),
-                    err: e.to_string(),
-                })?,
+                .map(|(i, l)| (i as u16, l.fd.clone()))
+                .collect(),
         };
         let root = Node {
             parent: ROOT,

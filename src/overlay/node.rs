@@ -97,7 +97,7 @@ impl FdBudget {
     pub fn new(n: i64) -> FdBudget {
         FdBudget(AtomicI64::new(n))
     }
-    fn take(&self, n: usize) -> bool {
+    pub fn take(&self, n: usize) -> bool {
         let n = n as i64;
         if self.0.fetch_sub(n, Ordering::Relaxed) >= n {
             true
@@ -108,16 +108,6 @@ impl FdBudget {
     }
     fn give(&self, n: usize) {
         self.0.fetch_add(n as i64, Ordering::Relaxed);
-    }
-    /// Cache `new` in `slot` if the budget allows, else leave the slot empty; whatever the
-    /// slot held before is paid back.
-    pub fn set(&self, slot: &mut Option<Arc<DirFds>>, new: Arc<DirFds>) -> bool {
-        let ok = self.take(new.count());
-        self.clear(slot);
-        if ok {
-            *slot = Some(new);
-        }
-        ok
     }
     /// Empty `slot`, paying its fds back.
     pub fn clear(&self, slot: &mut Option<Arc<DirFds>>) {
@@ -209,6 +199,9 @@ impl NodeTable {
         *self.slot_mut(i) = Some(n);
         self.index.insert(ino, i);
         None
+    }
+    pub fn len(&self) -> usize {
+        self.index.len()
     }
     pub fn remove(&mut self, ino: &u64) -> Option<Node> {
         let i = self.index.remove(ino)?;
