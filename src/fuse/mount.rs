@@ -189,6 +189,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     let sigs = signals();
     sigs.thread_block().map_err(std::io::Error::from)?;
     let cfg = fuser_config(o);
+    crate::sys::limit_malloc_arenas();
     // One reference is never dropped: at exit the kernel closes the cached fds at once,
     // instead of the table being torn down entry by entry while `strata umount` waits.
     std::mem::forget(ov.clone());

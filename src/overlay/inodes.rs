@@ -217,7 +217,7 @@ impl Overlay {
                 match n.links.pop() {
                     Some(next) => {
                         n.parent = next.0;
-                        n.name = next.1.into_boxed_os_str();
+                        n.name = next.1.into();
                     }
                     None => n.orphan = true,
                 }

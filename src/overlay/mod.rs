@@ -43,8 +43,8 @@ type LinkIndex = HashMap<u64, Vec<std::path::PathBuf>>;
 /// Result of a core operation: a value or the errno to hand back to the caller.
 pub type Result<T> = std::result::Result<T, Errno>;
 
-/// How many lower-index entries are kept in memory at most (about 70 bytes each).
-const INDEX_ENTRIES: usize = 16384;
+/// How many lower-index entries are kept in memory at most (about 90 bytes each).
+const INDEX_ENTRIES: usize = 8192;
 
 /// Inode number of the root directory (FUSE's FUSE_ROOT_ID).
 pub const ROOT: u64 = 1;

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -62,7 +63,7 @@ impl DirFds {
 pub(crate) struct Node {
     /// Directory it was last seen in, and its name there.
     pub parent: u64,
-    pub name: Box<OsStr>,
+    pub name: Name,
     /// Further names of a hard-linked object.
     pub links: Links,
     pub kind: Kind,
@@ -114,6 +115,57 @@ impl FdBudget {
         if let Some(old) = slot.take() {
             self.give(old.count());
         }
+    }
+}
+
+/// A node's name: inline up to 22 bytes (nearly every name), else on the heap. 24 bytes
+/// either way, and no allocation per node in the common case.
+pub(crate) enum Name {
+    Inline { len: u8, buf: [u8; 22] },
+    Heap(Box<[u8]>),
+}
+
+impl std::ops::Deref for Name {
+    type Target = OsStr;
+    fn deref(&self) -> &OsStr {
+        match self {
+            Name::Inline { len, buf } => OsStr::from_bytes(&buf[..*len as usize]),
+            Name::Heap(b) => OsStr::from_bytes(b),
+        }
+    }
+}
+
+impl From<&OsStr> for Name {
+    fn from(s: &OsStr) -> Name {
+        let b = s.as_bytes();
+        if b.len() <= 22 {
+            let mut buf = [0u8; 22];
+            buf[..b.len()].copy_from_slice(b);
+            Name::Inline {
+                len: b.len() as u8,
+                buf,
+            }
+        } else {
+            Name::Heap(b.into())
+        }
+    }
+}
+
+impl From<OsString> for Name {
+    fn from(s: OsString) -> Name {
+        Name::from(s.as_os_str())
+    }
+}
+
+impl Name {
+    pub fn into_os_string(self) -> OsString {
+        self.to_os_string()
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
     }
 }
 

@@ -150,6 +150,15 @@ pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
     }
 }
 
+/// Limit the allocator to two arenas. The FUSE workers would otherwise each get one, and
+/// a long-lived daemon's small, scattered allocations fragment across them.
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before worker threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Wait until process `pid` (any process, not only a child) has exited, at most `timeout`,
 /// through a pidfd. Err when pidfds are unavailable; Ok(false) on timeout.
 pub fn wait_exit(pid: i32, timeout: std::time::Duration) -> SysResult<bool> {
