@@ -71,6 +71,24 @@ struct IoTable {
     inodes: HashMap<u64, InodeIo>,
     /// Handle -> (inode, passthrough?).
     handles: HashMap<u64, (u64, bool)>,
+    /// Inodes with a write open or truncate in flight (their data may change): no lower
+    /// backing may be registered for them meanwhile.
+    changing: HashMap<u64, u32>,
+}
+
+/// A data change in flight on an inode (see `FuseFs::begin_change`).
+struct Changing<'a>(&'a FuseFs, u64);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        let mut t = self.0.io.lock().unwrap();
+        if let Some(n) = t.changing.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                t.changing.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// An open that needs a lower file's data to change while passthrough handles read that
@@ -79,15 +97,21 @@ struct IoTable {
 const BUSY: Errno = Errno::ETXTBSY;
 
 impl FuseFs {
-    /// Is inode `ino` read through a passthrough handle on its lower file?
-    fn lower_backed(&self, ino: u64) -> bool {
-        self.io
-            .lock()
-            .unwrap()
+    /// Start a change of inode `ino`'s data (a write open, a truncate): refused with
+    /// ETXTBSY while passthrough handles read its lower file, and until the guard drops no
+    /// such handle may appear.
+    fn begin_change(&self, ino: u64) -> Result<Changing<'_>, Errno> {
+        let mut t = self.io.lock().unwrap();
+        let lower = t
             .inodes
             .get(&ino)
             .and_then(|s| s.backing.as_ref())
-            .is_some_and(|b| b.lower)
+            .is_some_and(|b| b.lower);
+        if lower {
+            return Err(BUSY);
+        }
+        *t.changing.entry(ino).or_default() += 1;
+        Ok(Changing(self, ino))
     }
 
     /// Decide how handle `fh` of inode `ino` does its I/O: Ok(Some(id)) for a passthrough
@@ -110,6 +134,7 @@ impl FuseFs {
         register: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
     ) -> Result<Option<Arc<BackingId>>, Errno> {
         let mut t = self.io.lock().unwrap();
+        let changing = t.changing.contains_key(&ino);
         let st = t.inodes.entry(ino).or_default();
         let id = if let Some(b) = &mut st.backing {
             if b.lower && write {
@@ -120,7 +145,13 @@ impl FuseFs {
             }
             b.handles += 1;
             Some(b.id.clone())
-        } else if st.cached == 0 && eligible && self.passthrough.load(Ordering::Relaxed) {
+        } else if st.cached == 0
+            && eligible
+            && self.passthrough.load(Ordering::Relaxed)
+            // A lower file only while its data cannot change under the backing: no change
+            // in flight, not copied up since this handle was opened.
+            && !(lower && (changing || self.ov.is_upper(ino)))
+        {
             match self
                 .ov
                 .file_fd(fh)
@@ -373,9 +404,11 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         // A truncate would change data that passthrough handles read from the lower file.
-        if size.is_some() && self.lower_backed(ino.0) {
-            return reply.error(BUSY);
-        }
+        let _changing = match size.map(|_| self.begin_change(ino.0)) {
+            Some(Err(e)) => return reply.error(e),
+            Some(Ok(g)) => Some(g),
+            None => None,
+        };
         let sa = SetAttr {
             mode,
             uid,
@@ -457,9 +490,11 @@ impl Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        if write && self.lower_backed(ino.0) {
-            return reply.error(BUSY);
-        }
+        let _changing = match write.then(|| self.begin_change(ino.0)) {
+            Some(Err(e)) => return reply.error(e),
+            Some(Ok(g)) => Some(g),
+            None => None,
+        };
         match self.ov.open_file(ino.0, flags.0) {
             Ok((fh, upper)) => {
                 // A lower file is never written through its handle; an upper one only
@@ -468,8 +503,11 @@ impl Filesystem for FuseFs {
                 match self.choose_io(ino.0, fh, eligible, !upper, write, |fd| reply.open_backing(fd)) {
                     Ok(Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
                     // strata is the only writer, so the kernel may keep cached pages
-                    // across opens.
-                    Ok(None) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    // across opens; not where passthrough writes may have bypassed them.
+                    Ok(None) if !self.passthrough.load(Ordering::Relaxed) => {
+                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+                    }
+                    Ok(None) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                     Err(e) => {
                         self.ov.release(fh);
                         reply.error(e)

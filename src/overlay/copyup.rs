@@ -206,6 +206,7 @@ impl Overlay {
         if let Some(n) = nodes.get_mut(&ino) {
             n.upper = true;
             n.no_xattrs = false;
+            self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if n.fds.is_some() {
                 // The old set lacked the upper fd.
                 self.cache_fds(&mut nodes, ino, Arc::new(new));
@@ -308,6 +309,7 @@ impl Overlay {
                 n.upper = true;
                 n.lower = None;
                 n.no_xattrs = false;
+                self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if n.parent != loc.parent || *n.name != **name {
                     // Make the name we copied up the primary one.
                     let old = (

@@ -151,11 +151,19 @@ fn cookie(name: &[u8]) -> u64 {
 /// A merged listing, ordered by cookie.
 type Listing = Arc<Vec<DirEntry>>;
 
-/// Cached listings of directories being read, by directory inode. `gen` counts changes,
-/// so a listing computed while the directory changed is not kept.
+/// Cached listings of directories being read, by directory inode. A listing being computed
+/// holds a `Pending` slot with a token no one else has; a change to the directory removes
+/// the slot, so a listing computed meanwhile finds its token gone and is not kept.
 #[derive(Debug, Default)]
 pub(crate) struct Listings {
-    slots: HashMap<u64, (u64, Option<Listing>)>,
+    slots: HashMap<u64, Slot>,
+    next_token: u64,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Pending(u64),
+    Ready(Listing),
 }
 
 /// See `Overlay::changing`.
@@ -177,22 +185,27 @@ impl Overlay {
     /// cached until the directory changes or `listing_done`, so a directory read in many
     /// chunks is merged once.
     pub fn listing(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let gen = {
+        let token = {
             let mut l = self.listings.lock().unwrap();
-            if let Some((_, Some(v))) = l.slots.get(&ino) {
+            if let Some(Slot::Ready(v)) = l.slots.get(&ino) {
                 return Ok(v.clone());
             }
             if l.slots.len() >= MAX_LISTINGS {
-                l.slots.retain(|_, (_, v)| v.is_none());
+                // Readers that never reached the end: start over (only caching is lost).
+                l.slots.clear();
             }
-            l.slots.entry(ino).or_insert((0, None)).0
+            l.next_token += 1;
+            let t = l.next_token;
+            l.slots.insert(ino, Slot::Pending(t));
+            t
         };
         let (kind, parent, lower_dirs) = self.with_node(ino, |n| (n.kind, n.parent, n.lower_dirs.clone()))?;
         if kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
         let fds = self.dir_fds(ino)?;
-        let idx = self.lower_index(ino, &fds, &lower_dirs, true)?;
+        // Without an index (it could not be built) the layers are read one by one.
+        let idx = self.lower_index(ino, &fds, &lower_dirs, true).unwrap_or(None);
         let mut entries = self.read_merged(&fds, &lower_dirs, idx.as_deref(), true)?;
         for e in entries.iter_mut() {
             e.off = cookie(e.name.as_bytes());
@@ -215,8 +228,8 @@ impl Overlay {
         let all = Arc::new(all);
         let mut l = self.listings.lock().unwrap();
         if let Some(slot) = l.slots.get_mut(&ino) {
-            if slot.0 == gen {
-                slot.1 = Some(all.clone());
+            if matches!(slot, Slot::Pending(t) if *t == token) {
+                *slot = Slot::Ready(all.clone());
             }
         }
         Ok(all)
@@ -225,18 +238,15 @@ impl Overlay {
     /// The reader got to the end of the listing of `ino`: it need not be kept.
     pub fn listing_done(&self, ino: u64) {
         let mut l = self.listings.lock().unwrap();
-        if let Some(slot) = l.slots.get_mut(&ino) {
-            slot.1 = None;
+        if let Some(Slot::Ready(_)) = l.slots.get(&ino) {
+            l.slots.remove(&ino);
         }
     }
 
-    /// Names in directory `ino` changed: a cached listing is stale.
+    /// Names in directory `ino` changed (or it is gone): a cached listing, or one being
+    /// computed, is stale.
     pub(crate) fn dir_changed(&self, ino: u64) {
-        let mut l = self.listings.lock().unwrap();
-        if let Some(slot) = l.slots.get_mut(&ino) {
-            slot.0 += 1;
-            slot.1 = None;
-        }
+        self.listings.lock().unwrap().slots.remove(&ino);
     }
 
     /// A guard that marks directory `ino` changed when the operation ends, whatever its

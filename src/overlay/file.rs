@@ -73,6 +73,11 @@ impl Overlay {
             && sys::getxattr(XTarget::Fd(fd.as_fd()), OsStr::new("security.capability")).is_err()
     }
 
+    /// Is the object in the upper layer now?
+    pub fn is_upper(&self, ino: u64) -> bool {
+        self.with_node(ino, |n| n.upper).unwrap_or(false)
+    }
+
     /// The real file behind a handle.
     pub fn file_fd(&self, fh: u64) -> Result<Arc<OwnedFd>> {
         self.file(fh)

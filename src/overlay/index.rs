@@ -27,6 +27,9 @@ const BUILD_LAYER_COST: u32 = 5;
 const BUILD_BASE_COST: u32 = 32;
 // (probes saturate at 65535, above any threshold for the 500 layers allowed)
 
+/// `Node::probes` of a directory whose index cannot be built (probe it instead).
+const NO_INDEX: u16 = u16::MAX;
+
 /// One visible name of the lower layers.
 #[derive(Debug)]
 pub(crate) struct LowerEnt {
@@ -222,7 +225,16 @@ impl Overlay {
         if !build {
             return Ok(None);
         }
-        let idx = Arc::new(self.build_index(fds, lower_dirs)?);
+        let idx = match self.build_index(fds, lower_dirs) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                // E.g. a lower directory the daemon may search but not read (an O_PATH
+                // fd): lookups probe the layers, which works there, and listings fail
+                // as they would have anyway.
+                log::debug!("lower index of {ino}: {e}");
+                return Err(e);
+            }
+        };
         log::trace!("lower index of {ino}: {} names", idx.names.len());
         self.indexes.lock().unwrap().insert(ino, idx.clone());
         Ok(Some(idx))
@@ -250,16 +262,25 @@ impl Overlay {
         let probes = {
             let mut nodes = self.nodes.write().unwrap();
             match nodes.get_mut(&parent) {
+                Some(n) if n.probes == NO_INDEX => return Ok(None),
                 Some(n) => {
-                    n.probes = n
-                        .probes
-                        .saturating_add(lower_dirs.len().min(u16::MAX as usize) as u16);
+                    let add = lower_dirs.len().min(u16::MAX as usize) as u16;
+                    n.probes = n.probes.saturating_add(add).min(NO_INDEX - 1);
                     n.probes as u32
                 }
                 None => 0,
             }
         };
-        self.lower_index(parent, fds, lower_dirs, probes >= threshold)
+        match self.lower_index(parent, fds, lower_dirs, probes >= threshold) {
+            Ok(i) => Ok(i),
+            Err(_) => {
+                // Not readable: probe from now on, without trying again.
+                if let Some(n) = self.nodes.write().unwrap().get_mut(&parent) {
+                    n.probes = NO_INDEX;
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// The cached index of directory `ino`, if any (never builds one).

@@ -48,16 +48,17 @@ impl Overlay {
             return Err(Errno::NOTDIR);
         }
         let pf = self.dir_fds(parent)?;
-        let fds = DirFds::open_child(&pf, &name, upper, &lower_dirs)?;
-        Ok(self.maybe_cache(ino, fds))
-    }
-
-    /// Keep `fds` on the node; returns them either way.
-    pub(crate) fn maybe_cache(&self, ino: u64, fds: DirFds) -> Arc<DirFds> {
-        let fds = Arc::new(fds);
+        let fds = Arc::new(DirFds::open_child(&pf, &name, upper, &lower_dirs)?);
         let mut nodes = self.nodes.write().unwrap();
-        self.cache_fds(&mut nodes, ino, fds.clone());
-        fds
+        // Keep them only if the node is still what they were opened for: a copy-up of the
+        // directory meanwhile must not leave a cached set without its upper fd.
+        if nodes
+            .get(&ino)
+            .is_some_and(|n| n.fds.is_none() && n.upper == upper && *n.lower_dirs == *lower_dirs)
+        {
+            self.cache_fds(&mut nodes, ino, fds.clone());
+        }
+        Ok(fds)
     }
 
     /// Cache `fds` on node `ino`, replacing what it had. Over the fd budget, the directories
@@ -71,8 +72,14 @@ impl Overlay {
             n.fds = Some(fds);
             return;
         }
+        // Each node is in the queue once, from when it first gets fds until they go.
+        let queued = n.fds.is_some();
         self.fd_budget.clear(&mut n.fds);
         let mut lru = self.fd_lru.lock().unwrap();
+        if !self.fd_budget.could_hold(fds.count()) {
+            // Larger than the whole budget: opened per operation, evicting no one.
+            return;
+        }
         while !self.fd_budget.take(fds.count()) {
             let Some(old) = lru.pop_front() else { return };
             if old != ino {
@@ -84,7 +91,9 @@ impl Overlay {
         if let Some(n) = nodes.get_mut(&ino) {
             n.fds = Some(fds);
         }
-        lru.push_back(ino);
+        if !queued {
+            lru.push_back(ino);
+        }
         if lru.len() > 4096 && lru.len() > 2 * nodes.len() {
             // Drop the numbers of nodes that are gone.
             lru.retain(|i| nodes.get(i).is_some_and(|n| n.fds.is_some()));
@@ -163,6 +172,7 @@ impl Overlay {
                 }
                 if n.upper != found.upper || n.lower != found.lower {
                     n.no_xattrs = false;
+                    self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 n.kind = found.kind;
                 n.upper = found.upper;
@@ -171,7 +181,10 @@ impl Overlay {
                 if count {
                     n.nlookup = n.nlookup.saturating_add(1);
                 }
-                if let Some(f) = fds {
+                // Cached fds follow renames and stay right; replace them only when they
+                // lack an upper directory that now exists.
+                let stale = n.fds.as_ref().is_none_or(|c| c.upper.is_none() && found.upper);
+                if let Some(f) = fds.filter(|_| stale) {
                     self.cache_fds(&mut nodes, ino, f);
                 }
             }
@@ -258,6 +271,7 @@ impl Overlay {
         }
         for ino in gone {
             self.drop_index(ino);
+            self.dir_changed(ino);
         }
     }
 

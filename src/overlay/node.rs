@@ -92,11 +92,15 @@ pub(crate) struct Node {
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves
 /// after a reserve for open files. Every cached `DirFds` is paid for here.
 #[derive(Debug)]
-pub(crate) struct FdBudget(AtomicI64);
+pub(crate) struct FdBudget(AtomicI64, i64);
 
 impl FdBudget {
     pub fn new(n: i64) -> FdBudget {
-        FdBudget(AtomicI64::new(n))
+        FdBudget(AtomicI64::new(n), n)
+    }
+    /// Could `n` fds ever fit?
+    pub fn could_hold(&self, n: usize) -> bool {
+        n as i64 <= self.1
     }
     pub fn take(&self, n: usize) -> bool {
         let n = n as i64;

@@ -38,7 +38,8 @@ impl Overlay {
         Ok(())
     }
 
-    /// rmdir: the merged directory must be empty; whiteouts inside the upper go with it.
+    /// rmdir: the merged directory must be empty; whiteouts inside the upper go with it
+    /// (and so does any listing of it still cached).
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         let _changed = self.changing(parent);
         self.upper()?;
@@ -80,6 +81,7 @@ impl Overlay {
             whiteout::make_whiteout(ufd, name)?;
         }
         self.drop_cached(&found);
+        self.dir_changed(found.ino);
         self.forget_name(found.ino, parent, name);
         Ok(())
     }
