@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use crate::cli::MountArgs;
-use crate::fuse::mount::{serve, MountOpts};
+use crate::fuse::mount::{serve, MountOpts, Passthrough};
 use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
 use crate::overlay::{LookupIndex, Overlay, OverlayConfig};
 
@@ -68,9 +68,10 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("lookup_index", Some("always")) => spec.overlay.lookup_index = LookupIndex::Always,
             ("lookup_index", Some("off")) => spec.overlay.lookup_index = LookupIndex::Off,
             ("lookup_index", Some(v)) => bail!("lookup_index={v}: expected auto, always or off"),
-            ("passthrough", Some("on")) => spec.opts.passthrough = true,
-            ("passthrough", Some("off")) => spec.opts.passthrough = false,
-            ("passthrough", Some(v)) => bail!("passthrough={v}: expected on or off"),
+            ("passthrough", Some("on")) => spec.opts.passthrough = Passthrough::On,
+            ("passthrough", Some("off")) => spec.opts.passthrough = Passthrough::Off,
+            ("passthrough", Some("all")) => spec.opts.passthrough = Passthrough::All,
+            ("passthrough", Some(v)) => bail!("passthrough={v}: expected on, off or all"),
             ("ro", None) => spec.opts.ro = true,
             ("rw", None) => spec.opts.ro = false,
             ("dev", None) => spec.opts.dev = true,
@@ -139,7 +140,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             ro: false,
             fsname: "strata".into(),
             threads: a.threads,
-            passthrough: true,
+            passthrough: Passthrough::On,
         },
         image: None,
     };
@@ -216,7 +217,7 @@ pub fn mount_container(
             ro: false,
             fsname: format!("strata:{}", c.state.name),
             threads: 4,
-            passthrough: true,
+            passthrough: Passthrough::On,
         },
         image: Some(c.state.image_id.clone()),
     };

@@ -30,17 +30,20 @@ pub struct FuseFs {
     ov: Arc<Overlay>,
     /// Passthrough allowed by the mount options.
     want_passthrough: bool,
+    /// Every lower file opened for reading may be passed through, not only executables.
+    lower_reads: bool,
     /// The kernel does reads and writes of upper files itself (FUSE passthrough).
     passthrough: AtomicBool,
     io: Mutex<IoTable>,
 }
 
 impl FuseFs {
-    /// Serve `ov`; `passthrough` allows FUSE passthrough where the kernel offers it.
-    pub fn new(ov: Arc<Overlay>, passthrough: bool) -> FuseFs {
+    /// Serve `ov`; `passthrough` says which files may be passed through.
+    pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough) -> FuseFs {
         FuseFs {
             ov,
-            want_passthrough: passthrough,
+            want_passthrough: passthrough != mount::Passthrough::Off,
+            lower_reads: passthrough == mount::Passthrough::All,
             passthrough: AtomicBool::new(false),
             io: Mutex::new(IoTable::default()),
         }
@@ -90,6 +93,9 @@ impl Drop for Changing<'_> {
         }
     }
 }
+
+/// The kernel's `__FMODE_EXEC` in open flags: the file is opened to be executed.
+const FMODE_EXEC: i32 = 0x20;
 
 /// An open that needs a lower file's data to change while passthrough handles read that
 /// lower file: the kernel cannot move them to the copy-up, so it is refused, as writing a
@@ -497,9 +503,16 @@ impl Filesystem for FuseFs {
         };
         match self.ov.open_file(ino.0, flags.0) {
             Ok((fh, upper)) => {
-                // A lower file is never written through its handle; an upper one only
-                // if the kernel's direct writes keep its privileges right.
-                let eligible = !upper || self.ov.passthrough_safe(fh);
+                // A lower file is never written through its handle, and by default only
+                // one opened for exec (its writers get ETXTBSY from the kernel anyway, as
+                // on overlayfs); an upper one only if the kernel's direct writes keep its
+                // privileges right.
+                let exec = flags.0 & FMODE_EXEC != 0;
+                let eligible = if upper {
+                    self.ov.passthrough_safe(fh)
+                } else {
+                    exec || self.lower_reads
+                };
                 match self.choose_io(ino.0, fh, eligible, !upper, write, |fd| reply.open_backing(fd)) {
                     Ok(Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
                     // strata is the only writer, so the kernel may keep cached pages

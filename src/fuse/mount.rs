@@ -9,6 +9,22 @@ use nix::sys::signal::{SigSet, Signal};
 use super::FuseFs;
 use crate::overlay::Overlay;
 
+/// Which files the kernel may read and write directly (FUSE passthrough, where the
+/// kernel offers it and strata runs as root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Passthrough {
+    /// None: every read and write is a request to strata.
+    Off,
+    /// Upper files, and lower files opened to be executed (whose writers the kernel turns
+    /// away with ETXTBSY anyway, as it does on overlayfs).
+    #[default]
+    On,
+    /// Also every lower file opened for reading: faster reads, but a write open or
+    /// truncate of a lower file that is open for reading fails with ETXTBSY until it is
+    /// closed (the kernel cannot move those handles to the copy-up).
+    All,
+}
+
 /// Kernel-side options of a mount.
 #[derive(Debug, Clone)]
 pub struct MountOpts {
@@ -28,8 +44,8 @@ pub struct MountOpts {
     pub fsname: String,
     /// Worker threads.
     pub threads: usize,
-    /// Let the kernel read and write upper files directly (FUSE passthrough) where it can.
-    pub passthrough: bool,
+    /// Where the kernel reads and writes files directly (FUSE passthrough).
+    pub passthrough: Passthrough,
 }
 
 fn fuser_config(o: &MountOpts) -> Config {
