@@ -74,6 +74,9 @@ struct IoTable {
     inodes: HashMap<u64, InodeIo>,
     /// Handle -> (inode, passthrough?).
     handles: HashMap<u64, (u64, bool)>,
+    /// Inodes an upper backing was released for since their last plain open: the kernel
+    /// wrote them behind the page cache, so their next plain open must drop it.
+    pt_written: std::collections::HashSet<u64>,
     /// Inodes with a write open or truncate in flight (their data may change): no lower
     /// backing may be registered for them meanwhile.
     changing: HashMap<u64, u32>,
@@ -203,11 +206,13 @@ impl FuseFs {
         let Some((ino, pt)) = t.handles.remove(&fh) else {
             return;
         };
+        let mut written = false;
         if let Some(st) = t.inodes.get_mut(&ino) {
             if pt {
                 if let Some(b) = &mut st.backing {
                     b.handles -= 1;
                     if b.handles == 0 {
+                        written = !b.lower;
                         st.backing = None;
                     }
                 }
@@ -218,6 +223,15 @@ impl FuseFs {
                 t.inodes.remove(&ino);
             }
         }
+        if written {
+            t.pt_written.insert(ino);
+        }
+    }
+
+    /// May a plain open of `ino` keep the kernel's cached pages? Not once the kernel has
+    /// written the file through a passthrough handle since they were read.
+    fn plain_keeps_cache(&self, ino: u64) -> bool {
+        !self.io.lock().unwrap().pt_written.remove(&ino)
     }
 }
 
@@ -382,6 +396,10 @@ impl Filesystem for FuseFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.ov.forget(ino.0, nlookup);
+        if !self.ov.is_known(ino.0) {
+            // The kernel dropped the inode, and its pages with it.
+            self.io.lock().unwrap().pt_written.remove(&ino.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -517,7 +535,7 @@ impl Filesystem for FuseFs {
                     Ok(Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
                     // strata is the only writer, so the kernel may keep cached pages
                     // across opens; not where passthrough writes may have bypassed them.
-                    Ok(None) if !self.passthrough.load(Ordering::Relaxed) => {
+                    Ok(None) if self.plain_keeps_cache(ino.0) => {
                         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
                     }
                     Ok(None) => reply.opened(FileHandle(fh), FopenFlags::empty()),

@@ -73,6 +73,11 @@ impl Overlay {
             && sys::getxattr(XTarget::Fd(fd.as_fd()), OsStr::new("security.capability")).is_err()
     }
 
+    /// Is the node in the table (the kernel still holds it)?
+    pub fn is_known(&self, ino: u64) -> bool {
+        self.with_node(ino, |_| ()).is_ok()
+    }
+
     /// Is the object in the upper layer now?
     pub fn is_upper(&self, ino: u64) -> bool {
         self.with_node(ino, |n| n.upper).unwrap_or(false)
@@ -86,18 +91,7 @@ impl Overlay {
     /// read from an open file.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let fd = self.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match rustix::io::pread(&*fd, &mut buf[got..], off + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf.truncate(got);
-        Ok(buf)
+        sys::pread_full(fd.as_fd(), size as usize, off)
     }
 
     /// write to an open file. With `kill_suidgid` (an unprivileged writer, as the kernel

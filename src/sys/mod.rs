@@ -150,6 +150,27 @@ pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
     }
 }
 
+/// Read up to `len` bytes at `off`, fewer only at end of file, into a new buffer that is
+/// not zeroed first (a FUSE read asks for up to a megabyte at a time).
+pub fn pread_full(fd: BorrowedFd<'_>, len: usize, off: u64) -> SysResult<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let have = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..len - have];
+        match rustix::io::pread(fd, spare, off + have as u64) {
+            Ok(([], _)) => break,
+            Ok((done, _)) => {
+                let n = done.len();
+                // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(have + n) };
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
 /// Limit the allocator to two arenas. The FUSE workers would otherwise each get one, and
 /// a long-lived daemon's small, scattered allocations fragment across them.
 pub fn limit_malloc_arenas() {
