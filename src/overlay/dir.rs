@@ -19,7 +19,8 @@ use crate::sys::{self, XTarget};
 impl Overlay {
     /// The merged entries of a directory (without "." and ".."): upper first, then each
     /// lower layer, with whiteouts (and, in lower layers, AUFS markers) hiding names below.
-    /// `idx`, the directory's lower index, stands in for reading the lower layers.
+    /// `idx` is the directory's cached lower index; without one the lower layers are read
+    /// into a fresh one.
     /// `with_ino` computes d_ino equal to what lookup reports (costlier for copied-up
     /// entries); an emptiness check does not need it.
     pub(crate) fn read_merged(
@@ -67,57 +68,26 @@ impl Overlay {
                 });
             }
         }
-        if let Some(idx) = idx {
-            for (n, e) in &idx.names {
-                if !seen.contains(&**n) {
-                    out.push(DirEntry {
-                        off: 0,
-                        ino: e.ino,
-                        kind: e.kind,
-                        name: OsStr::from_bytes(n).to_owned(),
-                    });
-                }
+        // The lower part comes from the lower index: the cached one, or one read now (the
+        // index is the one owner of the lower merge rules).
+        let built;
+        let idx = match idx {
+            Some(i) => i,
+            None if lower_dirs.is_empty() => return Ok(out),
+            None => {
+                built = self.build_index(fds, lower_dirs)?;
+                &built
             }
-            return Ok(out);
-        }
-        for &l in lower_dirs {
-            let Some(d) = fds.lower(l) else { continue };
-            let dev = self.lowers[l as usize].dev;
-            let mut here = Vec::new();
-            for ent in rustix::fs::Dir::read_from(d)? {
-                let ent = ent?;
-                let nb = ent.file_name().to_bytes();
-                if nb == b"." || nb == b".." || nb == whiteout::OPAQUE_MARKER.as_bytes() {
-                    continue;
-                }
-                let name = OsStr::from_bytes(nb);
-                if let Some(t) = whiteout::aufs_target(name) {
-                    here.push(t.as_bytes().to_vec());
-                    continue;
-                }
-                if whiteout::is_aufs_marker(name) || seen.contains(nb) {
-                    continue;
-                }
-                let mut ft = ent.file_type();
-                if ft == FileType::CharacterDevice || ft == FileType::Unknown {
-                    let st = sys::stat_at(d, name)?;
-                    if whiteout::is_whiteout(&st) {
-                        here.push(nb.to_vec());
-                        continue;
-                    }
-                    ft = FileType::from_raw_mode(st.st_mode);
-                }
-                let Some(kind) = kind_of(ft) else { continue };
-                here.push(nb.to_vec());
-                let ino = if with_ino { self.map_ino(dev, ent.ino()) } else { 0 };
+        };
+        for (n, e) in &idx.names {
+            if !seen.contains(&**n) {
                 out.push(DirEntry {
                     off: 0,
-                    ino,
-                    kind,
-                    name: name.to_owned(),
+                    ino: if with_ino { e.ino } else { 0 },
+                    kind: e.kind,
+                    name: OsStr::from_bytes(n).to_owned(),
                 });
             }
-            seen.extend(here);
         }
         Ok(out)
     }

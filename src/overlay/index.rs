@@ -136,7 +136,7 @@ impl IndexCache {
 
 impl Overlay {
     /// Read the lower directories of a merged directory into an index.
-    fn build_index(&self, fds: &DirFds, lower_dirs: &Arc<[u16]>) -> Result<LowerIndex> {
+    pub(crate) fn build_index(&self, fds: &DirFds, lower_dirs: &[u16]) -> Result<LowerIndex> {
         let mut names: HashMap<Box<[u8]>, LowerEnt> = HashMap::new();
         // Names whose merge has ended: hidden by a whiteout, or a non-directory was found.
         let mut closed: HashSet<Box<[u8]>> = HashSet::new();
@@ -203,7 +203,7 @@ impl Overlay {
         }
         names.shrink_to_fit();
         Ok(LowerIndex {
-            lower_dirs: lower_dirs.clone(),
+            lower_dirs: lower_dirs.into(),
             names,
         })
     }
