@@ -50,6 +50,14 @@ pub enum Command {
     Load(LoadArgs),
     /// Make a one-layer image from a flat rootfs tar.
     Import(ImportArgs),
+    /// Fetch an image from a registry (docker's references: alpine = docker.io/library/alpine).
+    Pull(PullArgs),
+    /// Send an image to a registry.
+    Push(PushArgs),
+    /// Check and store credentials for a registry.
+    Login(LoginArgs),
+    /// Remove stored credentials for a registry.
+    Logout(LogoutArgs),
     /// Write an image's flattened tree as one tar.
     Export(ExportArgs),
     /// Create a container: a named working copy of an image.
@@ -287,6 +295,84 @@ pub struct SaveArgs {
     /// Images to save.
     #[arg(required = true)]
     pub images: Vec<String>,
+}
+
+/// Options of the registry verbs.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Credentials file (default: ${XDG_RUNTIME_DIR}/containers/auth.json; pulls and pushes
+    /// also read ~/.config/containers/auth.json and ~/.docker/config.json).
+    #[arg(long, value_name = "FILE", env = "REGISTRY_AUTH_FILE")]
+    pub authfile: Option<PathBuf>,
+    /// Directory of CA certificates (*.crt) to trust for this registry, as in docker's
+    /// certs.d/HOST (default: /etc/containers/certs.d/HOST or /etc/docker/certs.d/HOST).
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Verify the registry's TLS certificate; false also allows plain HTTP (which loopback
+    /// registries may always use).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub tls_verify: bool,
+}
+
+/// `strata pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Registry options.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Platform to pick from a multi-platform image (os/arch[/variant]; default: this machine's).
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+    /// Print only the image name.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The image: NAME[:TAG] or NAME@sha256:DIGEST.
+    pub image: String,
+}
+
+/// `strata push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Registry options.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The local image.
+    pub image: String,
+    /// Where to push it (default: the image's own name), e.g. HOST:PORT/REPO:TAG.
+    pub destination: Option<String>,
+}
+
+/// `strata login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Registry options.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// User name (asked for on a terminal when missing).
+    #[arg(short = 'u', long)]
+    pub username: Option<String>,
+    /// Password (visible to other users in the process list: prefer --password-stdin).
+    #[arg(short = 'p', long)]
+    pub password: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// The registry: HOST[:PORT] (docker.io for Docker Hub).
+    pub server: String,
+}
+
+/// `strata logout`.
+#[derive(Debug, Args)]
+pub struct LogoutArgs {
+    /// Credentials file (default: every file `login` writes and `pull` reads).
+    #[arg(long, value_name = "FILE", env = "REGISTRY_AUTH_FILE")]
+    pub authfile: Option<PathBuf>,
+    /// The registry.
+    pub server: String,
 }
 
 /// `strata load`.

@@ -24,8 +24,11 @@ pub mod images;
 pub mod import;
 pub mod inspect;
 pub mod load;
+pub mod login;
 pub mod mount;
 pub mod ps;
+pub mod pull;
+pub mod push;
 pub mod rm;
 pub mod rmi;
 pub mod run;
@@ -129,6 +132,10 @@ pub fn main() -> i32 {
         Command::Load(a) => load::run(a, &root),
         Command::Import(a) => import::run(a, &root),
         Command::Export(a) => export::run(a, &root),
+        Command::Pull(a) => pull::run(a, &root),
+        Command::Push(a) => push::run(a, &root),
+        Command::Login(a) => login::run(a),
+        Command::Logout(a) => login::logout(a),
     };
     finish(r.map(|()| exit::OK), exit::FAILURE)
 }
@@ -142,6 +149,8 @@ fn finish(r: anyhow::Result<i32>, failure: i32) -> i32 {
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<serde_json::Error>()
+                        .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
             }) {
                 return exit::OK;
             }

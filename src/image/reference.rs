@@ -1,4 +1,7 @@
 //! Image references: `name[:tag]`, `name@sha256:...`, or an image id (prefix).
+//!
+//! [`Reference`] is a name in the local store. [`RemoteRef`] is docker's reference to an image
+//! in a registry, normalized as docker does: `alpine` is `docker.io/library/alpine:latest`.
 
 use std::fmt;
 
@@ -86,9 +89,133 @@ impl Reference {
     }
 }
 
+/// docker's default registry and the name it is stored under.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A registry reference, normalized: `domain/path` plus a tag, a digest, or both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRef {
+    /// Registry host, with its port when given (`docker.io`, `127.0.0.1:5000`).
+    pub domain: String,
+    /// Repository path inside the registry (`library/alpine`).
+    pub path: String,
+    /// Tag; `latest` when neither a tag nor a digest was given.
+    pub tag: Option<String>,
+    /// `sha256:<64 hex>` when the reference pins a manifest.
+    pub digest: Option<String>,
+}
+
+impl RemoteRef {
+    /// Parse docker's syntax: `name[:tag]`, `name@sha256:...`, `host[:port]/path/name:tag`.
+    pub fn parse(s: &str) -> Result<RemoteRef, String> {
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => {
+                if super::digest::hex_part(d).is_none() {
+                    return Err(format!(
+                        "'{s}': invalid digest '{d}' (want sha256:<64 hex digits>)"
+                    ));
+                }
+                (r, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        let has_tag = rest.rfind(':').is_some_and(|i| !rest[i + 1..].contains('/'));
+        // The name grammar is Reference's; a digest-only reference has no tag.
+        let local = Reference::parse(rest).map_err(|e| e.replace(rest, s))?;
+        let tag = (has_tag || digest.is_none()).then_some(local.tag);
+        let (domain, path) = match local.name.split_once('/') {
+            Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+                (first.to_string(), rest.to_string())
+            }
+            _ => (DOCKER_HUB.to_string(), local.name.clone()),
+        };
+        let domain = match domain.as_str() {
+            "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
+            _ => domain,
+        };
+        let path = if domain == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
+        Ok(RemoteRef {
+            domain,
+            path,
+            tag,
+            digest,
+        })
+    }
+
+    /// `domain/path`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.domain, self.path)
+    }
+
+    /// The store name for a tagged reference (`docker.io/library/alpine:latest`).
+    pub fn local(&self) -> Option<Reference> {
+        self.tag.as_ref().map(|t| Reference {
+            name: self.name(),
+            tag: t.clone(),
+        })
+    }
+
+    /// What the registry is asked for: the digest when pinned, else the tag.
+    pub fn wire_ref(&self) -> &str {
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+    }
+}
+
+impl fmt::Display for RemoteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.name())?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The normalized form of a store name, so `alpine` finds `docker.io/library/alpine:latest`
+/// and the other way round.
+pub fn normalized(s: &str) -> Option<String> {
+    RemoteRef::parse(s)
+        .ok()
+        .and_then(|r| r.local())
+        .map(|r| r.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote() {
+        let r = RemoteRef::parse("alpine").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/alpine:latest");
+        let r = RemoteRef::parse("user/app:1").unwrap();
+        assert_eq!(r.to_string(), "docker.io/user/app:1");
+        let r = RemoteRef::parse("127.0.0.1:5000/a/b:t").unwrap();
+        assert_eq!((r.domain.as_str(), r.path.as_str()), ("127.0.0.1:5000", "a/b"));
+        assert_eq!(r.wire_ref(), "t");
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = RemoteRef::parse(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!((r.tag.as_deref(), r.wire_ref()), (None, d.as_str()));
+        assert_eq!(r.to_string(), format!("localhost/x@{d}"));
+        assert_eq!(
+            RemoteRef::parse("index.docker.io/busybox").unwrap().to_string(),
+            "docker.io/library/busybox:latest"
+        );
+        for bad in ["", "UPPER/x", "a@sha256:12", "a:b@md5:00", "-x", "h:99999x/y"] {
+            assert!(RemoteRef::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            normalized("busybox:1").as_deref(),
+            Some("docker.io/library/busybox:1")
+        );
+    }
 
     #[test]
     fn parse() {

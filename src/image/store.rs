@@ -286,6 +286,24 @@ impl Store {
                 return self.load_image(d);
             }
         }
+        // docker's short and long forms name the same image: `alpine` finds
+        // `docker.io/library/alpine:latest` (pulled) and the other way round.
+        if let Some(want) = super::reference::normalized(s) {
+            let found = list
+                .iter()
+                .find(|(n, _)| !n.is_empty() && super::reference::normalized(n).as_deref() == Some(&want));
+            if let Some((_, d)) = found {
+                return self.load_image(d);
+            }
+        }
+        // name@sha256:...: the manifest the digest names, if the store has it.
+        if let Some((_, dg)) = s.split_once('@') {
+            super::reference::RemoteRef::parse(s).map_err(anyhow::Error::msg)?;
+            if let Some((_, d)) = list.iter().find(|(_, d)| d.digest().to_string() == dg) {
+                return self.load_image(d);
+            }
+            bail!("image '{s}' not found in store '{}'", self.root.display());
+        }
         let hexs = s.strip_prefix("sha256:").unwrap_or(s);
         if hexs.len() >= 4 && hexs.bytes().all(|c| c.is_ascii_hexdigit()) {
             let mut found: Vec<Image> = Vec::new();
@@ -322,8 +340,9 @@ impl Store {
             .filter(|d| d.annotations().as_ref().and_then(|a| a.get(REF_NAME)) != Some(&name))
             .cloned()
             .collect();
+        // The media type stays the manifest's own (docker schema2 for pulled docker images).
         let mut d = Descriptor::new(
-            MediaType::ImageManifest,
+            manifest.media_type().clone(),
             manifest.size(),
             manifest.digest().clone(),
         );
@@ -343,7 +362,7 @@ impl Store {
         }
         let mut ms = idx.manifests().clone();
         ms.push(Descriptor::new(
-            MediaType::ImageManifest,
+            manifest.media_type().clone(),
             manifest.size(),
             manifest.digest().clone(),
         ));

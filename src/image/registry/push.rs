@@ -1,0 +1,172 @@
+//! `push`: each blob is HEADed first and skipped when the registry has it, mounted from
+//! another repository of the same registry when strata knows one that holds it, else
+//! uploaded (one request up to 32 MiB, chunks above). The manifest goes last, byte for byte
+//! as stored, under its own media type, so its digest is the same on both sides.
+
+use std::fs::File;
+use std::io::Read;
+
+use anyhow::{bail, Context, Result};
+use futures_util::{StreamExt, TryStreamExt};
+
+use super::client::{explain, retry, Session, MONOLITHIC_MAX};
+use super::{media, sources, Bar, Bars, Options};
+use crate::image::digest;
+use crate::image::reference::RemoteRef;
+use crate::image::store::{Image, Store};
+
+/// What a push did.
+#[derive(Debug)]
+pub struct Pushed {
+    /// Manifest digest.
+    pub digest: String,
+    /// Manifest size.
+    pub size: u64,
+    /// Blobs uploaded, mounted from another repository, and already present.
+    pub uploaded: usize,
+    /// See `uploaded`.
+    pub mounted: usize,
+    /// See `uploaded`.
+    pub present: usize,
+}
+
+enum Outcome {
+    Uploaded,
+    Mounted,
+    Present,
+}
+
+fn oref(r: &RemoteRef) -> oci_client::Reference {
+    match (&r.tag, &r.digest) {
+        (Some(t), _) => oci_client::Reference::with_tag(r.domain.clone(), r.path.clone(), t.clone()),
+        (None, Some(d)) => oci_client::Reference::with_digest(r.domain.clone(), r.path.clone(), d.clone()),
+        (None, None) => oci_client::Reference::with_tag(r.domain.clone(), r.path.clone(), "latest".into()),
+    }
+}
+
+/// Push `img` to `dest`.
+pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Result<Pushed> {
+    let mbytes = store.read_blob(&img.manifest_digest)?;
+    let mt = media::kind(&mbytes).context("the stored manifest")?;
+    if let Some(d) = &dest.digest {
+        if *d != img.manifest_digest {
+            bail!(
+                "{dest}: the image's manifest digest is {}, not {d}",
+                img.manifest_digest
+            );
+        }
+    }
+    let mut blobs: Vec<(String, u64)> = img
+        .manifest
+        .layers()
+        .iter()
+        .map(|l| (l.digest().to_string(), l.size()))
+        .collect();
+    let cfg = img.manifest.config();
+    blobs.push((cfg.digest().to_string(), cfg.size()));
+    blobs.dedup_by(|a, b| a.0 == b.0);
+    for (d, _) in &blobs {
+        if !store.blob_path(d)?.exists() {
+            bail!("blob {d} of the image is missing from the store; cannot push");
+        }
+    }
+    let (s, _) = Session::open(&dest.domain, &dest.name(), opts, None)?;
+    let bars = Bars::new(opts.quiet);
+    let r = oref(dest);
+    let outcomes: Vec<Outcome> = s.rt.block_on(
+        futures_util::stream::iter(
+            blobs
+                .iter()
+                .map(|(d, n)| push_blob(&s, store, dest, &r, d, *n, &bars)),
+        )
+        .buffer_unordered(4)
+        .try_collect(),
+    )?;
+    let ct = reqwest::header::HeaderValue::from_static(mt);
+    let what = format!("{dest}: manifest");
+    s.rt.block_on(retry(&what, || {
+        s.client.push_manifest_raw(&r, mbytes.clone(), ct.clone())
+    }))
+    .map_err(|e| explain(e, &what, &s.domain))?;
+    let digests: Vec<String> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    if let Err(e) = sources::record(store, &dest.name(), &digests) {
+        log::warn!("recording blob sources: {e:#}");
+    }
+    let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    Ok(Pushed {
+        digest: img.manifest_digest.clone(),
+        size: mbytes.len() as u64,
+        uploaded: count(|o| matches!(o, Outcome::Uploaded)),
+        mounted: count(|o| matches!(o, Outcome::Mounted)),
+        present: count(|o| matches!(o, Outcome::Present)),
+    })
+}
+
+/// The blob file as a stream of 1 MiB chunks.
+fn file_stream(
+    f: File,
+    bar: Bar,
+) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::try_unfold((f, bar, 0u64), |(mut f, bar, n)| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok(None);
+        }
+        buf.truncate(k);
+        bar.set(n + k as u64);
+        Ok(Some((bytes::Bytes::from(buf), (f, bar, n + k as u64))))
+    })
+}
+
+async fn push_blob(
+    s: &Session,
+    store: &Store,
+    dest: &RemoteRef,
+    r: &oci_client::Reference,
+    d: &str,
+    size: u64,
+    bars: &Bars,
+) -> Result<Outcome> {
+    let label = digest::hex_part(d).unwrap_or(d)[..12].to_string();
+    let what = format!("{dest}: blob {d}");
+    let have = retry(&what, || s.client.blob_exists(r, d))
+        .await
+        .map_err(|e| explain(e, &what, &s.domain))?;
+    if have {
+        bars.bar(&label, size).finish("already exists");
+        return Ok(Outcome::Present);
+    }
+    for from in sources::on_registry(store, &dest.domain, &dest.name(), d)
+        .into_iter()
+        .take(2)
+    {
+        let src = oci_client::Reference::with_tag(dest.domain.clone(), from.clone(), "latest".into());
+        match s.client.mount_blob(r, &src, d).await {
+            Ok(()) => {
+                bars.bar(&label, size).finish(&format!("mounted from {from}"));
+                return Ok(Outcome::Mounted);
+            }
+            Err(e) => log::info!("{what}: mount from {from} refused ({e}); uploading"),
+        }
+    }
+    let path = store.blob_path(d)?;
+    let bar = bars.bar(&label, size);
+    retry(&what, || {
+        let bar = bar.clone();
+        let path = path.clone();
+        async move {
+            let f = File::open(&path)?;
+            let stream = file_stream(f, bar);
+            if size <= MONOLITHIC_MAX {
+                s.mono.push_blob_stream(r, stream, d, Some(size)).await
+            } else {
+                s.client.push_blob_stream(r, stream, d, Some(size)).await
+            }
+        }
+    })
+    .await
+    .map_err(|e| explain(e, &what, &s.domain))?;
+    bar.finish("pushed");
+    Ok(Outcome::Uploaded)
+}
