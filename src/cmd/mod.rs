@@ -60,6 +60,9 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
+    // rustls-platform-verifier logs certificate failures at error level; strata reports
+    // them itself, naming the registry.
+    let level = format!("{level},rustls_platform_verifier=off");
     let env = env_logger::Env::default().default_filter_or(level);
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()

@@ -196,6 +196,12 @@ impl Session {
             Some(c) => RegistryAuth::Basic(c.user, c.password),
             None => RegistryAuth::Anonymous,
         };
+        // Calls that take no credentials (blob HEAD, mounts, blob GETs) use these.
+        let key = oci_client::Reference::with_tag(domain.to_string(), "x".into(), "latest".into());
+        rt.block_on(async {
+            client.store_auth_if_needed(key.resolve_registry(), &auth).await;
+            mono.store_auth_if_needed(key.resolve_registry(), &auth).await;
+        });
         Ok((
             Session {
                 rt,
@@ -232,6 +238,12 @@ async fn probe(http: &reqwest::Client, domain: &str, plain_ok: bool) -> Result<(
         Ok(r) => Ok(("https", answer(r))),
         Err(e) if plain_ok && !e.is_timeout() => {
             match http.get(format!("http://{domain}/v2/")).send().await {
+                // A TLS server answers plain HTTP with 400: its certificate was the problem.
+                Ok(r) if r.status().as_u16() == 400 => bail!(
+                    "cannot reach registry {domain} over HTTPS: {} (trust its CA with --cert-dir DIR \
+                     holding ca.crt, or skip verification with --tls-verify=false)",
+                    root_cause(&e)
+                ),
                 Ok(r) => {
                     log::debug!("{domain}: no TLS ({}); using plain HTTP", root_cause(&e));
                     Ok(("http", answer(r)))
