@@ -7,6 +7,7 @@
 //! ROOT/layers/<diffid-hex>/        unpacked layers, shared read-only by every mount
 //! ROOT/containers/<name>/          containers (upper, work, state.json)
 //! ROOT/tmp/                        staging; emptied when the store is opened under the lock
+//! ROOT/sources.json                repositories a blob came from or went to (registry/)
 //! ROOT/lock                        flock: shared for readers, exclusive for writers
 //! ```
 
