@@ -225,3 +225,53 @@ impl Bar {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(entries: &[(&str, &str, Option<&str>, char)]) -> ImageIndex {
+        let ms: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(os, arch, v, c)| {
+                let mut p = serde_json::json!({"os": os, "architecture": arch});
+                if let Some(v) = v {
+                    p["variant"] = serde_json::json!(v);
+                }
+                serde_json::json!({
+                    "mediaType": media::OCI_MANIFEST,
+                    "size": 1,
+                    "digest": format!("sha256:{}", c.to_string().repeat(64)),
+                    "platform": p,
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": ms})).unwrap()
+    }
+
+    #[test]
+    fn platform_choice() {
+        let idx = index(&[
+            ("linux", "arm", Some("v6"), 'a'),
+            ("linux", "arm", Some("v7"), 'b'),
+            ("linux", "arm64", Some("v8"), 'c'),
+            ("linux", "amd64", None, 'd'),
+            ("unknown", "unknown", None, 'e'),
+        ]);
+        let pick = |s: &str| {
+            Platform::parse(s)
+                .unwrap()
+                .choose(&idx)
+                .map(|d| d.chars().last().unwrap())
+        };
+        assert_eq!(pick("linux/amd64"), Some('d'));
+        assert_eq!(pick("linux/arm64"), Some('c'));
+        assert_eq!(pick("linux/arm/v7"), Some('b'));
+        assert_eq!(pick("linux/arm"), Some('a'));
+        assert_eq!(pick("linux/s390x"), None);
+        assert_eq!(pick("linux/arm/v5"), None);
+        assert!(Platform::parse("linux").is_err());
+        assert!(Platform::parse("linux/amd64/v1/x").is_err());
+        assert_eq!(Platform::host().os, "linux");
+    }
+}
