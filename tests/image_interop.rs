@@ -12,9 +12,9 @@ mod image_common;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -26,16 +26,6 @@ const EPOCH_RFC3339: &str = "2023-11-14T22:13:20";
 
 // ---------------------------------------------------------------------------
 // Peer tools.
-
-fn require_tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("`{name}` is not installed: run scripts/install-deps (it installs skopeo, umoci, docker.io)");
-}
 
 /// skopeo with a permissive policy (no /etc/containers/policy.json needed)
 /// and its temp files inside the test dir.
@@ -468,178 +458,6 @@ fn umoci_image_loads_from_oci_and_docker_archives() {
 
 // ---------------------------------------------------------------------------
 // (c) docker.
-
-fn docker_bin() -> PathBuf {
-    // The Debian client matches the daemon (20.10); a newer client in
-    // /usr/local/bin also works (API negotiation), as a fallback.
-    for p in ["/usr/bin/docker", "/usr/local/bin/docker"] {
-        if Path::new(p).exists() {
-            return PathBuf::from(p);
-        }
-    }
-    panic!("docker client not installed: run scripts/install-deps");
-}
-
-/// A private dockerd: state, exec root and socket under a temp dir, no
-/// bridge/iptables. Killed (with its containerd) and cleaned up on drop.
-struct Dockerd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    sock: PathBuf,
-}
-
-impl Dockerd {
-    fn start() -> Result<Dockerd, String> {
-        let dockerd = require_tool("dockerd");
-        let dir = tempfile::Builder::new()
-            .prefix("strata-dkr-")
-            .tempdir_in("/tmp")
-            .map_err(|e| e.to_string())?;
-        let d = dir.path();
-        for sub in ["data", "exec", "config"] {
-            fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        let sock = d.join("docker.sock");
-        let log = fs::File::create(d.join("dockerd.log")).unwrap();
-        let child = Command::new(dockerd)
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args([
-                "--iptables=false",
-                "--ip-forward=false",
-                "--ip-masq=false",
-                "--bridge=none",
-                "--storage-driver",
-                "overlay2",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn dockerd: {e}"))?;
-        let mut me = Dockerd {
-            dir,
-            child: Some(child),
-            sock,
-        };
-        let start = Instant::now();
-        loop {
-            let out = run_cmd(me.cmd().arg("version"), Duration::from_secs(20));
-            if out.ok() {
-                return Ok(me);
-            }
-            let exited = me.child.as_mut().unwrap().try_wait().ok().flatten();
-            if exited.is_some() || start.elapsed() > Duration::from_secs(60) {
-                let log = fs::read_to_string(me.dir.path().join("dockerd.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(25).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                me.stop();
-                return Err(format!(
-                    "dockerd did not come up (exit: {exited:?}); last `docker version`: {out}\n--- dockerd.log (tail) ---\n{}",
-                    tail.join("\n")
-                ));
-            }
-            thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(docker_bin());
-        c.env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
-            .env("DOCKER_CONFIG", self.dir.path().join("config"));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> CmdOutput {
-        run_cmd(self.cmd().args(args), CMD_TIMEOUT)
-    }
-
-    fn ok(&self, args: &[&str]) -> CmdOutput {
-        let out = self.run(args);
-        assert!(out.ok(), "`docker {}` failed: {out}", args.join(" "));
-        out
-    }
-
-    /// PIDs whose command line mentions our temp dir (dockerd's containerd).
-    fn our_pids(&self) -> Vec<i32> {
-        let want = self.dir.path().display().to_string();
-        let mut pids = Vec::new();
-        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if let Ok(c) = fs::read(e.path().join("cmdline")) {
-                if String::from_utf8_lossy(&c).contains(&want) && pid != std::process::id() as i32 {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) of the dockerd we spawned.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Its containerd normally exits with it; make sure.
-        let start = Instant::now();
-        while !self.our_pids().is_empty() && start.elapsed() < Duration::from_secs(10) {
-            thread::sleep(Duration::from_millis(100));
-        }
-        for pid in self.our_pids() {
-            eprintln!("killing leftover dockerd child {pid}");
-            // SAFETY: kill(2) of a process started by our dockerd.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        // Unmount anything left under the state dir (deepest first).
-        let want = self.dir.path().display().to_string();
-        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let mut mine: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(&want))
-            .collect();
-        mine.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mine {
-            let _ = run_cmd(Command::new("umount").arg("-l").arg(m), Duration::from_secs(20));
-        }
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn docker_or_skip() -> Option<Dockerd> {
-    match Dockerd::start() {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI: cannot start a private dockerd, so the docker interop test cannot run:\n{e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED docker interop: cannot start a private dockerd here (set CI=1 to make this fatal):\n{e}");
-            None
-        }
-    }
-}
 
 fn loaded_ref(out: &CmdOutput) -> String {
     for l in out.stdout.lines() {

@@ -115,6 +115,8 @@ pub struct Session {
     pub endpoint: String,
     /// `https` or `http`.
     pub scheme: &'static str,
+    /// The `WWW-Authenticate` challenge of `GET /v2/`, if any.
+    pub challenge: Option<String>,
 }
 
 /// What the first `GET /v2/` answered.
@@ -212,6 +214,7 @@ impl Session {
                 domain: domain.to_string(),
                 endpoint: endpoint.to_string(),
                 scheme,
+                challenge: probe.challenge.clone(),
             },
             probe,
         ))
@@ -220,6 +223,71 @@ impl Session {
     /// `scheme://domain`.
     pub fn base(&self) -> String {
         format!("{}://{}", self.scheme, self.endpoint)
+    }
+
+    /// The user and password, when there are credentials.
+    fn basic(&self) -> Option<(&str, &str)> {
+        match &self.auth {
+            RegistryAuth::Basic(u, p) => Some((u, p)),
+            _ => None,
+        }
+    }
+
+    /// Add this registry's authorization for `scopes` to a request of our own: a bearer
+    /// token asked for all the scopes at once (what a cross-repository mount needs, and
+    /// oci-client asks for one repository only), or basic credentials.
+    pub async fn authorize(
+        &self,
+        req: reqwest::RequestBuilder,
+        scopes: &[String],
+    ) -> Result<reqwest::RequestBuilder> {
+        let Some(ch) = self.challenge.as_deref() else {
+            return Ok(req);
+        };
+        let (scheme, params) = super::login::parse_challenge(ch);
+        match scheme.as_str() {
+            "basic" => Ok(match self.basic() {
+                Some((u, p)) => req.basic_auth(u, Some(p)),
+                None => req,
+            }),
+            "bearer" => {
+                let get = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
+                let realm = get("realm")
+                    .with_context(|| format!("{}: bearer challenge without realm", self.domain))?;
+                let mut q: Vec<(&str, String)> = Vec::new();
+                if let Some(sv) = get("service") {
+                    q.push(("service", sv));
+                }
+                q.extend(scopes.iter().map(|sc| ("scope", sc.clone())));
+                let url = reqwest::Url::parse_with_params(&realm, &q)
+                    .with_context(|| format!("{}: bad token realm '{realm}'", self.domain))?;
+                let mut t = self.http.get(url);
+                if let Some((u, p)) = self.basic() {
+                    t = t.basic_auth(u, Some(p));
+                }
+                let resp = t
+                    .send()
+                    .await
+                    .map_err(|e| anyhow!("{}: token service: {}", self.domain, root_cause(&e)))?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "{}: the token service answered HTTP {}",
+                        self.domain,
+                        resp.status().as_u16()
+                    );
+                }
+                let v: serde_json::Value = resp.json().await.context("token service answer")?;
+                let tok = v
+                    .get("token")
+                    .or_else(|| v.get("access_token"))
+                    .and_then(|t| t.as_str())
+                    .with_context(|| {
+                        format!("{}: the token service answered without a token", self.domain)
+                    })?;
+                Ok(req.bearer_auth(tok))
+            }
+            _ => Ok(req),
+        }
     }
 }
 
@@ -298,10 +366,13 @@ pub fn retryable(e: &OciDistributionError) -> bool {
                     .is_some_and(|s| s.as_u16() == 429 || s.is_server_error())
         }
         OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
-        OciDistributionError::RegistryError { envelope, .. } => envelope
-            .errors
-            .iter()
-            .any(|x| matches!(x.code, OciErrorCode::Toomanyrequests)),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            envelope.errors.iter().any(|x| match &x.code {
+                OciErrorCode::Toomanyrequests => true,
+                OciErrorCode::Other(c) => c == "UNAVAILABLE",
+                _ => false,
+            })
+        }
         OciDistributionError::IoError(_) => true,
         _ => false,
     }

@@ -3,11 +3,13 @@
 //! uploaded (one request up to 32 MiB, chunks above). The manifest goes last, byte for byte
 //! as stored, under its own media type, so its digest is the same on both sides.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 
 use anyhow::{bail, Context, Result};
 use futures_util::{StreamExt, TryStreamExt};
+use oci_client::RegistryOperation;
 
 use super::client::{explain, retry, Session, MONOLITHIC_MAX};
 use super::{media, sources, Bar, Bars, Options};
@@ -73,15 +75,25 @@ pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Res
     let (s, _) = Session::open(&dest.domain, &dest.name(), opts, None)?;
     let bars = Bars::new(opts.quiet);
     let r = oref(dest);
-    let outcomes: Vec<Outcome> = s.rt.block_on(
+    let mounts: Mounts = Default::default();
+    let outcomes: Vec<Outcome> = s.rt.block_on(async {
+        // One token per operation, asked for before the blobs go in parallel (each would
+        // otherwise miss the cache and ask for its own).
+        for op in [RegistryOperation::Pull, RegistryOperation::Push] {
+            s.client
+                .auth(&r, &s.auth, op)
+                .await
+                .map_err(|e| explain(e, &dest.to_string(), &s.domain))?;
+        }
         futures_util::stream::iter(
             blobs
                 .iter()
-                .map(|(d, n)| push_blob(&s, store, dest, &r, d, *n, &bars)),
+                .map(|(d, n)| push_blob(&s, store, dest, &r, d, *n, &bars, &mounts)),
         )
         .buffer_unordered(4)
-        .try_collect(),
-    )?;
+        .try_collect()
+        .await
+    })?;
     let ct = reqwest::header::HeaderValue::from_static(mt);
     let what = format!("{dest}: manifest");
     s.rt.block_on(retry(&what, || {
@@ -100,6 +112,63 @@ pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Res
         mounted: count(|o| matches!(o, Outcome::Mounted)),
         present: count(|o| matches!(o, Outcome::Present)),
     })
+}
+
+/// Authorized mount requests per source repository, so that one token serves every blob
+/// mounted from it.
+type Mounts = tokio::sync::Mutex<HashMap<String, reqwest::RequestBuilder>>;
+
+/// `POST /v2/DEST/blobs/uploads/?mount=D&from=SRC`: true when the registry mounted it (201).
+/// A 202 means it opened an upload instead; that session is cancelled.
+async fn mount(s: &Session, dest: &RemoteRef, from: &str, d: &str, tokens: &Mounts) -> Result<bool> {
+    let url = reqwest::Url::parse_with_params(
+        &format!("{}/v2/{}/blobs/uploads/", s.base(), dest.path),
+        &[("mount", d), ("from", from)],
+    )?;
+    let auth = {
+        let mut cache = tokens.lock().await;
+        match cache.get(from).and_then(|t| t.try_clone()) {
+            Some(t) => t,
+            None => {
+                let scopes = [
+                    format!("repository:{}:pull,push", dest.path),
+                    format!("repository:{from}:pull"),
+                ];
+                let t = s.authorize(s.http.post(url.clone()), &scopes).await?;
+                if let Some(c) = t.try_clone() {
+                    cache.insert(from.to_string(), c);
+                }
+                t
+            }
+        }
+    }
+    .build()?
+    .headers()
+    .get(reqwest::header::AUTHORIZATION)
+    .cloned();
+    let mut post = s.http.post(url).header(reqwest::header::CONTENT_LENGTH, "0");
+    if let Some(a) = &auth {
+        post = post.header(reqwest::header::AUTHORIZATION, a.clone());
+    }
+    let resp = post.send().await?;
+    match resp.status().as_u16() {
+        201 => Ok(true),
+        202 => {
+            let loc = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok());
+            if let Some(u) = loc.and_then(|l| reqwest::Url::parse(&s.base()).and_then(|b| b.join(l)).ok()) {
+                let mut del = s.http.delete(u);
+                if let Some(a) = &auth {
+                    del = del.header(reqwest::header::AUTHORIZATION, a.clone());
+                }
+                let _ = del.send().await;
+            }
+            Ok(false)
+        }
+        c => bail!("HTTP {c}"),
+    }
 }
 
 /// The blob file as a stream of 1 MiB chunks.
@@ -127,6 +196,7 @@ async fn push_blob(
     d: &str,
     size: u64,
     bars: &Bars,
+    tokens: &Mounts,
 ) -> Result<Outcome> {
     let label = digest::hex_part(d).unwrap_or(d)[..12].to_string();
     let what = format!("{dest}: blob {d}");
@@ -141,13 +211,13 @@ async fn push_blob(
         .into_iter()
         .take(2)
     {
-        let src = oci_client::Reference::with_tag(dest.domain.clone(), from.clone(), "latest".into());
-        match s.client.mount_blob(r, &src, d).await {
-            Ok(()) => {
+        match mount(s, dest, &from, d, tokens).await {
+            Ok(true) => {
                 bars.bar(&label, size).finish(&format!("mounted from {from}"));
                 return Ok(Outcome::Mounted);
             }
-            Err(e) => log::info!("{what}: mount from {from} refused ({e}); uploading"),
+            Ok(false) => log::info!("{what}: the registry did not mount it from {from}; uploading"),
+            Err(e) => log::info!("{what}: mount from {from}: {e:#}; uploading"),
         }
     }
     let path = store.blob_path(d)?;
