@@ -76,6 +76,14 @@ pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Res
     let bars = Bars::new(opts.quiet);
     let r = oref(dest);
     let mounts: Mounts = Default::default();
+    let ctx = Ctx {
+        s: &s,
+        store,
+        dest,
+        r: &r,
+        bars: &bars,
+        tokens: &mounts,
+    };
     let outcomes: Vec<Outcome> = s.rt.block_on(async {
         // One token per operation, asked for before the blobs go in parallel (each would
         // otherwise miss the cache and ask for its own).
@@ -85,14 +93,10 @@ pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Res
                 .await
                 .map_err(|e| explain(e, &dest.to_string(), &s.domain))?;
         }
-        futures_util::stream::iter(
-            blobs
-                .iter()
-                .map(|(d, n)| push_blob(&s, store, dest, &r, d, *n, &bars, &mounts)),
-        )
-        .buffer_unordered(4)
-        .try_collect()
-        .await
+        futures_util::stream::iter(blobs.iter().map(|(d, n)| push_blob(&ctx, d, *n)))
+            .buffer_unordered(4)
+            .try_collect()
+            .await
     })?;
     let ct = reqwest::header::HeaderValue::from_static(mt);
     let what = format!("{dest}: manifest");
@@ -188,16 +192,25 @@ fn file_stream(
     })
 }
 
-async fn push_blob(
-    s: &Session,
-    store: &Store,
-    dest: &RemoteRef,
-    r: &oci_client::Reference,
-    d: &str,
-    size: u64,
-    bars: &Bars,
-    tokens: &Mounts,
-) -> Result<Outcome> {
+/// What every blob of one push shares.
+struct Ctx<'a> {
+    s: &'a Session,
+    store: &'a Store,
+    dest: &'a RemoteRef,
+    r: &'a oci_client::Reference,
+    bars: &'a Bars,
+    tokens: &'a Mounts,
+}
+
+async fn push_blob(ctx: &Ctx<'_>, d: &str, size: u64) -> Result<Outcome> {
+    let Ctx {
+        s,
+        store,
+        dest,
+        r,
+        bars,
+        tokens,
+    } = *ctx;
     let label = digest::hex_part(d).unwrap_or(d)[..12].to_string();
     let what = format!("{dest}: blob {d}");
     let have = retry(&what, || s.client.blob_exists(r, d))
