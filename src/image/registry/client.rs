@@ -11,13 +11,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::token_cache::RegistryTokenType;
+use oci_client::{Client, RegistryOperation};
 
 use super::auth::{self, Credentials};
 use super::Options;
 
-/// Blobs up to this size are uploaded in one request, larger ones in chunks.
-pub const MONOLITHIC_MAX: u64 = 32 << 20;
+/// Blobs up to this size are uploaded in one streamed request, larger ones in chunks of
+/// oci-client's 4 MiB (some fronting proxies cap a request body near 100 MB).
+pub const MONOLITHIC_MAX: u64 = 64 << 20;
 
 /// Connect and read timeout: `STRATA_REGISTRY_TIMEOUT` seconds, 30 by default.
 pub fn timeout() -> Duration {
@@ -218,6 +220,24 @@ impl Session {
             },
             probe,
         ))
+    }
+
+    /// For a registry that asked for no authentication, tell oci-client so for `r`'s
+    /// repository: with anonymous access it otherwise sends `GET /v2/` before every request
+    /// (it caches tokens, not the absence of a challenge). The cached "token" is the
+    /// credentials, or an empty basic pair that an open registry ignores.
+    pub async fn prime(&self, r: &oci_client::Reference) {
+        if self.challenge.is_some() {
+            return;
+        }
+        let (u, p) = self.basic().unwrap_or(("", ""));
+        for c in [&self.client, &self.mono] {
+            for op in [RegistryOperation::Pull, RegistryOperation::Push] {
+                c.tokens
+                    .insert(r, op, RegistryTokenType::Basic(u.to_string(), p.to_string()))
+                    .await;
+            }
+        }
     }
 
     /// `scheme://domain`.

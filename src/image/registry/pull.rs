@@ -83,6 +83,7 @@ pub fn pull(store: &Store, r: &RemoteRef, platform: Option<&Platform>, opts: &Op
     let platform = platform.unwrap_or(&host);
     let oref = oci_ref(r);
     s.rt.block_on(async {
+        s.prime(&oref).await;
         let (mut bytes, mut md) = fetch_manifest(&s, r, &oref, r.digest.as_deref()).await?;
         let ref_digest = md.clone();
         let mut mt = media::kind(&bytes).with_context(|| format!("{r}: manifest"))?;

@@ -85,9 +85,13 @@ pub fn push(store: &Store, img: &Image, dest: &RemoteRef, opts: &Options) -> Res
         tokens: &mounts,
     };
     let outcomes: Vec<Outcome> = s.rt.block_on(async {
+        s.prime(&r).await;
         // One token per operation, asked for before the blobs go in parallel (each would
         // otherwise miss the cache and ask for its own).
         for op in [RegistryOperation::Pull, RegistryOperation::Push] {
+            if s.challenge.is_none() {
+                break;
+            }
             s.client
                 .auth(&r, &s.auth, op)
                 .await
@@ -175,13 +179,13 @@ async fn mount(s: &Session, dest: &RemoteRef, from: &str, d: &str, tokens: &Moun
     }
 }
 
-/// The blob file as a stream of 1 MiB chunks.
+/// The blob file as a stream of 4 MiB pieces (oci-client's chunk size).
 fn file_stream(
     f: File,
     bar: Bar,
 ) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
     futures_util::stream::try_unfold((f, bar, 0u64), |(mut f, bar, n)| async move {
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; 4 << 20];
         let k = f.read(&mut buf)?;
         if k == 0 {
             return Ok(None);

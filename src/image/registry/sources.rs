@@ -20,6 +20,7 @@ fn load(store: &Store) -> BTreeMap<String, Vec<String>> {
 /// Record that `digests` are in repository `name` (`host/path`).
 pub fn record(store: &Store, name: &str, digests: &[String]) -> Result<()> {
     let mut m = load(store);
+    let before = m.clone();
     for d in digests {
         let v = m.entry(d.clone()).or_default();
         v.retain(|n| n != name);
@@ -28,6 +29,9 @@ pub fn record(store: &Store, name: &str, digests: &[String]) -> Result<()> {
     }
     // Forget blobs the store no longer has.
     m.retain(|d, _| store.blob_path(d).is_ok_and(|p| p.exists()));
+    if m == before {
+        return Ok(());
+    }
     write_atomic(&store.root().join("sources.json"), &serde_json::to_vec(&m)?)
 }
 
