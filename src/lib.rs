@@ -10,5 +10,6 @@ pub mod fuse;
 pub mod image;
 pub mod mounts;
 pub mod overlay;
+pub mod registry;
 pub mod runtime;
 pub mod sys;

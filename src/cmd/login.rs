@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{LoginArgs, LogoutArgs};
-use crate::image::registry::{self, auth::Credentials};
+use crate::registry::{self, auth::Credentials};
 
 /// Read one line from a terminal, without echo when `secret`.
 fn prompt(what: &str, secret: bool) -> Result<String> {

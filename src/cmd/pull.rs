@@ -6,8 +6,8 @@ use anyhow::Result;
 
 use crate::cli::PullArgs;
 use crate::image::reference::RemoteRef;
-use crate::image::registry::{self, Platform};
 use crate::image::store::Store;
+use crate::registry::{self, Platform};
 
 /// `strata pull REF`: prints docker's closing lines and the full name.
 pub fn run(a: PullArgs, root: &Path) -> Result<()> {

@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 
 use crate::cli::{PushArgs, RegistryArgs};
 use crate::image::reference::{normalized, RemoteRef};
-use crate::image::registry::{self, Options};
 use crate::image::store::Store;
+use crate::registry::{self, Options};
 
 /// The registry options of a command line.
 pub fn options(a: &RegistryArgs, quiet: bool) -> Options {

@@ -9,6 +9,5 @@ pub mod digest;
 pub mod layer;
 pub mod progress;
 pub mod reference;
-pub mod registry;
 pub mod store;
 pub mod tree;
