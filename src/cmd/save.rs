@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::cli::SaveArgs;
 use crate::image::archive;
 use crate::image::progress::Progress;
-use crate::image::reference::Reference;
+use crate::image::reference::{normalized, Reference};
 use crate::image::store::Store;
 
 /// `strata save -o FILE IMAGE...`.
@@ -16,10 +16,15 @@ pub fn run(a: SaveArgs, root: &Path) -> Result<()> {
     let mut images = Vec::new();
     for i in &a.images {
         let img = store.resolve(i)?;
+        // The stored name the argument means (`alpine` is `docker.io/library/alpine:latest`).
         let asked = Reference::parse(i)
             .ok()
             .map(|r| r.to_string())
-            .filter(|r| img.refs.contains(r));
+            .filter(|r| img.refs.contains(r))
+            .or_else(|| {
+                let n = normalized(i)?;
+                img.refs.iter().find(|r| normalized(r).as_deref() == Some(&n)).cloned()
+            });
         images.push((img, asked));
     }
     super::with_output_file(&a.output, |f| {
