@@ -50,6 +50,8 @@ pub enum Command {
     Load(LoadArgs),
     /// Make a one-layer image from a flat rootfs tar.
     Import(ImportArgs),
+    /// Build an image from a Dockerfile and a context directory.
+    Build(BuildArgs),
     /// Fetch an image from a registry (docker's references: alpine = docker.io/library/alpine).
     Pull(PullArgs),
     /// Send an image to a registry.
@@ -142,6 +144,9 @@ pub struct RunArgs {
     /// Process options.
     #[command(flatten)]
     pub process: ProcessArgs,
+    /// Override the image's ENTRYPOINT ('' clears it); the command follows it.
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
     /// The image.
     pub image: String,
     /// Command and arguments (default: the image's entrypoint and cmd).
@@ -313,6 +318,49 @@ pub struct RegistryArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tls_verify: bool,
+}
+
+/// `strata build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Name and tag of the result (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    pub tags: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile; - reads standard input).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A build argument (KEY=VALUE, or KEY to take it from the environment); repeatable.
+    #[arg(long = "build-arg", value_name = "KEY[=VALUE]")]
+    pub build_args: Vec<String>,
+    /// Build up to this stage only.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Run every step, ignoring the build cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Pull FROM images even when the store has them.
+    #[arg(long)]
+    pub pull: bool,
+    /// Network of RUN steps: none (a fresh loopback only) or host.
+    #[arg(long, default_value = "none", value_parser = ["none", "host", "default"])]
+    pub network: String,
+    /// A label on the result (KEY=VALUE); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Write the image id to this file.
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+    /// Print only the image id (no step lines, no RUN output).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Platform (only this machine's is built).
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+    /// Registry options for pulling FROM images.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// The context directory, or - (a Dockerfile on standard input, no context).
+    pub context: PathBuf,
 }
 
 /// `strata pull`.

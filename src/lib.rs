@@ -3,6 +3,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod build;
 pub mod cli;
 pub mod cmd;
 pub mod container;

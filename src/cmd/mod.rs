@@ -14,6 +14,7 @@ macro_rules! say {
 }
 pub(crate) use say;
 
+pub mod build;
 pub mod commit;
 pub mod create;
 pub mod diff;
@@ -135,6 +136,7 @@ pub fn main() -> i32 {
         Command::Load(a) => load::run(a, &root),
         Command::Import(a) => import::run(a, &root),
         Command::Export(a) => export::run(a, &root),
+        Command::Build(a) => build::run(a, &root),
         Command::Pull(a) => pull::run(a, &root),
         Command::Push(a) => push::run(a, &root),
         Command::Login(a) => login::run(a),

@@ -106,18 +106,24 @@ fn process_spec(
     p: &ProcessArgs,
     command: &[String],
     default_cmd: Option<&[String]>,
+    entrypoint: Option<&str>,
 ) -> Result<RunSpec> {
     let ic = cfg.config().clone().unwrap_or_default();
-    let entry = ic.entrypoint().clone().unwrap_or_default();
+    // docker's --entrypoint: one program ('' none), and the image's CMD no longer applies.
+    let (entry, image_cmd) = match entrypoint {
+        Some("") => (Vec::new(), Vec::new()),
+        Some(e) => (vec![e.to_string()], Vec::new()),
+        None => (
+            ic.entrypoint().clone().unwrap_or_default(),
+            ic.cmd().clone().unwrap_or_default(),
+        ),
+    };
     let argv: Vec<String> = if !command.is_empty() {
         entry.into_iter().chain(command.iter().cloned()).collect()
     } else if let Some(d) = default_cmd {
         d.to_vec()
     } else {
-        entry
-            .into_iter()
-            .chain(ic.cmd().clone().unwrap_or_default())
-            .collect()
+        entry.into_iter().chain(image_cmd).collect()
     };
     if argv.is_empty() {
         bail!("no command given and the image has neither Entrypoint nor Cmd");
@@ -218,7 +224,7 @@ pub fn run(a: RunArgs, root: &Path) -> Result<i32> {
         remove: a.rm,
     };
     interrupted()?;
-    let spec = process_spec(&c, &cfg, &a.process, &a.command, None)?;
+    let spec = process_spec(&c, &cfg, &a.process, &a.command, None, a.entrypoint.as_deref())?;
     super::mount::mount_container(root, &c, None)?;
     guard.unmount = true;
     interrupted()?;
@@ -247,7 +253,14 @@ pub fn shell(a: ShellArgs, root: &Path) -> Result<i32> {
         p.interactive = true;
     }
     let sh = ["/bin/sh".to_string()];
-    let spec = process_spec(&c, &cfg, &p, &a.command, a.command.is_empty().then_some(&sh[..]))?;
+    let spec = process_spec(
+        &c,
+        &cfg,
+        &p,
+        &a.command,
+        a.command.is_empty().then_some(&sh[..]),
+        None,
+    )?;
     let was_mounted = match c.mounted() {
         Ok(m) => m,
         Err(m) => bail!("{m}; run 'strata umount {}' to clean up", c.state.name),

@@ -23,7 +23,10 @@ pub fn run(a: SaveArgs, root: &Path) -> Result<()> {
             .filter(|r| img.refs.contains(r))
             .or_else(|| {
                 let n = normalized(i)?;
-                img.refs.iter().find(|r| normalized(r).as_deref() == Some(&n)).cloned()
+                img.refs
+                    .iter()
+                    .find(|r| normalized(r).as_deref() == Some(&n))
+                    .cloned()
             });
         images.push((img, asked));
     }

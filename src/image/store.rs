@@ -7,6 +7,8 @@
 //! ROOT/layers/<diffid-hex>/        unpacked layers, shared read-only by every mount
 //! ROOT/containers/<name>/          containers (upper, work, state.json)
 //! ROOT/tmp/                        staging; emptied when the store is opened under the lock
+//! ROOT/build-cache.json           build step cache key -> manifest (kept by gc)
+//! ROOT/build/                      working dirs of running builds
 //! ROOT/sources.json                repositories a blob came from or went to (registry/)
 //! ROOT/lock                        flock: shared for readers, exclusive for writers
 //! ```
@@ -513,6 +515,16 @@ impl Store {
         let mut blobs: HashSet<String> = HashSet::new();
         let mut diff_ids: HashSet<String> = HashSet::new();
         let mut descs: Vec<Descriptor> = self.list()?.into_iter().map(|(_, d)| d).collect();
+        // The build cache's image states are kept like named images.
+        let cached: std::collections::BTreeMap<String, String> = fs::read(self.root.join("build-cache.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default();
+        for md in cached.values() {
+            if let Ok(d) = parse_digest(md) {
+                descs.push(Descriptor::new(MediaType::ImageManifest, 0, d));
+            }
+        }
         let mut seen = HashSet::new();
         while let Some(d) = descs.pop() {
             let dg = d.digest().to_string();

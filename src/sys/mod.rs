@@ -598,3 +598,39 @@ pub fn reset_for_exec() {
         );
     }
 }
+
+/// `openat2(dir, path, flags, RESOLVE_IN_ROOT)`: `path` resolved as if `dir` were `/`, so
+/// absolute symlinks and `..` inside a container tree never reach the host. Retries EAGAIN.
+pub fn open_in_root<P: AsRef<OsStr>>(
+    dir: BorrowedFd<'_>,
+    path: P,
+    flags: OFlags,
+    mode: Mode,
+) -> SysResult<OwnedFd> {
+    let how = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
+    loop {
+        match rustix::fs::openat2(dir, path.as_ref(), flags | OFlags::CLOEXEC, mode, how) {
+            Err(Errno::AGAIN) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Saved standard output and error, for `restore_stdio`.
+pub struct SavedStdio(OwnedFd, OwnedFd);
+
+/// Point stdout and stderr at /dev/null (children inherit that); returns the old ones.
+pub fn silence_stdio() -> SysResult<SavedStdio> {
+    let out = rustix::io::fcntl_dupfd_cloexec(std::io::stdout().as_fd(), 3)?;
+    let err = rustix::io::fcntl_dupfd_cloexec(std::io::stderr().as_fd(), 3)?;
+    let null = rustix::fs::open("/dev/null", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::stdio::dup2_stdout(&null)?;
+    rustix::stdio::dup2_stderr(&null)?;
+    Ok(SavedStdio(out, err))
+}
+
+/// Undo `silence_stdio`.
+pub fn restore_stdio(s: SavedStdio) {
+    let _ = rustix::stdio::dup2_stdout(&s.0);
+    let _ = rustix::stdio::dup2_stderr(&s.1);
+}

@@ -1,0 +1,456 @@
+//! A Dockerfile as strata executes it: `parse-dockerfile` does the grammar (continuations,
+//! comments, the `escape` directive, JSON and shell forms, heredocs); this turns its tree into
+//! steps that carry their line and text, grouped into stages.
+
+use anyhow::{anyhow, bail, Result};
+use parse_dockerfile::{Command, HealthcheckArguments, Instruction, JsonOrStringArray, Source};
+
+/// A command in exec (JSON) or shell form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    /// `["a", "b"]`: no shell, no expansion.
+    Exec(Vec<String>),
+    /// Text for the stage's SHELL, continuations removed.
+    Shell(String),
+}
+
+/// A COPY/ADD source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Src {
+    /// A path or glob in the context (or the `--from` tree), or a URL for ADD.
+    Path(String),
+    /// `COPY <<NAME dest`: a file named NAME with this content.
+    Inline {
+        /// The delimiter, which is also the file name.
+        name: String,
+        /// Content.
+        body: String,
+        /// Whether variables are expanded in it (unquoted delimiter).
+        expand: bool,
+    },
+}
+
+/// A `--flag[=value]`.
+pub type Flags = Vec<(String, Option<String>)>;
+
+/// What a step does.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// FROM image [AS name].
+    From {
+        /// Image, stage name or `scratch` (before expansion).
+        image: String,
+        /// AS name.
+        name: Option<String>,
+        /// Flags (`--platform`).
+        flags: Flags,
+    },
+    /// RUN.
+    Run {
+        /// The command.
+        cmd: Cmd,
+        /// Heredoc bodies, in order, with their delimiters.
+        heredocs: Vec<(String, String)>,
+        /// Flags (`--network`, `--mount` is refused).
+        flags: Flags,
+    },
+    /// COPY (add = false) or ADD.
+    Copy {
+        /// ADD.
+        add: bool,
+        /// Sources.
+        srcs: Vec<Src>,
+        /// Destination (before expansion).
+        dest: String,
+        /// Flags (`--from`, `--chown`, `--chmod`, `--link`, `--checksum`).
+        flags: Flags,
+    },
+    /// CMD.
+    Cmd(Cmd),
+    /// ENTRYPOINT.
+    Entrypoint(Cmd),
+    /// ENV (raw arguments).
+    Env(String),
+    /// ARG (raw arguments).
+    Arg(String),
+    /// LABEL (raw arguments).
+    Label(String),
+    /// MAINTAINER.
+    Maintainer(String),
+    /// EXPOSE (raw words).
+    Expose(Vec<String>),
+    /// VOLUME: paths; raw words when not JSON.
+    Volume(Vec<String>),
+    /// USER.
+    User(String),
+    /// WORKDIR.
+    Workdir(String),
+    /// STOPSIGNAL.
+    Stopsignal(String),
+    /// SHELL (JSON).
+    Shell(Vec<String>),
+    /// HEALTHCHECK: None for NONE.
+    Healthcheck(Option<(Flags, Cmd)>),
+    /// ONBUILD: the trigger's text.
+    Onbuild(String),
+}
+
+/// One instruction.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 1-based line of its keyword.
+    pub line: usize,
+    /// The instruction as written, continuations joined.
+    pub text: String,
+    /// What it does.
+    pub kind: Kind,
+}
+
+/// A parsed Dockerfile.
+#[derive(Debug, Clone)]
+pub struct Dockerfile {
+    /// The escape character.
+    pub escape: char,
+    /// ARGs before the first FROM.
+    pub global_args: Vec<Step>,
+    /// Stages: each starts with its FROM.
+    pub stages: Vec<Vec<Step>>,
+}
+
+fn line_of(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The logical line starting at `start`: continuations (escape, optional blanks, newline)
+/// removed, and comment lines inside a continuation dropped, as docker does.
+fn logical_line(text: &str, start: usize, escape: char) -> String {
+    let mut out = String::new();
+    let lines = text[start..].split('\n');
+    let mut first = true;
+    for l in lines {
+        let l = l.strip_suffix('\r').unwrap_or(l);
+        if !first && l.trim_start().starts_with('#') {
+            continue;
+        }
+        first = false;
+        let t = l.trim_end();
+        match t.strip_suffix(escape) {
+            // An escaped escape is not a continuation.
+            Some(rest) if !rest.ends_with(escape) => out.push_str(rest),
+            _ => {
+                out.push_str(l);
+                break;
+            }
+        }
+    }
+    out.trim().to_string()
+}
+
+/// Shell-form text as docker runs it: continuations removed.
+fn shell_text(raw: &str, escape: char) -> String {
+    let mut out = String::new();
+    let mut it = raw.split('\n').peekable();
+    let mut first = true;
+    while let Some(l) = it.next() {
+        let l = l.strip_suffix('\r').unwrap_or(l);
+        if !first && l.trim_start().starts_with('#') {
+            continue;
+        }
+        first = false;
+        let t = l.trim_end();
+        match t.strip_suffix(escape) {
+            Some(rest) if !rest.ends_with(escape) && it.peek().is_some() => out.push_str(rest),
+            _ => {
+                out.push_str(l);
+                if it.peek().is_some() {
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cmd(c: &Command<'_>, escape: char) -> Cmd {
+    match c {
+        Command::Exec(v) => Cmd::Exec(v.value.iter().map(|s| s.value.to_string()).collect()),
+        Command::Shell(s) => Cmd::Shell(shell_text(s.value, escape)),
+        #[allow(unreachable_patterns)]
+        _ => Cmd::Shell(String::new()),
+    }
+}
+
+fn flags(f: &[parse_dockerfile::Flag<'_>]) -> Flags {
+    f.iter()
+        .map(|f| {
+            (
+                f.name.value.to_string(),
+                f.value.as_ref().map(|v| v.value.to_string()),
+            )
+        })
+        .collect()
+}
+
+/// The delimiters of the heredocs an instruction line opens (`<<EOF`, `<<-"EOF"`), in order.
+fn heredoc_names(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == b'<' && b[i + 1] == b'<' {
+            let mut j = i + 2;
+            if j < b.len() && b[j] == b'-' {
+                j += 1;
+            }
+            if j < b.len() && (b[j] == b'"' || b[j] == b'\'') {
+                j += 1;
+            }
+            let s = j;
+            while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                j += 1;
+            }
+            if j > s {
+                out.push(line[s..j].to_string());
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+fn convert(ins: &Instruction<'_>, text: &str, escape: char, start: usize) -> Result<Kind> {
+    let line = logical_line(text, start, escape);
+    Ok(match ins {
+        Instruction::From(f) => Kind::From {
+            image: f.image.value.to_string(),
+            name: f.as_.as_ref().map(|(_, n)| n.value.to_string()),
+            flags: flags(&f.options[..]),
+        },
+        Instruction::Run(r) => {
+            let names = heredoc_names(&line);
+            Kind::Run {
+                cmd: cmd(&r.arguments, escape),
+                heredocs: r
+                    .here_docs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| {
+                        (
+                            names.get(i).cloned().unwrap_or_else(|| "EOF".into()),
+                            h.value.to_string(),
+                        )
+                    })
+                    .collect(),
+                flags: flags(&r.options[..]),
+            }
+        }
+        Instruction::Copy(c) => Kind::Copy {
+            add: false,
+            srcs: srcs(&c.src, &line),
+            dest: c.dest.value.to_string(),
+            flags: flags(&c.options[..]),
+        },
+        Instruction::Add(c) => Kind::Copy {
+            add: true,
+            srcs: srcs(&c.src, &line),
+            dest: c.dest.value.to_string(),
+            flags: flags(&c.options[..]),
+        },
+        Instruction::Cmd(c) => Kind::Cmd(cmd(&c.arguments, escape)),
+        Instruction::Entrypoint(c) => Kind::Entrypoint(cmd(&c.arguments, escape)),
+        Instruction::Env(e) => Kind::Env(e.arguments.value.to_string()),
+        Instruction::Arg(a) => Kind::Arg(a.arguments.value.to_string()),
+        Instruction::Label(l) => Kind::Label(l.arguments.value.to_string()),
+        Instruction::Maintainer(m) => Kind::Maintainer(m.name.value.to_string()),
+        Instruction::Expose(e) => Kind::Expose(e.arguments.iter().map(|a| a.value.to_string()).collect()),
+        Instruction::Volume(v) => Kind::Volume(match &v.arguments {
+            JsonOrStringArray::Json(j) => j.value.iter().map(|a| a.value.to_string()).collect(),
+            JsonOrStringArray::String(s) => s.iter().map(|a| a.value.to_string()).collect(),
+        }),
+        Instruction::User(u) => Kind::User(u.arguments.value.to_string()),
+        Instruction::Workdir(w) => Kind::Workdir(w.arguments.value.to_string()),
+        Instruction::Stopsignal(s) => Kind::Stopsignal(s.arguments.value.to_string()),
+        Instruction::Shell(s) => Kind::Shell(s.arguments.iter().map(|a| a.value.to_string()).collect()),
+        Instruction::Healthcheck(h) => match &h.arguments {
+            HealthcheckArguments::Cmd { arguments, .. } => {
+                Kind::Healthcheck(Some((flags(&h.options[..]), cmd(arguments, escape))))
+            }
+            _ => Kind::Healthcheck(None),
+        },
+        Instruction::Onbuild(_) => {
+            let rest = line
+                .split_once(char::is_whitespace)
+                .map(|(_, r)| r.trim().to_string())
+                .unwrap_or_default();
+            Kind::Onbuild(rest)
+        }
+        #[allow(unreachable_patterns)]
+        _ => bail!("unsupported instruction: {line}"),
+    })
+}
+
+fn srcs(src: &[Source<'_>], line: &str) -> Vec<Src> {
+    let names = heredoc_names(line);
+    let mut k = 0;
+    src.iter()
+        .map(|s| match s {
+            Source::Path(p) => Src::Path(p.value.to_string()),
+            Source::HereDoc(h) => {
+                let name = names.get(k).cloned().unwrap_or_else(|| "EOF".into());
+                k += 1;
+                Src::Inline {
+                    name,
+                    body: h.value.to_string(),
+                    expand: h.expand,
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => Src::Path(String::new()),
+        })
+        .collect()
+}
+
+/// The keyword span start of an instruction (its line).
+fn start_of(ins: &Instruction<'_>) -> usize {
+    match ins {
+        Instruction::Add(i) => i.add.span.start,
+        Instruction::Arg(i) => i.arg.span.start,
+        Instruction::Cmd(i) => i.cmd.span.start,
+        Instruction::Copy(i) => i.copy.span.start,
+        Instruction::Entrypoint(i) => i.entrypoint.span.start,
+        Instruction::Env(i) => i.env.span.start,
+        Instruction::Expose(i) => i.expose.span.start,
+        Instruction::From(i) => i.from.span.start,
+        Instruction::Healthcheck(i) => i.healthcheck.span.start,
+        Instruction::Label(i) => i.label.span.start,
+        Instruction::Maintainer(i) => i.maintainer.span.start,
+        Instruction::Onbuild(i) => i.onbuild.span.start,
+        Instruction::Run(i) => i.run.span.start,
+        Instruction::Shell(i) => i.shell.span.start,
+        Instruction::Stopsignal(i) => i.stopsignal.span.start,
+        Instruction::User(i) => i.user.span.start,
+        Instruction::Volume(i) => i.volume.span.start,
+        Instruction::Workdir(i) => i.workdir.span.start,
+        #[allow(unreachable_patterns)]
+        _ => 0,
+    }
+}
+
+/// Parse `text` (named `file` in errors).
+pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
+    let df = parse_dockerfile::parse(text).map_err(|e| anyhow!("{file}:{}:{}: {e}", e.line(), e.column()))?;
+    let escape = df
+        .parser_directives
+        .escape
+        .as_ref()
+        .map(|d| d.value.value)
+        .unwrap_or('\\');
+    if let Some(s) = &df.parser_directives.syntax {
+        log::warn!(
+            "{file}: `# syntax={}` is ignored: strata has its own Dockerfile frontend",
+            s.value.value
+        );
+    }
+    let mut global_args = Vec::new();
+    let mut stages: Vec<Vec<Step>> = Vec::new();
+    for ins in &df.instructions {
+        let start = start_of(ins);
+        let line = line_of(text, start);
+        let kind = convert(ins, text, escape, start).map_err(|e| anyhow!("{file}:{line}: {e}"))?;
+        let step = Step {
+            line,
+            text: logical_line(text, start, escape),
+            kind,
+        };
+        match (&step.kind, stages.last_mut()) {
+            (Kind::From { .. }, _) => stages.push(vec![step]),
+            (Kind::Arg(_), None) => global_args.push(step),
+            (_, Some(st)) => st.push(step),
+            (_, None) => bail!(
+                "{file}:{line}: `{}` before the first FROM (only ARG may come first)",
+                step.text
+            ),
+        }
+    }
+    if stages.is_empty() {
+        bail!("{file}: no FROM instruction");
+    }
+    Ok(Dockerfile {
+        escape,
+        global_args,
+        stages,
+    })
+}
+
+/// Parse ONBUILD triggers (each one instruction's text) as steps of a stage.
+pub fn parse_triggers(triggers: &[String], what: &str) -> Result<Vec<Step>> {
+    let mut out = Vec::new();
+    for t in triggers {
+        let text = format!("FROM scratch\n{t}\n");
+        let df = parse(&text, what)?;
+        let mut st = df.stages.into_iter().next().unwrap_or_default();
+        if st.len() != 2 {
+            bail!("{what}: ONBUILD trigger '{t}' is not one instruction");
+        }
+        let mut s = st.remove(1);
+        if matches!(s.kind, Kind::From { .. } | Kind::Onbuild(_)) {
+            bail!("{what}: ONBUILD trigger '{t}': FROM and ONBUILD are not allowed there");
+        }
+        s.line = 0;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_lines_and_continuations() {
+        let text = "# escape=\\\nARG V=1\nFROM busybox AS b\nRUN echo a \\\n  # comment\n    b\nRUN [\"echo\", \"x\"]\nCOPY --chown=1:2 a b /d/\nCOPY <<EOF /f\nhello\nEOF\nONBUILD RUN echo trig\n";
+        let df = parse(text, "Dockerfile").unwrap();
+        assert_eq!(df.global_args.len(), 1);
+        let st = &df.stages[0];
+        assert!(matches!(&st[0].kind, Kind::From { name: Some(n), .. } if n == "b"));
+        assert_eq!(st[1].line, 4);
+        match &st[1].kind {
+            Kind::Run {
+                cmd: Cmd::Shell(s), ..
+            } => assert_eq!(s, "echo a     b"),
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(st[1].text, "RUN echo a     b");
+        assert!(matches!(&st[2].kind, Kind::Run { cmd: Cmd::Exec(v), .. } if v == &["echo", "x"]));
+        match &st[3].kind {
+            Kind::Copy {
+                srcs,
+                dest,
+                flags,
+                add: false,
+            } => {
+                assert_eq!(srcs, &[Src::Path("a".into()), Src::Path("b".into())]);
+                assert_eq!(dest, "/d/");
+                assert_eq!(flags, &[("chown".to_string(), Some("1:2".to_string()))]);
+            }
+            k => panic!("{k:?}"),
+        }
+        match &st[4].kind {
+            Kind::Copy { srcs, .. } => assert!(
+                matches!(&srcs[0], Src::Inline { name, body, expand: true } if name == "EOF" && body == "hello\n")
+            ),
+            k => panic!("{k:?}"),
+        }
+        assert!(matches!(&st[5].kind, Kind::Onbuild(t) if t == "RUN echo trig"));
+        let e = parse("FROM a\nFROBNICATE x\n", "Df").unwrap_err().to_string();
+        assert!(e.starts_with("Df:2"), "{e}");
+        let trig = parse_triggers(&["RUN echo hi".into()], "base").unwrap();
+        assert!(matches!(&trig[0].kind, Kind::Run { .. }));
+    }
+}

@@ -1,0 +1,1195 @@
+//! `strata build`: a Dockerfile and a context become an image in the store, one layer per
+//! RUN/COPY/ADD step, without a daemon.
+//!
+//! Each layer step mounts the stage's current image through strata's overlay with a fresh
+//! upper directory, does its work in the mount (a container for RUN, file copies for COPY and
+//! ADD), unmounts, and turns the upper into the layer with the same code as `commit`: the cost
+//! is the size of the change, never a diff of the whole tree. Metadata steps only change the
+//! config. Every step extends a cache key; a layer step whose key is in the build cache
+//! (`cache.rs`) is not run again.
+//!
+//! The builder stays single-threaded: mounting and running fork.
+
+pub mod cache;
+mod copy;
+pub mod dockerfile;
+pub mod expand;
+pub mod ignore;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use oci_spec::image::{Descriptor, ImageManifest, MediaType};
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use crate::image::commit::write_layer;
+use crate::image::config;
+use crate::image::digest;
+use crate::image::layer::{self, Compression, PackOpts};
+use crate::image::progress::Progress;
+use crate::image::reference::Reference;
+use crate::image::store::{parse_digest, Store};
+use dockerfile::{Cmd, Dockerfile, Kind, Src, Step};
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The context directory (None: `-`, no context).
+    pub context: Option<PathBuf>,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name in messages.
+    pub dockerfile_name: String,
+    /// Names to tag the result with.
+    pub tags: Vec<Reference>,
+    /// `--build-arg K=V` (None: take K from the environment).
+    pub build_args: BTreeMap<String, Option<String>>,
+    /// Stop after this stage.
+    pub target: Option<String>,
+    /// Ignore the cache.
+    pub no_cache: bool,
+    /// Pull FROM images even when present.
+    pub pull: bool,
+    /// RUN with the host's network.
+    pub network_host: bool,
+    /// `--label K=V` on the result.
+    pub labels: Vec<(String, String)>,
+    /// Print only the image id.
+    pub quiet: bool,
+    /// Registry options for pulls.
+    pub registry: crate::registry::Options,
+}
+
+/// Mounting is the CLI's business (it owns the FUSE adapter); the builder asks for it.
+pub trait Mounter {
+    /// Mount `lowers` (top first) at `mnt`, with `rw` = (upper, work) or read-only; the
+    /// returned value unmounts when dropped.
+    fn mount(
+        &self,
+        lowers: Vec<PathBuf>,
+        rw: Option<(&Path, &Path)>,
+        mnt: &Path,
+    ) -> Result<Box<dyn std::any::Any>>;
+}
+
+/// The state of a stage between steps.
+#[derive(Debug, Clone)]
+struct State {
+    /// Manifest layers.
+    layers: Vec<Descriptor>,
+    /// The image config, as JSON (docker's fields such as OnBuild and Healthcheck kept).
+    config: Value,
+    /// Cache key so far.
+    key: String,
+    /// ARGs in scope (None: declared without a value).
+    args: BTreeMap<String, Option<String>>,
+}
+
+fn sha(s: &str) -> String {
+    digest::hex(&Sha256::digest(s.as_bytes()))
+}
+
+fn cfg(v: &mut Value) -> &mut Map<String, Value> {
+    if !v.get("config").is_some_and(Value::is_object) {
+        v["config"] = json!({});
+    }
+    v["config"].as_object_mut().expect("just made an object")
+}
+
+fn str_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+impl State {
+    fn scratch() -> Result<State> {
+        let c = serde_json::to_value(config::new_config()?)?;
+        Ok(State {
+            layers: Vec::new(),
+            config: c,
+            key: sha("scratch"),
+            args: BTreeMap::new(),
+        })
+    }
+
+    fn env(&self) -> Vec<String> {
+        str_list(self.config.get("config").and_then(|c| c.get("Env")))
+    }
+
+    fn set_env(&mut self, k: &str, val: &str) {
+        let mut env = self.env();
+        env.retain(|e| e.split('=').next() != Some(k));
+        env.push(format!("{k}={val}"));
+        cfg(&mut self.config).insert("Env".into(), json!(env));
+    }
+
+    /// Variables for expansion: args in scope, ENV over them (docker's precedence).
+    fn vars(&self) -> BTreeMap<String, String> {
+        let mut m: BTreeMap<String, String> = self
+            .args
+            .iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+            .collect();
+        for e in self.env() {
+            if let Some((k, v)) = e.split_once('=') {
+                m.insert(k.to_string(), v.to_string());
+            }
+        }
+        m
+    }
+
+    fn workdir(&self) -> String {
+        self.config
+            .get("config")
+            .and_then(|c| c.get("WorkingDir"))
+            .and_then(Value::as_str)
+            .filter(|w| !w.is_empty())
+            .unwrap_or("/")
+            .to_string()
+    }
+
+    fn user(&self) -> String {
+        self.config
+            .get("config")
+            .and_then(|c| c.get("User"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn shell(&self) -> Vec<String> {
+        let s = str_list(self.config.get("config").and_then(|c| c.get("Shell")));
+        if s.is_empty() {
+            vec!["/bin/sh".into(), "-c".into()]
+        } else {
+            s
+        }
+    }
+
+    fn history(&mut self, created_by: &str, empty: bool) -> Result<()> {
+        let t = config::rfc3339(config::now_or_epoch()?);
+        let mut h = json!({"created": t, "created_by": created_by, "comment": "buildkit.dockerfile.v0"});
+        if empty {
+            h["empty_layer"] = json!(true);
+        }
+        let obj = self
+            .config
+            .as_object_mut()
+            .context("image config is not an object")?;
+        obj.entry("history").or_insert_with(|| json!([]));
+        if let Some(a) = obj.get_mut("history").and_then(Value::as_array_mut) {
+            a.push(h);
+        }
+        obj.insert("created".into(), json!(t));
+        Ok(())
+    }
+
+    fn extend_key(&mut self, what: &str) {
+        self.key = sha(&format!("{}\n{what}", self.key));
+    }
+}
+
+/// Store a state as config + manifest blobs (named by nothing); returns the manifest digest.
+fn save_state(store: &Store, st: &State) -> Result<(String, u64)> {
+    let cbytes = serde_json::to_vec(&st.config)?;
+    let cd = store.put_blob(&cbytes)?;
+    let m = oci_spec::image::ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(Descriptor::new(
+            MediaType::ImageConfig,
+            cbytes.len() as u64,
+            parse_digest(&cd)?,
+        ))
+        .layers(st.layers.clone())
+        .build()?;
+    let mbytes = serde_json::to_vec(&m)?;
+    Ok((store.put_blob(&mbytes)?, mbytes.len() as u64))
+}
+
+/// A state from a stored manifest (the cache, or an image).
+fn load_state(store: &Store, md: &str, key: &str) -> Result<State> {
+    let m: ImageManifest =
+        serde_json::from_slice(&store.read_blob(md)?).with_context(|| format!("manifest {md}"))?;
+    let config: Value = serde_json::from_slice(&store.read_blob(m.config().digest().as_ref())?)
+        .with_context(|| format!("config of {md}"))?;
+    for l in m.layers() {
+        if !store.blob_path(l.digest().as_ref())?.exists() {
+            bail!("layer {} of {md} is missing", l.digest());
+        }
+    }
+    Ok(State {
+        layers: m.layers().clone(),
+        config,
+        key: key.to_string(),
+        args: BTreeMap::new(),
+    })
+}
+
+/// Build-wide context.
+struct Builder<'a> {
+    root: &'a Path,
+    o: &'a Options,
+    df: &'a Dockerfile,
+    mounter: &'a dyn Mounter,
+    /// This build's scratch directory, `ROOT/build/<pid>-<n>`.
+    dir: PathBuf,
+    /// Steps run so far (for numbering).
+    step: usize,
+    total: usize,
+    /// Serial of mounts (directory names).
+    seq: usize,
+    /// Finished stages (by index).
+    done: Vec<Option<State>>,
+    /// Global ARGs (before the first FROM).
+    global: BTreeMap<String, Option<String>>,
+    /// Build args some ARG consumed.
+    used_args: BTreeSet<String>,
+    ignore: Option<ignore::Ignore>,
+    progress: Progress,
+}
+
+/// Removes the build's scratch directory at the end (mounts are gone by then).
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = crate::image::store::make_writable_and_remove(&self.0);
+    }
+}
+
+/// Automatic platform args (BuildKit's), in the global scope.
+fn platform_args() -> BTreeMap<String, Option<String>> {
+    let p = crate::registry::Platform::host();
+    let plat = format!("{}/{}", p.os, p.arch);
+    let mut m = BTreeMap::new();
+    for (pre, _) in [("TARGET", ()), ("BUILD", ())] {
+        m.insert(format!("{pre}PLATFORM"), Some(plat.clone()));
+        m.insert(format!("{pre}OS"), Some(p.os.clone()));
+        m.insert(format!("{pre}ARCH"), Some(p.arch.clone()));
+        m.insert(format!("{pre}VARIANT"), Some(String::new()));
+    }
+    m
+}
+
+/// Args docker lets through without an ARG line.
+const PROXY_ARGS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// Build; returns the image id (config digest).
+pub fn build(root: &Path, o: &Options, mounter: &dyn Mounter) -> Result<String> {
+    let df = dockerfile::parse(&o.dockerfile, &o.dockerfile_name)?;
+    let ignore = match &o.context {
+        Some(c) => match std::fs::read_to_string(c.join(".dockerignore")) {
+            Ok(t) => {
+                Some(ignore::Ignore::parse(&t).map_err(|e| anyhow!("{}/.dockerignore: {e}", c.display()))?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("{}/.dockerignore", c.display())),
+        },
+        None => None,
+    };
+    let dir = root.join("build").join(format!(
+        "{}-{}",
+        std::process::id(),
+        config::now_or_epoch().unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _scratch = ScratchDir(dir.clone());
+    let mut b = Builder {
+        root,
+        o,
+        df: &df,
+        mounter,
+        dir,
+        step: 0,
+        total: 0,
+        seq: 0,
+        done: vec![None; df.stages.len()],
+        global: platform_args(),
+        used_args: BTreeSet::new(),
+        ignore,
+        progress: if o.quiet {
+            Progress::quiet()
+        } else {
+            Progress::new()
+        },
+    };
+    b.global_args()?;
+    let target = b.target()?;
+    let needed = b.needed(target)?;
+    b.total = needed.iter().map(|i| df.stages[*i].len()).sum::<usize>() + df.global_args.len();
+    b.step = df.global_args.len();
+    for i in 0..=target {
+        if needed.contains(&i) {
+            let st = b.stage(i)?;
+            b.done[i] = Some(st);
+        }
+    }
+    let mut st = b.done[target].take().context("target stage not built")?;
+    let unused: Vec<&String> = o
+        .build_args
+        .keys()
+        .filter(|k| !b.used_args.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .collect();
+    if !unused.is_empty() {
+        eprintln!(
+            "strata: warning: build args not consumed by any ARG: {}",
+            unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !o.labels.is_empty() {
+        let labels = cfg(&mut st.config).entry("Labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        for (k, v) in &o.labels {
+            labels[k] = json!(v);
+        }
+    }
+    let store = Store::open(root, true)?;
+    let (md, size) = save_state(&store, &st)?;
+    let desc = Descriptor::new(MediaType::ImageManifest, size, parse_digest(&md)?);
+    if o.tags.is_empty() {
+        store.add_untagged(&desc)?;
+    }
+    for t in &o.tags {
+        store.set_tag(t, &desc)?;
+    }
+    let img = store.load_image(&desc)?;
+    Ok(img.id)
+}
+
+impl Builder<'_> {
+    fn say(&self, s: &str) {
+        if !self.o.quiet {
+            crate::cmd::say!("{s}");
+        }
+    }
+
+    fn err_at(&self, step: &Step, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}:{}: {}: {e}", self.o.dockerfile_name, step.line, step.text)
+    }
+
+    fn interrupted(&self) -> Result<()> {
+        if let Some(s) = crate::sys::take_signal() {
+            bail!("interrupted by signal {s}");
+        }
+        Ok(())
+    }
+
+    fn global_args(&mut self) -> Result<()> {
+        for s in &self.df.global_args {
+            self.step += 1;
+            let Kind::Arg(raw) = &s.kind else { continue };
+            let vars = flat(&self.global);
+            let pairs = expand::parse_args(raw, &vars, self.df.escape).map_err(|e| self.err_at(s, e))?;
+            for (k, default) in pairs {
+                let v = self.arg_value(&k, default);
+                self.global.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+
+    /// The value of ARG `k`: --build-arg wins over the default.
+    fn arg_value(&mut self, k: &str, default: Option<String>) -> Option<String> {
+        match self.o.build_args.get(k) {
+            Some(v) => {
+                self.used_args.insert(k.to_string());
+                Some(v.clone().or_else(|| std::env::var(k).ok()).unwrap_or_default())
+            }
+            None => default,
+        }
+    }
+
+    fn stage_name(&self, i: usize) -> Option<String> {
+        match &self.df.stages[i][0].kind {
+            Kind::From { name, .. } => name.as_ref().map(|n| n.to_lowercase()),
+            _ => None,
+        }
+    }
+
+    /// A stage named `s` (name or index) before `before`.
+    fn stage_ref(&self, s: &str, before: usize) -> Option<usize> {
+        let l = s.to_lowercase();
+        if let Some(i) = (0..before)
+            .rev()
+            .find(|i| self.stage_name(*i).as_deref() == Some(&l))
+        {
+            return Some(i);
+        }
+        s.parse::<usize>().ok().filter(|i| *i < before)
+    }
+
+    fn target(&self) -> Result<usize> {
+        match &self.o.target {
+            None => Ok(self.df.stages.len() - 1),
+            Some(t) => (0..self.df.stages.len())
+                .find(|i| self.stage_name(*i).as_deref() == Some(&t.to_lowercase()))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--target '{t}': no stage of that name in {}",
+                        self.o.dockerfile_name
+                    )
+                }),
+        }
+    }
+
+    fn base_name(&self, i: usize) -> Result<String> {
+        let step = &self.df.stages[i][0];
+        let Kind::From { image, .. } = &step.kind else {
+            bail!("stage {i} does not start with FROM")
+        };
+        let vars = flat(&self.global);
+        expand::expand_word(image, &vars, self.df.escape).map_err(|e| self.err_at(step, e))
+    }
+
+    /// Stages `target` depends on (FROM a stage, COPY --from a stage), itself included.
+    fn needed(&self, target: usize) -> Result<BTreeSet<usize>> {
+        let mut need = BTreeSet::new();
+        let mut todo = vec![target];
+        while let Some(i) = todo.pop() {
+            if !need.insert(i) {
+                continue;
+            }
+            let img = self.base_name(i)?;
+            if let Some(j) = self.stage_ref(&img, i) {
+                todo.push(j);
+            }
+            for s in &self.df.stages[i] {
+                if let Kind::Copy { flags, .. } = &s.kind {
+                    if let Some(Some(f)) = flags.iter().find(|(k, _)| k == "from").map(|(_, v)| v) {
+                        if let Some(j) = self.stage_ref(f, i) {
+                            todo.push(j);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(need)
+    }
+
+    /// An image from the store, pulled when missing (or always with --pull).
+    fn image_state(&mut self, name: &str) -> Result<State> {
+        let have = {
+            let store = Store::open(self.root, false)?;
+            store.resolve(name).ok().map(|i| i.manifest_digest)
+        };
+        let md = match have {
+            Some(md) if !self.o.pull => md,
+            _ => {
+                let r = crate::image::reference::RemoteRef::parse(name)
+                    .map_err(|e| anyhow!("image '{name}' is not in the store and {e}"))?;
+                let store = Store::open(self.root, true)?;
+                let p = crate::registry::pull(&store, &r, None, &self.o.registry)
+                    .with_context(|| format!("pulling {r}"))?;
+                p.digest
+            }
+        };
+        let store = Store::open(self.root, false)?;
+        load_state(&store, &md, &sha(&format!("from {md}")))
+    }
+
+    fn stage(&mut self, i: usize) -> Result<State> {
+        let steps = self.df.stages[i].clone();
+        let from = &steps[0];
+        self.step += 1;
+        self.say(&format!("STEP {}/{}: {}", self.step, self.total, from.text));
+        let img = self.base_name(i)?;
+        let mut st = if img.eq_ignore_ascii_case("scratch") {
+            State::scratch()?
+        } else if let Some(j) = self.stage_ref(&img, i) {
+            let mut s = self.done[j]
+                .clone()
+                .with_context(|| format!("stage {j} was not built"))?;
+            s.args.clear();
+            s
+        } else {
+            self.image_state(&img)
+                .map_err(|e| self.err_at(from, format!("{e:#}")))?
+        };
+        // ONBUILD triggers of the base run first, and are not inherited.
+        let triggers = str_list(st.config.get("config").and_then(|c| c.get("OnBuild")));
+        if !triggers.is_empty() {
+            cfg(&mut st.config).insert("OnBuild".into(), Value::Null);
+            let tsteps = dockerfile::parse_triggers(&triggers, &format!("{img} ONBUILD"))?;
+            for t in &tsteps {
+                self.say(&format!("--> ONBUILD {}", t.text));
+                self.exec(&mut st, t, i)?;
+            }
+        }
+        for s in &steps[1..] {
+            self.interrupted()?;
+            self.step += 1;
+            self.say(&format!("STEP {}/{}: {}", self.step, self.total, s.text));
+            self.exec(&mut st, s, i)?;
+        }
+        Ok(st)
+    }
+
+    fn expand(&self, st: &State, step: &Step, s: &str) -> Result<String> {
+        expand::expand_word(s, &st.vars(), self.df.escape).map_err(|e| self.err_at(step, e))
+    }
+
+    fn exec(&mut self, st: &mut State, s: &Step, stage: usize) -> Result<()> {
+        let esc = self.df.escape;
+        match &s.kind {
+            Kind::From { .. } => bail!(self.err_at(s, "FROM inside a stage")),
+            Kind::Arg(raw) => {
+                let pairs = expand::parse_args(raw, &st.vars(), esc).map_err(|e| self.err_at(s, e))?;
+                for (k, default) in pairs {
+                    // A stage ARG without a default takes the global ARG's value.
+                    let default = default.or_else(|| self.global.get(&k).cloned().flatten());
+                    let v = self.arg_value(&k, default);
+                    st.args.insert(k, v);
+                }
+                st.extend_key(&format!("ARG {}", serde_json::to_string(&st.args)?));
+                st.history(&format!("ARG {raw}"), true)?;
+            }
+            Kind::Env(raw) => {
+                let pairs = expand::parse_kv(raw, &st.vars(), esc, true).map_err(|e| self.err_at(s, e))?;
+                let mut shown = Vec::new();
+                for (k, v) in pairs {
+                    st.set_env(&k, &v);
+                    shown.push(format!("{k}={v}"));
+                }
+                self.meta(st, &format!("ENV {}", shown.join(" ")))?;
+            }
+            Kind::Label(raw) => {
+                let pairs = expand::parse_kv(raw, &st.vars(), esc, true).map_err(|e| self.err_at(s, e))?;
+                let mut shown = Vec::new();
+                let labels = cfg(&mut st.config).entry("Labels").or_insert_with(|| json!({}));
+                if !labels.is_object() {
+                    *labels = json!({});
+                }
+                for (k, v) in pairs {
+                    shown.push(format!("{k}={v}"));
+                    labels[&k] = json!(v);
+                }
+                self.meta(st, &format!("LABEL {}", shown.join(" ")))?;
+            }
+            Kind::Maintainer(m) => {
+                st.config["author"] = json!(m);
+                self.meta(st, &format!("MAINTAINER {m}"))?;
+            }
+            Kind::Cmd(c) => {
+                let argv = self.argv(st, c);
+                cfg(&mut st.config).insert("Cmd".into(), json!(argv));
+                self.meta(st, &format!("CMD {}", serde_json::to_string(&argv)?))?;
+            }
+            Kind::Entrypoint(c) => {
+                let argv = self.argv(st, c);
+                let c = cfg(&mut st.config);
+                c.insert("Entrypoint".into(), json!(argv));
+                // docker: an ENTRYPOINT resets a CMD inherited from the base.
+                c.remove("Cmd");
+                self.meta(st, &format!("ENTRYPOINT {}", serde_json::to_string(&argv)?))?;
+            }
+            Kind::Expose(words) => {
+                let mut ports = Vec::new();
+                for w in words {
+                    for p in expand::expand_words(w, &st.vars(), esc).map_err(|e| self.err_at(s, e))? {
+                        let p = if p.contains('/') { p } else { format!("{p}/tcp") };
+                        let (num, proto) = p.split_once('/').unwrap_or((&p, "tcp"));
+                        let ok = !num.is_empty()
+                            && num.split('-').all(|n| n.parse::<u16>().is_ok())
+                            && matches!(proto.to_lowercase().as_str(), "tcp" | "udp" | "sctp");
+                        if !ok {
+                            return Err(self.err_at(s, format!("invalid port '{p}'")));
+                        }
+                        ports.push(format!("{num}/{}", proto.to_lowercase()));
+                    }
+                }
+                let e = cfg(&mut st.config)
+                    .entry("ExposedPorts")
+                    .or_insert_with(|| json!({}));
+                if !e.is_object() {
+                    *e = json!({});
+                }
+                for p in &ports {
+                    e[p] = json!({});
+                }
+                self.meta(
+                    st,
+                    &format!(
+                        "EXPOSE map[{}]",
+                        ports
+                            .iter()
+                            .map(|p| format!("{p}:{{}}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                )?;
+            }
+            Kind::Volume(paths) => {
+                let mut vols = Vec::new();
+                for p in paths {
+                    for v in expand::expand_words(p, &st.vars(), esc).map_err(|e| self.err_at(s, e))? {
+                        if v.is_empty() {
+                            return Err(self.err_at(s, "VOLUME with an empty path"));
+                        }
+                        vols.push(v);
+                    }
+                }
+                let e = cfg(&mut st.config).entry("Volumes").or_insert_with(|| json!({}));
+                if !e.is_object() {
+                    *e = json!({});
+                }
+                for v in &vols {
+                    e[v] = json!({});
+                }
+                self.meta(st, &format!("VOLUME {}", serde_json::to_string(&vols)?))?;
+            }
+            Kind::User(u) => {
+                let u = self.expand(st, s, u)?;
+                cfg(&mut st.config).insert("User".into(), json!(u));
+                self.meta(st, &format!("USER {u}"))?;
+            }
+            Kind::Workdir(w) => {
+                let w = self.expand(st, s, w)?;
+                let abs = if w.starts_with('/') {
+                    w.clone()
+                } else {
+                    format!("{}/{w}", st.workdir().trim_end_matches('/'))
+                };
+                let abs = clean_abs(&abs);
+                cfg(&mut st.config).insert("WorkingDir".into(), json!(abs));
+                self.workdir(st, &abs)?;
+            }
+            Kind::Stopsignal(sig) => {
+                let sig = self.expand(st, s, sig)?;
+                cfg(&mut st.config).insert("StopSignal".into(), json!(sig));
+                self.meta(st, &format!("STOPSIGNAL {sig}"))?;
+            }
+            Kind::Shell(sh) => {
+                if sh.is_empty() {
+                    return Err(self.err_at(s, "SHELL needs a JSON array with at least one element"));
+                }
+                cfg(&mut st.config).insert("Shell".into(), json!(sh));
+                self.meta(st, &format!("SHELL {}", serde_json::to_string(sh)?))?;
+            }
+            Kind::Healthcheck(h) => {
+                let hc = match h {
+                    None => json!({"Test": ["NONE"]}),
+                    Some((flags, c)) => {
+                        let test = match c {
+                            Cmd::Exec(v) => std::iter::once("CMD".to_string())
+                                .chain(v.iter().cloned())
+                                .collect::<Vec<_>>(),
+                            Cmd::Shell(t) => vec!["CMD-SHELL".to_string(), t.clone()],
+                        };
+                        let mut hc = json!({"Test": test});
+                        for (k, v) in flags {
+                            let v = v.clone().unwrap_or_default();
+                            let field = match k.as_str() {
+                                "interval" => "Interval",
+                                "timeout" => "Timeout",
+                                "start-period" => "StartPeriod",
+                                "start-interval" => "StartInterval",
+                                "retries" => {
+                                    let n: u64 =
+                                        v.parse().map_err(|_| self.err_at(s, format!("--retries={v}")))?;
+                                    hc["Retries"] = json!(n);
+                                    continue;
+                                }
+                                other => return Err(self.err_at(s, format!("unknown flag --{other}"))),
+                            };
+                            hc[field] = json!(parse_duration(&v)
+                                .ok_or_else(|| self.err_at(s, format!("--{k}={v}: not a duration")))?);
+                        }
+                        hc
+                    }
+                };
+                cfg(&mut st.config).insert("Healthcheck".into(), hc);
+                self.meta(
+                    st,
+                    &format!(
+                        "HEALTHCHECK {}",
+                        s.text
+                            .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                            .trim()
+                    ),
+                )?;
+            }
+            Kind::Onbuild(t) => {
+                let c = cfg(&mut st.config);
+                let mut list = str_list(c.get("OnBuild"));
+                list.push(t.clone());
+                c.insert("OnBuild".into(), json!(list));
+                self.meta(st, &format!("ONBUILD {t}"))?;
+            }
+            Kind::Run { cmd, heredocs, flags } => self.run(st, s, cmd, heredocs, flags)?,
+            Kind::Copy {
+                add,
+                srcs,
+                dest,
+                flags,
+            } => self.copy(st, s, *add, srcs, dest, flags, stage)?,
+        }
+        Ok(())
+    }
+
+    /// A metadata-only step: history entry without a layer, and the cache key moves on.
+    fn meta(&mut self, st: &mut State, created_by: &str) -> Result<()> {
+        st.extend_key(created_by);
+        st.history(created_by, true)
+    }
+
+    fn argv(&self, st: &State, c: &Cmd) -> Vec<String> {
+        match c {
+            Cmd::Exec(v) => v.clone(),
+            Cmd::Shell(t) => {
+                let mut a = st.shell();
+                a.push(t.clone());
+                a
+            }
+        }
+    }
+
+    /// Fresh upper/work/mountpoint directories for one mount.
+    fn mount_dirs(&mut self) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
+        self.seq += 1;
+        let d = self.dir.join(self.seq.to_string());
+        let (u, w, m, r) = (d.join("upper"), d.join("work"), d.join("rootfs"), d.join("run"));
+        for p in [&u, &w, &m, &r] {
+            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        Ok((u, w, m, r))
+    }
+
+    /// The lower directories of a state (unpacking its layers if needed).
+    fn lowers(&self, st: &State) -> Result<Vec<PathBuf>> {
+        let store = Store::open(self.root, true)?;
+        let (md, size) = save_state(&store, st)?;
+        let img = store.load_image(&Descriptor::new(
+            MediaType::ImageManifest,
+            size,
+            parse_digest(&md)?,
+        ))?;
+        store.unpacked_layers(&img, &self.progress)
+    }
+
+    /// A cached result for `key`, unless --no-cache.
+    fn cached(&self, key: &str) -> Result<Option<State>> {
+        if self.o.no_cache {
+            return Ok(None);
+        }
+        let store = Store::open(self.root, false)?;
+        match cache::get(&store, key) {
+            Some(md) => Ok(load_state(&store, &md, key).ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// Commit `upper` as the next layer of `st` (or an empty history entry when nothing
+    /// changed), then remember the result under `st.key`.
+    fn commit(&mut self, st: &mut State, upper: &Path, created_by: &str) -> Result<()> {
+        let store = Store::open(self.root, true)?;
+        let empty = std::fs::read_dir(upper)?.next().is_none();
+        if empty {
+            st.history(created_by, true)?;
+        } else {
+            let epoch = config::source_date_epoch()?;
+            let popts = PackOpts {
+                epoch,
+                excludes: Vec::new(),
+            };
+            let blob = write_layer(
+                &store,
+                Compression::Gzip,
+                epoch,
+                &self.progress,
+                "writing layer",
+                |t| layer::pack_upper(upper, t, &popts),
+            )?;
+            let obj = st.config.as_object_mut().context("config")?;
+            let rootfs = obj
+                .entry("rootfs")
+                .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+            if let Some(a) = rootfs.get_mut("diff_ids").and_then(Value::as_array_mut) {
+                a.push(json!(blob.diff_id));
+            } else {
+                rootfs["diff_ids"] = json!([blob.diff_id]);
+            }
+            st.layers.push(blob.descriptor()?);
+            st.history(created_by, false)?;
+        }
+        let (md, _) = save_state(&store, st)?;
+        cache::put(&store, &st.key, &md)?;
+        Ok(())
+    }
+
+    /// WORKDIR: a layer holding the directory when the tree lacks it (BuildKit's mkdir),
+    /// else only a history entry. The tree is looked up without a mount.
+    fn workdir(&mut self, st: &mut State, abs: &str) -> Result<()> {
+        let created_by = format!("WORKDIR {abs}");
+        st.extend_key(&created_by);
+        let lowers = self.lowers(st)?;
+        let exists = crate::image::tree::Tree::open(lowers.clone())?
+            .lookup(abs)
+            .is_some();
+        if exists {
+            return st.history(&created_by, true);
+        }
+        if let Some(c) = self.cached(&st.key)? {
+            let args = std::mem::take(&mut st.args);
+            *st = c;
+            st.args = args;
+            return Ok(());
+        }
+        let (u, w, m, _) = self.mount_dirs()?;
+        {
+            let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
+            copy::mkdir_p(&m, abs, None)?;
+        }
+        self.commit(st, &u, &created_by)
+    }
+
+    fn run(
+        &mut self,
+        st: &mut State,
+        s: &Step,
+        c: &Cmd,
+        heredocs: &[(String, String)],
+        flags: &dockerfile::Flags,
+    ) -> Result<()> {
+        let mut network_host = self.o.network_host;
+        for (k, v) in flags {
+            match (k.as_str(), v.as_deref()) {
+                ("network", Some("host")) => network_host = true,
+                ("network", Some("none" | "default")) => network_host = false,
+                ("mount", _) => return Err(self.err_at(s, "RUN --mount is not supported")),
+                ("security", Some("sandbox")) => {}
+                (k, _) => return Err(self.err_at(s, format!("unknown flag --{k}"))),
+            }
+        }
+        let argv = match c {
+            Cmd::Exec(v) => v.clone(),
+            Cmd::Shell(t) => {
+                let mut a = st.shell();
+                let t_trim = t.trim();
+                let only_heredoc = heredocs.len() == 1 && t_trim.starts_with("<<") && !t_trim.contains(' ');
+                let script = if only_heredoc {
+                    // `RUN <<EOF`: the document is the script.
+                    heredocs[0].1.clone()
+                } else {
+                    // The shell reads the documents after the command line itself.
+                    let mut s = t.clone();
+                    for (name, body) in heredocs {
+                        s.push('\n');
+                        s.push_str(body);
+                        if !body.ends_with('\n') {
+                            s.push('\n');
+                        }
+                        s.push_str(name);
+                    }
+                    s
+                };
+                a.push(script);
+                a
+            }
+        };
+        if argv.is_empty() {
+            return Err(self.err_at(s, "empty command"));
+        }
+        // The args in scope reach the command's environment (not the image's config).
+        let mut env = st.env();
+        for (k, v) in &st.args {
+            if let Some(v) = v {
+                if !env.iter().any(|e| e.split('=').next() == Some(k)) {
+                    env.push(format!("{k}={v}"));
+                }
+            }
+        }
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let args_seen: Vec<String> = st
+            .args
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+            .collect();
+        let shown = match c {
+            Cmd::Exec(v) => format!("RUN {}", serde_json::to_string(v)?),
+            Cmd::Shell(_) => format!("RUN {}", argv.join(" ")),
+        };
+        // BuildKit's form: the build args the command saw, counted, before it.
+        let created_by = if args_seen.is_empty() {
+            format!("{shown} # buildkit")
+        } else {
+            format!(
+                "RUN |{} {} {} # buildkit",
+                args_seen.len(),
+                args_seen.join(" "),
+                shown.trim_start_matches("RUN ")
+            )
+        };
+        st.extend_key(&format!(
+            "RUN {} args={} net={network_host}",
+            serde_json::to_string(&argv)?,
+            serde_json::to_string(&args_seen)?,
+        ));
+        if let Some(c) = self.cached(&st.key)? {
+            self.say("--> CACHED");
+            let args = std::mem::take(&mut st.args);
+            *st = c;
+            st.args = args;
+            return Ok(());
+        }
+        let lowers = self.lowers(st)?;
+        let (u, w, m, rundir) = self.mount_dirs()?;
+        let cwd = st.workdir();
+        let code = {
+            let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
+            copy::mkdir_p(&m, &cwd, None)?;
+            let spec = crate::runtime::RunSpec {
+                rootfs: m.clone(),
+                rundir: rundir.clone(),
+                argv: argv.clone(),
+                env,
+                cwd,
+                user: st.user(),
+                hostname: "strata-build".into(),
+                tty: false,
+                interactive: false,
+                volumes: Vec::new(),
+                host_network: network_host,
+            };
+            let code = run_quiet(self.o.quiet, || crate::runtime::run(&spec))?;
+            let stubs: Vec<PathBuf> = std::fs::read_to_string(rundir.join("stubs"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            crate::runtime::rootfs::remove_stubs(&m, &stubs);
+            code
+        };
+        self.interrupted()?;
+        if code != 0 {
+            bail!(self.err_at(s, format!("the command returned a non-zero code: {code}")));
+        }
+        drop_fresh(&u);
+        self.commit(st, &u, &created_by)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy(
+        &mut self,
+        st: &mut State,
+        s: &Step,
+        add: bool,
+        srcs: &[Src],
+        dest: &str,
+        flags: &dockerfile::Flags,
+        stage: usize,
+    ) -> Result<()> {
+        let word = if add { "ADD" } else { "COPY" };
+        let mut from = None;
+        let mut chown = None;
+        let mut chmod = None;
+        let mut checksum = None;
+        for (k, v) in flags {
+            let v = v.as_deref().map(|v| self.expand(st, s, v)).transpose()?;
+            match (k.as_str(), v) {
+                ("from", Some(v)) if !add => from = Some(v),
+                ("chown", Some(v)) => chown = Some(v),
+                ("chmod", Some(v)) => chmod = Some(v),
+                ("checksum", Some(v)) if add => checksum = Some(v),
+                ("link", _) | ("parents", _) | ("keep-git-dir", _) => {}
+                ("exclude", _) => return Err(self.err_at(s, "--exclude is not supported")),
+                (k, _) => return Err(self.err_at(s, format!("unknown or incomplete flag --{k}"))),
+            }
+        }
+        let dest = self.expand(st, s, dest)?;
+        let dest_abs = if dest.starts_with('/') {
+            dest.clone()
+        } else {
+            format!("{}/{dest}", st.workdir().trim_end_matches('/'))
+        };
+        let dir_dest = dest.ends_with('/') || dest == "." || dest.ends_with("/.");
+        let mode = match &chmod {
+            Some(m) => Some(
+                u32::from_str_radix(m, 8)
+                    .map_err(|_| self.err_at(s, format!("--chmod={m}: want an octal mode")))?,
+            ),
+            None => None,
+        };
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(self.err_at(s, "--chmod: mode out of range"));
+        }
+        // Where sources come from: the context, a stage, or an image (mounted read-only).
+        let mut guard: Option<Box<dyn std::any::Any>> = None;
+        let (src_root, ignore) = match &from {
+            None => match &self.o.context {
+                Some(c) => (Some(c.clone()), self.ignore.clone()),
+                None => (None, None),
+            },
+            Some(f) => {
+                let fst = match self.stage_ref(f, stage) {
+                    Some(j) => self.done[j]
+                        .clone()
+                        .with_context(|| format!("stage {j} was not built"))?,
+                    None => self
+                        .image_state(f)
+                        .map_err(|e| self.err_at(s, format!("--from={f}: {e:#}")))?,
+                };
+                let lowers = self.lowers(&fst)?;
+                let (_, _, m, _) = self.mount_dirs()?;
+                guard = Some(self.mounter.mount(lowers, None, &m)?);
+                (Some(m), None)
+            }
+        };
+        let vars = st.vars();
+        let plan = copy::plan(srcs, src_root.as_deref(), ignore.as_ref(), add, &|t: &str| {
+            expand::expand_word(t, &vars, self.df.escape)
+        })
+        .map_err(|e| self.err_at(s, format!("{e:#}")))?;
+        if plan.items.len() > 1 && !dir_dest {
+            return Err(self.err_at(
+                s,
+                format!(
+                    "when copying several sources the destination must be a directory ending in '/': {dest}"
+                ),
+            ));
+        }
+        st.extend_key(&format!(
+            "{word} {} chown={chown:?} chmod={chmod:?} dest={dest_abs} dirdest={dir_dest}",
+            plan.hash
+        ));
+        let created_by = format!("{word} {} {dest} # buildkit", plan.shown.join(" "));
+        if let Some(c) = self.cached(&st.key)? {
+            self.say("--> CACHED");
+            let args = std::mem::take(&mut st.args);
+            *st = c;
+            st.args = args;
+            return Ok(());
+        }
+        let lowers = self.lowers(st)?;
+        let (u, w, m, _) = self.mount_dirs()?;
+        {
+            let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
+            let owner = match &chown {
+                Some(c) => Some(copy::resolve_owner(&m, c).map_err(|e| self.err_at(s, format!("{e:#}")))?),
+                None => None,
+            };
+            copy::execute(&plan, &m, &dest_abs, dir_dest, owner, mode, checksum.as_deref())
+                .map_err(|e| self.err_at(s, format!("{e:#}")))?;
+        }
+        drop(guard);
+        self.commit(st, &u, &created_by)
+    }
+}
+
+/// Run `f` with stdout and stderr sent to /dev/null when quiet (the RUN output).
+fn run_quiet<T>(quiet: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !quiet {
+        return f();
+    }
+    let saved = crate::sys::silence_stdio()?;
+    let r = f();
+    crate::sys::restore_stdio(saved);
+    r
+}
+
+/// Drop an `etc` the runtime created in the upper only to hold mount-point stubs.
+fn drop_fresh(upper: &Path) {
+    if let Ok(d) = std::fs::File::open(upper) {
+        use std::os::fd::AsFd;
+        let etc = upper.join("etc");
+        let opaque = ["trusted.overlay.opaque", "user.overlay.opaque"]
+            .iter()
+            .any(|n| xattr_present(&etc, n));
+        if !opaque {
+            crate::runtime::rootfs::remove_empty_beneath(d.as_fd(), Path::new("etc"));
+        }
+    }
+}
+
+fn xattr_present(p: &Path, name: &str) -> bool {
+    std::fs::File::open(p).is_ok_and(|f| {
+        use std::os::fd::AsFd;
+        crate::sys::getxattr(crate::sys::XTarget::Fd(f.as_fd()), std::ffi::OsStr::new(name)).is_ok()
+    })
+}
+
+/// `/a/./b/../c` -> `/a/c`.
+fn clean_abs(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// Go duration (`30s`, `1m30s`, `500ms`) in nanoseconds.
+fn parse_duration(s: &str) -> Option<u64> {
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..u] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += num * mult;
+        rest = &rest[u..];
+    }
+    Some(total as u64)
+}
+
+fn flat(m: &BTreeMap<String, Option<String>>) -> BTreeMap<String, String> {
+    m.iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_paths() {
+        assert_eq!(parse_duration("30s"), Some(30_000_000_000));
+        assert_eq!(parse_duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(parse_duration("500ms"), Some(500_000_000));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(clean_abs("/a/./b/../c/"), "/a/c");
+        assert_eq!(clean_abs("/../x"), "/x");
+    }
+}

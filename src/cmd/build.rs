@@ -1,0 +1,165 @@
+//! `strata build`: options -> build::Options; mounts for the builder through the FUSE adapter.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::build::{self, Mounter};
+use crate::cli::BuildArgs;
+use crate::fuse::mount::{MountOpts, Passthrough};
+use crate::image::reference::Reference;
+use crate::overlay::OverlayConfig;
+
+/// A strata mount that is unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if crate::mounts::is_mountpoint(&self.0) {
+            if let Err(e) =
+                super::umount::umount(&self.0, false).or_else(|_| super::umount::umount(&self.0, true))
+            {
+                eprintln!("strata: error: unmounting '{}': {e:#}", self.0.display());
+            }
+        }
+    }
+}
+
+struct FuseMounter;
+
+impl Mounter for FuseMounter {
+    fn mount(
+        &self,
+        lowers: Vec<PathBuf>,
+        rw: Option<(&Path, &Path)>,
+        mnt: &Path,
+    ) -> Result<Box<dyn std::any::Any>> {
+        let root = crate::sys::euid() == 0;
+        let mut spec = super::mount::MountSpec {
+            overlay: OverlayConfig {
+                lowers,
+                upper: rw.map(|(u, _)| u.to_path_buf()),
+                work: rw.map(|(_, w)| w.to_path_buf()),
+                ..Default::default()
+            },
+            opts: MountOpts {
+                mountpoint: mnt.to_path_buf(),
+                allow_other: root,
+                dev: false,
+                suid: root,
+                exec: true,
+                ro: rw.is_none(),
+                fsname: "strata:build".into(),
+                threads: 4,
+                passthrough: Passthrough::On,
+            },
+            image: None,
+        };
+        super::mount::mount_spec(&mut spec, false, None)?;
+        Ok(Box::new(Mounted(spec.opts.mountpoint)))
+    }
+}
+
+fn kv(s: &str, what: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => bail!("{what} '{s}': want KEY=VALUE"),
+    }
+}
+
+/// `strata build CONTEXT`.
+pub fn run(a: BuildArgs, root: &Path) -> Result<()> {
+    crate::sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    if let Some(p) = &a.platform {
+        let want = crate::registry::Platform::parse(p)?;
+        let host = crate::registry::Platform::host();
+        if want.os != host.os || want.arch != host.arch {
+            bail!("--platform {p}: strata builds for this machine only ({host})");
+        }
+    }
+    let stdin_context = a.context.as_os_str() == "-";
+    let context = if stdin_context {
+        None
+    } else {
+        let c = std::fs::canonicalize(&a.context)
+            .with_context(|| format!("build context '{}'", a.context.display()))?;
+        if !c.is_dir() {
+            bail!("build context '{}' is not a directory", a.context.display());
+        }
+        Some(c)
+    };
+    let (text, name) = match (&a.file, &context) {
+        (Some(f), _) if f.as_os_str() == "-" => {
+            if stdin_context {
+                bail!("-f - and a context of - both want standard input");
+            }
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the Dockerfile from standard input")?;
+            (s, "<stdin>".to_string())
+        }
+        (Some(f), _) => (
+            std::fs::read_to_string(f).with_context(|| format!("Dockerfile '{}'", f.display()))?,
+            f.display().to_string(),
+        ),
+        (None, Some(c)) => {
+            let f = c.join("Dockerfile");
+            (
+                std::fs::read_to_string(&f).with_context(|| format!("Dockerfile '{}'", f.display()))?,
+                "Dockerfile".to_string(),
+            )
+        }
+        (None, None) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the Dockerfile from standard input")?;
+            (s, "<stdin>".to_string())
+        }
+    };
+    let mut build_args = BTreeMap::new();
+    for b in &a.build_args {
+        match b.split_once('=') {
+            Some((k, v)) => build_args.insert(k.to_string(), Some(v.to_string())),
+            None => build_args.insert(b.clone(), None),
+        };
+    }
+    let tags = a
+        .tags
+        .iter()
+        .map(|t| Reference::parse(t).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let labels = a
+        .labels
+        .iter()
+        .map(|l| kv(l, "--label"))
+        .collect::<Result<Vec<_>>>()?;
+    let o = build::Options {
+        context,
+        dockerfile: text,
+        dockerfile_name: name,
+        tags,
+        build_args,
+        target: a.target.clone(),
+        no_cache: a.no_cache,
+        pull: a.pull,
+        network_host: a.network == "host",
+        labels,
+        quiet: a.quiet,
+        registry: super::push::options(&a.registry, a.quiet),
+    };
+    let id = build::build(root, &o, &FuseMounter)?;
+    if let Some(f) = &a.iidfile {
+        std::fs::write(f, &id).with_context(|| format!("--iidfile '{}'", f.display()))?;
+    }
+    if !a.quiet {
+        for t in &o.tags {
+            super::say!("Successfully tagged {t}");
+        }
+    }
+    super::say!("{id}");
+    Ok(())
+}
