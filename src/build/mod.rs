@@ -780,7 +780,14 @@ impl Builder<'_> {
             size,
             parse_digest(&md)?,
         ))?;
-        store.unpacked_layers(&img, &self.progress)
+        let mut l = store.unpacked_layers(&img, &self.progress)?;
+        if l.is_empty() {
+            // FROM scratch: an overlay needs a lower, so an empty one.
+            let e = self.dir.join("empty");
+            std::fs::create_dir_all(&e)?;
+            l.push(e);
+        }
+        Ok(l)
     }
 
     /// A cached result for `key`, unless --no-cache.
@@ -881,14 +888,17 @@ impl Builder<'_> {
             Cmd::Exec(v) => v.clone(),
             Cmd::Shell(t) => {
                 let mut a = st.shell();
-                let t_trim = t.trim();
-                let only_heredoc = heredocs.len() == 1 && t_trim.starts_with("<<") && !t_trim.contains(' ');
+                // parse-dockerfile takes the leading `<<NAME` off the command line.
+                let only_heredoc = heredocs.len() == 1 && t.trim().is_empty();
                 let script = if only_heredoc {
                     // `RUN <<EOF`: the document is the script.
                     heredocs[0].1.clone()
                 } else {
                     // The shell reads the documents after the command line itself.
-                    let mut s = t.clone();
+                    let mut s = match heredocs.first() {
+                        Some((name, _)) => format!("<<{name} {t}"),
+                        None => t.clone(),
+                    };
                     for (name, body) in heredocs {
                         s.push('\n');
                         s.push_str(body);
