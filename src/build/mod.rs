@@ -72,6 +72,40 @@ pub trait Mounter {
         rw: Option<(&Path, &Path)>,
         mnt: &Path,
     ) -> Result<Box<dyn std::any::Any>>;
+    /// Unmount a mount left behind by a build that died.
+    fn unmount(&self, mnt: &Path) -> Result<()>;
+}
+
+/// Remove the scratch directories of builds whose process is gone (killed before it could
+/// clean up), unmounting what they left mounted.
+fn reap_dead_builds(root: &Path, mounter: &dyn Mounter) {
+    let Ok(rd) = std::fs::read_dir(root.join("build")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if crate::mounts::pid_alive(pid) {
+            continue;
+        }
+        let dir = e.path();
+        let mut busy = false;
+        for m in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let mp = m.path().join("rootfs");
+            if crate::mounts::is_mountpoint(&mp) {
+                if let Err(err) = mounter.unmount(&mp) {
+                    log::warn!("leftover build mount {}: {err:#}", mp.display());
+                    busy = true;
+                }
+            }
+        }
+        if !busy {
+            log::info!("removing {} (its build {pid} is gone)", dir.display());
+            let _ = crate::image::store::make_writable_and_remove(&dir);
+        }
+    }
 }
 
 /// The state of a stage between steps.
@@ -302,6 +336,7 @@ pub fn build(root: &Path, o: &Options, mounter: &dyn Mounter) -> Result<String> 
         },
         None => None,
     };
+    reap_dead_builds(root, mounter);
     let dir = root.join("build").join(format!(
         "{}-{}",
         std::process::id(),

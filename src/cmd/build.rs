@@ -60,6 +60,10 @@ impl Mounter for FuseMounter {
         super::mount::mount_spec(&mut spec, false, None)?;
         Ok(Box::new(Mounted(spec.opts.mountpoint)))
     }
+
+    fn unmount(&self, mnt: &Path) -> Result<()> {
+        super::umount::umount(mnt, false).or_else(|_| super::umount::umount(mnt, true))
+    }
 }
 
 fn kv(s: &str, what: &str) -> Result<(String, String)> {
