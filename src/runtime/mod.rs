@@ -139,8 +139,10 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
     let (uid, gid) = (sys::euid(), sys::egid());
     sys::catch_signals(&FORWARDED);
     sys::catch_signals(&[libc::SIGWINCH]);
+    let parent = std::process::id() as i32;
     match sys::fork().context("fork")? {
         Forked::Child => {
+            die_with_parent(Some(parent));
             let code = match stage_a(spec, pty.as_ref().map(|p| &p.1), rootless, uid, gid) {
                 Ok(c) => c,
                 Err(e) => {
@@ -170,6 +172,18 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
     }
 }
 
+/// SIGKILL this process when its parent dies: a killed `strata run` or `build` takes its
+/// container with it (PID 1 dying ends the whole PID namespace) instead of leaving it running
+/// on a filesystem nobody serves.
+fn die_with_parent(parent: Option<i32>) {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // The parent may have died before the line above. (PID 1 of a new namespace sees no
+    // parent at all: getppid() is 0 there, so it cannot check.)
+    if parent.is_some_and(|p| nix::unistd::getppid().as_raw() != p) {
+        std::process::exit(EXIT_RUNTIME);
+    }
+}
+
 /// A: enter the namespaces and start PID 1.
 fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid: u32) -> Result<i32> {
     let mut flags = CloneFlags::CLONE_NEWNS
@@ -192,6 +206,7 @@ fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid:
     let _ = nix::unistd::setsid();
     match sys::fork().context("fork")? {
         Forked::Child => {
+            die_with_parent(None);
             let code = match stage_b(spec, pty, rootless) {
                 Ok(c) => c,
                 Err(e) => {
