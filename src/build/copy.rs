@@ -266,6 +266,7 @@ pub fn plan(
     ignore: Option<&Ignore>,
     add: bool,
     expand: &dyn Fn(&str) -> std::result::Result<String, String>,
+    expand_doc: &dyn Fn(&str) -> std::result::Result<String, String>,
 ) -> Result<Plan> {
     let rootfd = root.map(open_root).transpose()?;
     let mut items = Vec::new();
@@ -278,7 +279,7 @@ pub fn plan(
                 expand: ex,
             } => {
                 let body = if *ex {
-                    expand(body).map_err(|e| anyhow!(e))?
+                    expand_doc(body).map_err(|e| anyhow!(e))?
                 } else {
                     body.clone()
                 };
@@ -349,8 +350,16 @@ pub fn plan(
 }
 
 impl Plan {
-    fn excluded(&self, rel: &str) -> bool {
-        self.ignore.as_ref().is_some_and(|ig| ig.excluded(rel))
+    /// Left out by .dockerignore: an excluded file, or an excluded directory below which
+    /// no exception can bring anything back (else it is walked, as BuildKit does).
+    fn skipped(&self, rel: &str, t: FileType) -> bool {
+        self.ignore.as_ref().is_some_and(|ig| {
+            if t == FileType::Directory {
+                ig.excluded(rel) && ig.skip_dir(rel)
+            } else {
+                ig.excluded(rel)
+            }
+        })
     }
 
     fn content_hash(&self) -> Result<String> {
@@ -401,11 +410,11 @@ impl Plan {
                 h.update("d\0");
                 for n in list_dir(fd)? {
                     let child_rel = join_rel(rel, &n);
-                    if self.excluded(&child_rel) {
+                    let cst = rustix::fs::statat(fd, &n, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if self.skipped(&child_rel, FileType::from_raw_mode(cst.st_mode)) {
                         continue;
                     }
                     let child_sub = join_rel(sub, &n);
-                    let cst = rustix::fs::statat(fd, &n, AtFlags::SYMLINK_NOFOLLOW)?;
                     match FileType::from_raw_mode(cst.st_mode) {
                         FileType::Symlink => {
                             let t = rustix::fs::readlinkat(fd, &n, Vec::new())?;
@@ -707,10 +716,10 @@ impl Copier<'_> {
     fn copy_dir(&self, src: BorrowedFd<'_>, rel: &str, dst: BorrowedFd<'_>) -> Result<()> {
         for n in list_dir(src)? {
             let child_rel = join_rel(rel, &n);
-            if self.plan.excluded(&child_rel) {
+            let st = rustix::fs::statat(src, &n, AtFlags::SYMLINK_NOFOLLOW)?;
+            if self.plan.skipped(&child_rel, FileType::from_raw_mode(st.st_mode)) {
                 continue;
             }
-            let st = rustix::fs::statat(src, &n, AtFlags::SYMLINK_NOFOLLOW)?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::Directory => {
                     self.clear(dst, &n, true)?;

@@ -430,25 +430,31 @@ impl Builder<'_> {
         for s in &self.df.global_args {
             self.step += 1;
             let Kind::Arg(raw) = &s.kind else { continue };
-            let vars = flat(&self.global);
-            let pairs = expand::parse_args(raw, &vars, self.df.escape).map_err(|e| self.err_at(s, e))?;
-            for (k, default) in pairs {
-                let v = self.arg_value(&k, default);
+            let pairs = expand::parse_args_raw(raw, self.df.escape).map_err(|e| self.err_at(s, e))?;
+            for (k, raw_default) in pairs {
+                // BuildKit: a --build-arg wins, else the default is expanded against the
+                // scope so far (earlier pairs of the same line included).
+                let v = match self.build_arg(&k) {
+                    Some(v) => Some(v),
+                    None => match raw_default {
+                        Some(d) => Some(
+                            expand::expand_word(&d, &flat(&self.global), self.df.escape)
+                                .map_err(|e| self.err_at(s, e))?,
+                        ),
+                        None => None,
+                    },
+                };
                 self.global.insert(k, v);
             }
         }
         Ok(())
     }
 
-    /// The value of ARG `k`: --build-arg wins over the default.
-    fn arg_value(&mut self, k: &str, default: Option<String>) -> Option<String> {
-        match self.o.build_args.get(k) {
-            Some(v) => {
-                self.used_args.insert(k.to_string());
-                Some(v.clone().or_else(|| std::env::var(k).ok()).unwrap_or_default())
-            }
-            None => default,
-        }
+    /// The `--build-arg` value of `k`, if given (marking it consumed).
+    fn build_arg(&mut self, k: &str) -> Option<String> {
+        let v = self.o.build_args.get(k)?;
+        self.used_args.insert(k.to_string());
+        Some(v.clone().or_else(|| std::env::var(k).ok()).unwrap_or_default())
     }
 
     fn stage_name(&self, i: usize) -> Option<String> {
@@ -585,11 +591,18 @@ impl Builder<'_> {
         match &s.kind {
             Kind::From { .. } => bail!(self.err_at(s, "FROM inside a stage")),
             Kind::Arg(raw) => {
-                let pairs = expand::parse_args(raw, &st.vars(), esc).map_err(|e| self.err_at(s, e))?;
-                for (k, default) in pairs {
-                    // A stage ARG without a default takes the global ARG's value.
-                    let default = default.or_else(|| self.global.get(&k).cloned().flatten());
-                    let v = self.arg_value(&k, default);
+                let pairs = expand::parse_args_raw(raw, esc).map_err(|e| self.err_at(s, e))?;
+                for (k, raw_default) in pairs {
+                    let v = match self.build_arg(&k) {
+                        Some(v) => Some(v),
+                        None => match raw_default {
+                            Some(d) => Some(
+                                expand::expand_word(&d, &st.vars(), esc).map_err(|e| self.err_at(s, e))?,
+                            ),
+                            // A stage ARG without a default takes the global ARG's value.
+                            None => self.global.get(&k).cloned().flatten(),
+                        },
+                    };
                     st.args.insert(k, v);
                 }
                 st.extend_key(&format!("ARG {}", serde_json::to_string(&st.args)?));
@@ -673,12 +686,12 @@ impl Builder<'_> {
             Kind::Volume(paths) => {
                 let mut vols = Vec::new();
                 for p in paths {
-                    for v in expand::expand_words(p, &st.vars(), esc).map_err(|e| self.err_at(s, e))? {
-                        if v.is_empty() {
-                            return Err(self.err_at(s, "VOLUME with an empty path"));
-                        }
-                        vols.push(v);
+                    // One item is one path, even when a variable in it holds spaces.
+                    let v = expand::expand_word(p, &st.vars(), esc).map_err(|e| self.err_at(s, e))?;
+                    if v.is_empty() {
+                        return Err(self.err_at(s, "VOLUME with an empty path"));
                     }
+                    vols.push(v);
                 }
                 let e = cfg(&mut st.config).entry("Volumes").or_insert_with(|| json!({}));
                 if !e.is_object() {
@@ -1100,9 +1113,14 @@ impl Builder<'_> {
             }
         };
         let vars = st.vars();
-        let plan = copy::plan(srcs, src_root.as_deref(), ignore.as_ref(), add, &|t: &str| {
-            expand::expand_word(t, &vars, self.df.escape)
-        })
+        let plan = copy::plan(
+            srcs,
+            src_root.as_deref(),
+            ignore.as_ref(),
+            add,
+            &|t: &str| expand::expand_word(t, &vars, self.df.escape),
+            &|t: &str| expand::expand_heredoc(t, &vars),
+        )
         .map_err(|e| self.err_at(s, format!("{e:#}")))?;
         if plan.items.len() > 1 && !dir_dest {
             return Err(self.err_at(
