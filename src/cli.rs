@@ -353,6 +353,9 @@ pub struct BuildArgs {
     /// Print only the image id (no step lines, no RUN output).
     #[arg(short, long)]
     pub quiet: bool,
+    /// Make the result one layer holding the whole tree (podman's --squash-all).
+    #[arg(long)]
+    pub squash: bool,
     /// Platform (only this machine's is built).
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,

@@ -498,6 +498,17 @@ pub fn resolve_owner(mnt: &Path, spec: &str) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+/// The uid and gid a `USER` value runs as: a name or id from the image's /etc/passwd (its
+/// primary group), `user:group`, or a bare number (group 0, as docker).
+pub fn user_ids(mnt: &Path, user: &str) -> Result<(u32, u32)> {
+    if !user.contains(':') {
+        if let Ok(n) = user.parse::<u32>() {
+            return Ok((n, 0));
+        }
+    }
+    resolve_owner(mnt, user).with_context(|| format!("USER {user}"))
+}
+
 /// Create `abs` and its missing parents in the mounted tree (mode 0755, `owner` or root).
 pub fn mkdir_p(mnt: &Path, abs: &str, owner: Option<(u32, u32)>) -> Result<OwnedFd> {
     let root = open_root(mnt)?;

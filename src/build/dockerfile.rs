@@ -2,6 +2,8 @@
 //! comments, the `escape` directive, JSON and shell forms, heredocs); this turns its tree into
 //! steps that carry their line and text, grouped into stages.
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, bail, Result};
 use parse_dockerfile::{Command, HealthcheckArguments, Instruction, JsonOrStringArray, Source};
 
@@ -342,9 +344,156 @@ fn start_of(ins: &Instruction<'_>) -> usize {
     }
 }
 
+/// The delimiters of heredocs a shell command opens after other text (`cat <<EOF > f`), with
+/// whether tabs are stripped. Not inside quotes; `<<<` is a here-string, not a heredoc.
+fn inner_heredocs(cmd: &str) -> Vec<(String, bool)> {
+    let b = cmd.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut q) = (0, None::<u8>);
+    while i < b.len() {
+        let c = b[i];
+        match q {
+            Some(x) if c == x => q = None,
+            Some(_) => {}
+            None if c == b'\'' || c == b'"' => q = Some(c),
+            None if c == b'<' && b.get(i + 1) == Some(&b'<') && b.get(i + 2) != Some(&b'<') => {
+                let mut j = i + 2;
+                let strip = b.get(j) == Some(&b'-');
+                if strip {
+                    j += 1;
+                }
+                while b.get(j) == Some(&b' ') {
+                    j += 1;
+                }
+                let quote = b.get(j).copied().filter(|c| *c == b'"' || *c == b'\'');
+                if quote.is_some() {
+                    j += 1;
+                }
+                let st = j;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b'-') {
+                    j += 1;
+                }
+                if j > st {
+                    out.push((cmd[st..j].to_string(), strip));
+                }
+                if quote.is_some() && b.get(j) == quote.as_ref() {
+                    j += 1;
+                }
+                i = j;
+                continue;
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// parse-dockerfile reads a heredoc only where it opens the RUN line. `RUN cmd <<EOF` is
+/// rewritten as a `RUN <<X` script holding the command and its documents, which the shell
+/// runs the same way. Returns the text, the original line of each new line, and the original
+/// text of each rewritten RUN (by new line).
+fn rewrite_run_heredocs(text: &str, escape: char) -> (String, Vec<usize>, BTreeMap<usize, String>) {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut out: Vec<(String, usize)> = Vec::new();
+    let mut originals = BTreeMap::new();
+    let mut i = 0;
+    let mut n = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        let is_run = l
+            .trim_start()
+            .get(..4)
+            .is_some_and(|k| k[..3].eq_ignore_ascii_case("run") && k.as_bytes()[3].is_ascii_whitespace());
+        if !is_run {
+            out.push((l.to_string(), i + 1));
+            i += 1;
+            continue;
+        }
+        // The logical line, and where it ends.
+        let mut j = i;
+        while j + 1 < lines.len() {
+            let t = lines[j].trim_end();
+            if t.ends_with(escape) && !t[..t.len() - escape.len_utf8()].ends_with(escape) {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let logical = logical_line(&lines[i..=j].join("\n"), 0, escape);
+        // The command after RUN and its flags.
+        let mut args = logical.trim_start()[3..].trim_start();
+        let mut flags = String::new();
+        while args.starts_with("--") {
+            let end = args.find(char::is_whitespace).unwrap_or(args.len());
+            flags.push_str(&args[..end]);
+            flags.push(' ');
+            args = args[end..].trim_start();
+        }
+        let docs = if args.starts_with("<<") || args.starts_with('[') {
+            Vec::new()
+        } else {
+            inner_heredocs(args)
+        };
+        // Find every document's end; give up (and let the parser report) if one is missing.
+        let mut k = j + 1;
+        let mut ok = !docs.is_empty();
+        for (d, strip) in &docs {
+            while k < lines.len() {
+                let body = if *strip {
+                    lines[k].trim_start_matches('\t')
+                } else {
+                    lines[k]
+                };
+                k += 1;
+                if body.trim_end_matches('\r') == d {
+                    break;
+                }
+                if k == lines.len() {
+                    ok = false;
+                }
+            }
+        }
+        if !ok || k > lines.len() {
+            for (m, l) in lines.iter().enumerate().take(j + 1).skip(i) {
+                out.push((l.to_string(), m + 1));
+            }
+            i = j + 1;
+            continue;
+        }
+        n += 1;
+        let marker = format!("STRATA_RUN_HEREDOC_{n}");
+        originals.insert(out.len() + 1, logical.clone());
+        out.push((format!("RUN {flags}<<'{marker}'"), i + 1));
+        out.push((args.to_string(), i + 1));
+        for (m, l) in lines.iter().enumerate().take(k).skip(j + 1) {
+            out.push((l.to_string(), m + 1));
+        }
+        out.push((marker, k));
+        i = k;
+    }
+    let map = out.iter().map(|(_, o)| *o).collect();
+    let text = out.into_iter().map(|(l, _)| l).collect::<Vec<_>>().join("\n");
+    (text, map, originals)
+}
+
 /// Parse `text` (named `file` in errors).
 pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
-    let df = parse_dockerfile::parse(text).map_err(|e| anyhow!("{file}:{}:{}: {e}", e.line(), e.column()))?;
+    // The escape directive, if any, is needed before parsing to join lines.
+    let escape = if text
+        .lines()
+        .take_while(|l| l.trim_start().starts_with('#'))
+        .any(|l| l.replace(' ', "").eq_ignore_ascii_case("#escape=`"))
+    {
+        '`'
+    } else {
+        '\\'
+    };
+    let (rewritten, line_map, originals) = rewrite_run_heredocs(text, escape);
+    let orig_line = |l: usize| line_map.get(l.wrapping_sub(1)).copied().unwrap_or(l);
+    let text = rewritten.as_str();
+    let df = parse_dockerfile::parse(text)
+        .map_err(|e| anyhow!("{file}:{}:{}: {e}", orig_line(e.line()), e.column()))?;
     let escape = df
         .parser_directives
         .escape
@@ -361,11 +510,15 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
     let mut stages: Vec<Vec<Step>> = Vec::new();
     for ins in &df.instructions {
         let start = start_of(ins);
-        let line = line_of(text, start);
+        let new_line = line_of(text, start);
+        let line = orig_line(new_line);
         let kind = convert(ins, text, escape, start).map_err(|e| anyhow!("{file}:{line}: {e}"))?;
         let step = Step {
             line,
-            text: logical_line(text, start, escape),
+            text: originals
+                .get(&new_line)
+                .cloned()
+                .unwrap_or_else(|| logical_line(text, start, escape)),
             kind,
         };
         match (&step.kind, stages.last_mut()) {
@@ -451,6 +604,24 @@ mod tests {
         let e = parse("FROM a\nFROBNICATE x\n", "Df").unwrap_err().to_string();
         assert!(e.starts_with("Df:2"), "{e}");
         let trig = parse_triggers(&["RUN echo hi".into()], "base").unwrap();
+        // A heredoc after the command, and the lines after it keep their numbers.
+        let df = parse(
+            "FROM a\nRUN cat > /f <<EOF && cat <<-'X'\nhi $V\nEOF\n\tthere\nX\nUSER u\n",
+            "D",
+        )
+        .unwrap();
+        let st = &df.stages[0];
+        assert_eq!(st[1].text, "RUN cat > /f <<EOF && cat <<-'X'");
+        match &st[1].kind {
+            Kind::Run { heredocs, .. } => {
+                assert_eq!(
+                    heredocs[0].1,
+                    "cat > /f <<EOF && cat <<-'X'\nhi $V\nEOF\n\tthere\nX\n"
+                )
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!((st[1].line, st[2].line), (2, 7));
         assert!(matches!(&trig[0].kind, Kind::Run { .. }));
     }
 }

@@ -58,6 +58,8 @@ pub struct Options {
     pub labels: Vec<(String, String)>,
     /// Print only the image id.
     pub quiet: bool,
+    /// One layer of the whole result.
+    pub squash: bool,
     /// Registry options for pulls.
     pub registry: crate::registry::Options,
 }
@@ -119,6 +121,8 @@ struct State {
     key: String,
     /// ARGs in scope (None: declared without a value).
     args: BTreeMap<String, Option<String>>,
+    /// Every layer step of the stage so far came from the cache (for `--> CACHED`).
+    all_cached: bool,
 }
 
 fn sha(s: &str) -> String {
@@ -146,6 +150,7 @@ impl State {
             config: c,
             key: sha("scratch"),
             args: BTreeMap::new(),
+            all_cached: true,
         })
     }
 
@@ -203,8 +208,14 @@ impl State {
         }
     }
 
+    /// Add a history entry. A layer step is stamped now; a metadata step gets the time of
+    /// the state it changes (the last layer's, or the base's), so a rebuild whose layer
+    /// steps all come from the cache gives the same config, hence the same image id.
     fn history(&mut self, created_by: &str, empty: bool) -> Result<()> {
-        let t = config::rfc3339(config::now_or_epoch()?);
+        let t = match self.config.get("created").and_then(Value::as_str) {
+            Some(c) if empty => c.to_string(),
+            _ => config::rfc3339(config::now_or_epoch()?),
+        };
         let mut h = json!({"created": t, "created_by": created_by, "comment": "buildkit.dockerfile.v0"});
         if empty {
             h["empty_layer"] = json!(true);
@@ -260,6 +271,7 @@ fn load_state(store: &Store, md: &str, key: &str) -> Result<State> {
         config,
         key: key.to_string(),
         args: BTreeMap::new(),
+        all_cached: true,
     })
 }
 
@@ -309,6 +321,9 @@ fn platform_args() -> BTreeMap<String, Option<String>> {
     m
 }
 
+/// BuildKit's default PATH.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Args docker lets through without an ARG line.
 const PROXY_ARGS: &[&str] = &[
     "HTTP_PROXY",
@@ -326,6 +341,7 @@ const PROXY_ARGS: &[&str] = &[
 /// Build; returns the image id (config digest).
 pub fn build(root: &Path, o: &Options, mounter: &dyn Mounter) -> Result<String> {
     let df = dockerfile::parse(&o.dockerfile, &o.dockerfile_name)?;
+    validate(&df, &o.dockerfile_name)?;
     let ignore = match &o.context {
         Some(c) => match std::fs::read_to_string(c.join(".dockerignore")) {
             Ok(t) => {
@@ -395,6 +411,9 @@ pub fn build(root: &Path, o: &Options, mounter: &dyn Mounter) -> Result<String> 
             labels[k] = json!(v);
         }
     }
+    if o.squash {
+        b.squash(&mut st)?;
+    }
     let store = Store::open(root, true)?;
     let (md, size) = save_state(&store, &st)?;
     let desc = Descriptor::new(MediaType::ImageManifest, size, parse_digest(&md)?);
@@ -417,6 +436,36 @@ impl Builder<'_> {
 
     fn err_at(&self, step: &Step, e: impl std::fmt::Display) -> anyhow::Error {
         anyhow!("{}:{}: {}: {e}", self.o.dockerfile_name, step.line, step.text)
+    }
+
+    /// `--squash`: the merged tree as the image's one layer (podman's `--squash-all`; docker
+    /// keeps the base image's layers below the squashed one). History entries stay, marked
+    /// empty, with one entry for the layer.
+    fn squash(&mut self, st: &mut State) -> Result<()> {
+        let lowers = self.lowers(st)?;
+        let tree = crate::image::tree::Tree::open(lowers)?;
+        let store = Store::open(self.root, true)?;
+        let epoch = config::source_date_epoch()?;
+        let blob = write_layer(
+            &store,
+            Compression::Gzip,
+            epoch,
+            &self.progress,
+            "writing squashed layer",
+            |t| tree.export(t),
+        )?;
+        let n = st.layers.len();
+        st.layers = vec![blob.descriptor()?];
+        st.config["rootfs"] = json!({"type": "layers", "diff_ids": [blob.diff_id]});
+        if let Some(h) = st.config.get_mut("history").and_then(Value::as_array_mut) {
+            for e in h.iter_mut() {
+                e["empty_layer"] = json!(true);
+            }
+        }
+        st.history(
+            &format!("strata build --squash: {n} layers merged into one"),
+            false,
+        )
     }
 
     fn interrupted(&self) -> Result<()> {
@@ -563,6 +612,11 @@ impl Builder<'_> {
             self.image_state(&img)
                 .map_err(|e| self.err_at(from, format!("{e:#}")))?
         };
+        // BuildKit gives every image a PATH (FROM scratch included).
+        if !st.env().iter().any(|e| e.starts_with("PATH=")) {
+            st.set_env("PATH", DEFAULT_PATH);
+        }
+        st.all_cached = true;
         // ONBUILD triggers of the base run first, and are not inherited.
         let triggers = str_list(st.config.get("config").and_then(|c| c.get("OnBuild")));
         if !triggers.is_empty() {
@@ -606,6 +660,9 @@ impl Builder<'_> {
                     st.args.insert(k, v);
                 }
                 st.extend_key(&format!("ARG {}", serde_json::to_string(&st.args)?));
+                if st.all_cached && !self.o.no_cache {
+                    self.say("--> CACHED");
+                }
                 st.history(&format!("ARG {raw}"), true)?;
             }
             Kind::Env(raw) => {
@@ -731,37 +788,7 @@ impl Builder<'_> {
                 self.meta(st, &format!("SHELL {}", serde_json::to_string(sh)?))?;
             }
             Kind::Healthcheck(h) => {
-                let hc = match h {
-                    None => json!({"Test": ["NONE"]}),
-                    Some((flags, c)) => {
-                        let test = match c {
-                            Cmd::Exec(v) => std::iter::once("CMD".to_string())
-                                .chain(v.iter().cloned())
-                                .collect::<Vec<_>>(),
-                            Cmd::Shell(t) => vec!["CMD-SHELL".to_string(), t.clone()],
-                        };
-                        let mut hc = json!({"Test": test});
-                        for (k, v) in flags {
-                            let v = v.clone().unwrap_or_default();
-                            let field = match k.as_str() {
-                                "interval" => "Interval",
-                                "timeout" => "Timeout",
-                                "start-period" => "StartPeriod",
-                                "start-interval" => "StartInterval",
-                                "retries" => {
-                                    let n: u64 =
-                                        v.parse().map_err(|_| self.err_at(s, format!("--retries={v}")))?;
-                                    hc["Retries"] = json!(n);
-                                    continue;
-                                }
-                                other => return Err(self.err_at(s, format!("unknown flag --{other}"))),
-                            };
-                            hc[field] = json!(parse_duration(&v)
-                                .ok_or_else(|| self.err_at(s, format!("--{k}={v}: not a duration")))?);
-                        }
-                        hc
-                    }
-                };
+                let hc = healthcheck(h).map_err(|e| self.err_at(s, e))?;
                 cfg(&mut st.config).insert("Healthcheck".into(), hc);
                 self.meta(
                     st,
@@ -794,7 +821,19 @@ impl Builder<'_> {
     /// A metadata-only step: history entry without a layer, and the cache key moves on.
     fn meta(&mut self, st: &mut State, created_by: &str) -> Result<()> {
         st.extend_key(created_by);
+        if st.all_cached && !self.o.no_cache {
+            self.say("--> CACHED");
+        }
         st.history(created_by, true)
+    }
+
+    /// A layer step's result came from the cache.
+    fn reuse(&self, st: &mut State, c: State) {
+        self.say("--> CACHED");
+        let args = std::mem::take(&mut st.args);
+        *st = c;
+        st.args = args;
+        st.all_cached = true;
     }
 
     fn argv(&self, st: &State, c: &Cmd) -> Vec<String> {
@@ -854,10 +893,10 @@ impl Builder<'_> {
     /// changed), then remember the result under `st.key`.
     fn commit(&mut self, st: &mut State, upper: &Path, created_by: &str) -> Result<()> {
         let store = Store::open(self.root, true)?;
-        let empty = std::fs::read_dir(upper)?.next().is_none();
-        if empty {
-            st.history(created_by, true)?;
-        } else {
+        // docker (BuildKit 20.10) gives every RUN, COPY, ADD and WORKDIR a layer, an empty
+        // tar when nothing changed.
+        st.all_cached = false;
+        {
             let epoch = config::source_date_epoch()?;
             let popts = PackOpts {
                 epoch,
@@ -892,25 +931,26 @@ impl Builder<'_> {
     /// else only a history entry. The tree is looked up without a mount.
     fn workdir(&mut self, st: &mut State, abs: &str) -> Result<()> {
         let created_by = format!("WORKDIR {abs}");
-        st.extend_key(&created_by);
+        st.extend_key(&format!("{created_by} user={}", st.user()));
+        if let Some(c) = self.cached(&st.key)? {
+            self.reuse(st, c);
+            return Ok(());
+        }
         let lowers = self.lowers(st)?;
         let exists = crate::image::tree::Tree::open(lowers.clone())?
             .lookup(abs)
             .is_some();
-        if exists {
-            return st.history(&created_by, true);
-        }
-        if let Some(c) = self.cached(&st.key)? {
-            let args = std::mem::take(&mut st.args);
-            *st = c;
-            st.args = args;
-            return Ok(());
-        }
         let (u, w, m, _) = self.mount_dirs()?;
-        {
+        if !exists {
             let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
-            copy::mkdir_p(&m, abs, None)?;
+            // BuildKit creates it as the current USER.
+            let owner = match st.user().as_str() {
+                "" => None,
+                user => Some(copy::user_ids(&m, user)?),
+            };
+            copy::mkdir_p(&m, abs, owner)?;
         }
+        // An existing directory still gets its (empty) layer, as docker does.
         self.commit(st, &u, &created_by)
     }
 
@@ -974,7 +1014,7 @@ impl Builder<'_> {
             }
         }
         if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+            env.push(format!("PATH={DEFAULT_PATH}"));
         }
         let args_seen: Vec<String> = st
             .args
@@ -1002,10 +1042,7 @@ impl Builder<'_> {
             serde_json::to_string(&args_seen)?,
         ));
         if let Some(c) = self.cached(&st.key)? {
-            self.say("--> CACHED");
-            let args = std::mem::take(&mut st.args);
-            *st = c;
-            st.args = args;
+            self.reuse(st, c);
             return Ok(());
         }
         let lowers = self.lowers(st)?;
@@ -1136,10 +1173,7 @@ impl Builder<'_> {
         ));
         let created_by = format!("{word} {} {dest} # buildkit", plan.shown.join(" "));
         if let Some(c) = self.cached(&st.key)? {
-            self.say("--> CACHED");
-            let args = std::mem::take(&mut st.args);
-            *st = c;
-            st.args = args;
+            self.reuse(st, c);
             return Ok(());
         }
         let lowers = self.lowers(st)?;
@@ -1156,6 +1190,70 @@ impl Builder<'_> {
         drop(guard);
         self.commit(st, &u, &created_by)
     }
+}
+
+/// The config's Healthcheck for a HEALTHCHECK instruction.
+fn healthcheck(h: &Option<(dockerfile::Flags, Cmd)>) -> std::result::Result<Value, String> {
+    let Some((flags, c)) = h else {
+        return Ok(json!({"Test": ["NONE"]}));
+    };
+    let test = match c {
+        Cmd::Exec(v) => std::iter::once("CMD".to_string())
+            .chain(v.iter().cloned())
+            .collect::<Vec<_>>(),
+        Cmd::Shell(t) => vec!["CMD-SHELL".to_string(), t.clone()],
+    };
+    let mut hc = json!({ "Test": test });
+    for (k, v) in flags {
+        let v = v.clone().unwrap_or_default();
+        let field = match k.as_str() {
+            "interval" => "Interval",
+            "timeout" => "Timeout",
+            "start-period" => "StartPeriod",
+            "start-interval" => "StartInterval",
+            "retries" => {
+                let n: u64 = v.parse().map_err(|_| format!("--retries={v}: not a number"))?;
+                hc["Retries"] = json!(n);
+                continue;
+            }
+            other => return Err(format!("unknown flag --{other}")),
+        };
+        hc[field] = json!(parse_duration(&v).ok_or_else(|| format!("--{k}={v}: not a duration"))?);
+    }
+    Ok(hc)
+}
+
+/// What docker refuses before running anything: flags no instruction knows, bad
+/// HEALTHCHECK values, an empty SHELL.
+fn validate(df: &Dockerfile, file: &str) -> Result<()> {
+    let at = |s: &Step, e: String| anyhow!("{file}:{}: {}: {e}", s.line, s.text);
+    for s in df.stages.iter().flatten() {
+        match &s.kind {
+            Kind::Healthcheck(h) => {
+                healthcheck(h).map_err(|e| at(s, e))?;
+            }
+            Kind::Run { flags, .. } => {
+                for (k, _) in flags {
+                    if !matches!(k.as_str(), "network" | "security" | "mount") {
+                        return Err(at(s, format!("unknown flag --{k}")));
+                    }
+                }
+            }
+            Kind::Copy { flags, add, .. } => {
+                for (k, _) in flags {
+                    let known = matches!(k.as_str(), "chown" | "chmod" | "link" | "parents" | "exclude")
+                        || (!add && k == "from")
+                        || (*add && matches!(k.as_str(), "checksum" | "keep-git-dir"));
+                    if !known {
+                        return Err(at(s, format!("unknown flag --{k}")));
+                    }
+                }
+            }
+            Kind::Shell(v) if v.is_empty() => return Err(at(s, "SHELL needs at least one element".into())),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Run `f` with stdout and stderr sent to /dev/null when quiet (the RUN output).

@@ -153,6 +153,7 @@ pub fn run(a: BuildArgs, root: &Path) -> Result<()> {
         network_host: a.network == "host",
         labels,
         quiet: a.quiet,
+        squash: a.squash,
         registry: super::push::options(&a.registry, a.quiet),
     };
     let id = build::build(root, &o, &FuseMounter)?;
