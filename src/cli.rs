@@ -356,6 +356,10 @@ pub struct BuildArgs {
     /// Make the result one layer holding the whole tree (podman's --squash-all).
     #[arg(long)]
     pub squash: bool,
+    /// Layer compression: none keeps layers as BuildKit's local store does (fast; use gzip
+    /// for images meant for a registry).
+    #[arg(long, value_enum, default_value = "none")]
+    pub compress: Compress,
     /// Platform (only this machine's is built).
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,

@@ -60,9 +60,16 @@ pub struct Options {
     pub quiet: bool,
     /// One layer of the whole result.
     pub squash: bool,
+    /// Compression of the layers written.
+    pub compress: Compression,
     /// Registry options for pulls.
     pub registry: crate::registry::Options,
 }
+
+/// The build stopped because of a signal (the CLI exits 128 + the signal, as a shell does).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by signal {0}")]
+pub struct Interrupted(pub i32);
 
 /// Mounting is the CLI's business (it owns the FUSE adapter); the builder asks for it.
 pub trait Mounter {
@@ -470,7 +477,7 @@ impl Builder<'_> {
 
     fn interrupted(&self) -> Result<()> {
         if let Some(s) = crate::sys::take_signal() {
-            bail!("interrupted by signal {s}");
+            return Err(Interrupted(s).into());
         }
         Ok(())
     }
@@ -904,12 +911,13 @@ impl Builder<'_> {
             };
             let blob = write_layer(
                 &store,
-                Compression::Gzip,
+                self.o.compress,
                 epoch,
                 &self.progress,
                 "writing layer",
                 |t| layer::pack_upper(upper, t, &popts),
             )?;
+            adopt_upper(&store, upper, &blob.diff_id)?;
             let obj = st.config.as_object_mut().context("config")?;
             let rootfs = obj
                 .entry("rootfs")
@@ -1051,6 +1059,7 @@ impl Builder<'_> {
         let code = {
             let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
             copy::mkdir_p(&m, &cwd, None)?;
+            self.interrupted()?;
             let spec = crate::runtime::RunSpec {
                 rootfs: m.clone(),
                 rundir: rundir.clone(),
@@ -1253,6 +1262,50 @@ fn validate(df: &Dockerfile, file: &str) -> Result<()> {
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// The upper a layer was just packed from is that layer unpacked (the overlay's upper and
+/// an unpacked layer share one format), so it becomes `layers/<diff_id>` instead of the next
+/// step unpacking the blob again. strata's own bookkeeping xattrs (`origin`, `impure` on
+/// copied-up directories) are not part of a layer and are removed first.
+fn adopt_upper(store: &Store, upper: &Path, diff_id: &str) -> Result<()> {
+    let dir = store.layer_dir(diff_id)?;
+    if dir.exists() {
+        return Ok(());
+    }
+    fn strip(p: &Path) -> Result<()> {
+        let f = std::fs::File::open(p)?;
+        {
+            use std::os::fd::AsFd;
+            for ns in ["trusted", "user"] {
+                for n in ["origin", "impure", "nlink"] {
+                    let name = format!("{ns}.overlay.{n}");
+                    let _ = crate::sys::removexattr(
+                        crate::sys::XTarget::Fd(f.as_fd()),
+                        std::ffi::OsStr::new(&name),
+                    );
+                }
+            }
+        }
+        for e in std::fs::read_dir(p)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                strip(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+    strip(upper)?;
+    let d = std::fs::File::open(upper)?;
+    rustix::fs::syncfs(&d)?;
+    match std::fs::rename(upper, &dir) {
+        Ok(()) => {}
+        // Another build unpacked the same layer meanwhile: keep theirs.
+        Err(_) if dir.exists() => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("moving the layer into {}", dir.display())),
+    }
+    std::fs::File::open(store.root().join("layers"))?.sync_all()?;
     Ok(())
 }
 

@@ -73,8 +73,21 @@ fn kv(s: &str, what: &str) -> Result<(String, String)> {
     }
 }
 
-/// `strata build CONTEXT`.
-pub fn run(a: BuildArgs, root: &Path) -> Result<()> {
+/// `strata build CONTEXT`: exit code 0, or 128 + N when signal N stopped it.
+pub fn run(a: BuildArgs, root: &Path) -> Result<i32> {
+    match build(a, root) {
+        Err(e) => match e.downcast_ref::<build::Interrupted>() {
+            Some(build::Interrupted(sig)) => {
+                super::print_error(&e);
+                Ok(128 + sig)
+            }
+            None => Err(e),
+        },
+        Ok(()) => Ok(0),
+    }
+}
+
+fn build(a: BuildArgs, root: &Path) -> Result<()> {
     crate::sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     if let Some(p) = &a.platform {
         let want = crate::registry::Platform::parse(p)?;
@@ -154,6 +167,11 @@ pub fn run(a: BuildArgs, root: &Path) -> Result<()> {
         labels,
         quiet: a.quiet,
         squash: a.squash,
+        compress: match a.compress {
+            crate::cli::Compress::None => crate::image::layer::Compression::None,
+            crate::cli::Compress::Gzip => crate::image::layer::Compression::Gzip,
+            crate::cli::Compress::Zstd => crate::image::layer::Compression::Zstd,
+        },
         registry: super::push::options(&a.registry, a.quiet),
     };
     let id = build::build(root, &o, &FuseMounter)?;

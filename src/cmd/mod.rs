@@ -136,7 +136,7 @@ pub fn main() -> i32 {
         Command::Load(a) => load::run(a, &root),
         Command::Import(a) => import::run(a, &root),
         Command::Export(a) => export::run(a, &root),
-        Command::Build(a) => build::run(a, &root),
+        Command::Build(a) => return finish(build::run(a, &root), exit::FAILURE),
         Command::Pull(a) => pull::run(a, &root),
         Command::Push(a) => push::run(a, &root),
         Command::Login(a) => login::run(a),

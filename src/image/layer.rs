@@ -30,9 +30,10 @@ use crate::sys::{self, XTarget};
 const MAX_EXT_HEADER: u64 = 1 << 20;
 
 /// Compression of a blob, from its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
     /// Plain tar.
+    #[default]
     None,
     /// gzip.
     Gzip,

@@ -467,9 +467,15 @@ pub fn default_signals(sigs: &[i32]) {
     }
 }
 
-/// Pass caught signals on to `pid` from now on.
+/// Pass caught signals on to `pid` from now on; one caught before (and not yet taken) is
+/// passed on at once, so a Ctrl-C during setup still reaches the process.
 pub fn set_forward_pid(pid: i32) {
     FORWARD_TO.store(pid, std::sync::atomic::Ordering::Relaxed);
+    let pending = SIGNALLED.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 && pending != 0 {
+        // SAFETY: kill(2) of the child the caller just started.
+        unsafe { libc::kill(pid, pending) };
+    }
 }
 
 /// The last signal caught (and forget it), if any.
