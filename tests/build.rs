@@ -7,9 +7,13 @@
 //!    sources, symlinks pointing out of the context, missing stages and images, Ctrl-C.
 //! 3. CLI: step lines, `-q`, `--iidfile`, tags, Dockerfile on stdin, `run --entrypoint`,
 //!    `--network`, `--squash`.
-//! 4. The layer cache: a rebuild reuses every step, a changed file or build arg rebuilds
+//! 4. Remote sources: ADD of a URL from an HTTP server of the test (name, mode, checksum,
+//!    errors), FROM an image in a loopback `docker-registry` (pulled when missing) and
+//!    `--pull` after the tag moved.
+//! 5. Rootless: a build as an unprivileged user created by the test, in that user's store.
+//! 6. The layer cache: a rebuild reuses every step, a changed file or build arg rebuilds
 //!    from the step that sees it, `--no-cache`, `gc`.
-//! 5. A differential test against `docker build` with BuildKit in a private dockerd (see
+//! 7. A differential test against `docker build` with BuildKit in a private dockerd (see
 //!    build_common::DockerBuilder for what docker 20.10 does offline): every table case
 //!    docker can build is built by both and the trees, config and layer counts compared;
 //!    each case's own expectations are checked on docker's image too, so the table states
@@ -33,10 +37,12 @@
 mod build_common;
 mod common;
 mod image_common;
+mod registry_common;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
@@ -47,7 +53,8 @@ use serde_json::{json, Value};
 
 use build_common::*;
 use common::Layer;
-use image_common::must;
+use image_common::{must, Store};
+use registry_common::{closed_addr, Registry};
 
 const PATH_DEFAULT: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// A RUN whose output differs every time it really runs.
@@ -1342,6 +1349,277 @@ fn squash_makes_one_layer() {
     common::assert_snapshots_eq(&plain.tree, &sq.tree, "plain", "squashed", "--squash tree");
     sq.assert_absent("etc/remove-me");
     sq.assert_cfg("Cmd", json!(["sq"]));
+}
+
+// ---------------------------------------------------------------------------
+// Remote sources: ADD of a URL, FROM an image in a registry, --pull.
+
+/// ADD of an http URL from a server of the test: the file name comes from the URL, the
+/// mode is 0600 and the owner root (docker's rules), a right `--checksum` passes, a
+/// changed download is a changed step, and a wrong checksum, a 404 or a closed port fail
+/// naming what went wrong and tag nothing.
+#[test]
+fn add_from_a_url() {
+    let fx = BuildFx::new("add-url");
+    let srv = FileServer::start(&[("file.txt", b"from-http\n"), ("data.bin", b"checked data\n")]);
+    let sum = format!("sha256:{}", common::sha256_hex(b"checked data\n"));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let good = format!(
+        "FROM busybox\nADD {} /dst/\nADD --checksum={sum} {} /f\n",
+        srv.url("file.txt"),
+        srv.url("data.bin")
+    );
+    let ctx = fx.ctx("url");
+    ctx.file("Dockerfile", &good);
+    let first = build_ok_in(&fx.store, &ctx.root, &["-t", "url:1"], &[]);
+    fx.assert_clean("after ADD of URLs");
+    let reqs = srv.requests();
+    for want in ["GET /file.txt", "GET /data.bin"] {
+        assert!(reqs.iter().any(|r| r == want), "{want} not requested: {reqs:?}");
+    }
+    let b = fx.built("url:1");
+    b.assert_dir("dst", 0o755, (0, 0));
+    b.assert_names_under("dst", &["file.txt"]);
+    b.assert_file("dst/file.txt", "from-http\n", 0o600, (0, 0));
+    b.assert_file("f", "checked data\n", 0o600, (0, 0));
+    assert_eq!(b.new_layers(), 2, "one layer per ADD: {:?}", history_lines(&b));
+
+    // Same downloads: every step from the cache. A changed download: that step and the
+    // ones after it again.
+    let again = build_ok_in(&fx.store, &ctx.root, &["-t", "url:2"], &[]);
+    again.assert_all_cached("rebuild with the same downloads");
+    assert_eq!(again.id, first.id);
+    srv.set("file.txt", b"changed on the server\n");
+    let changed = build_ok_in(&fx.store, &ctx.root, &["-t", "url:3"], &[]);
+    changed.assert_cached_exactly(&[], "after the URL's content changed");
+    fx.built("url:3")
+        .assert_file("dst/file.txt", "changed on the server\n", 0o600, (0, 0));
+
+    let fails = |name: &str, df: String, line: usize, tag: &str, words: &[&str]| {
+        let c = fx.ctx(name);
+        c.file("Dockerfile", df);
+        let out = build_in(&fx.store, &c.root, &["-t", tag], &[]);
+        fx.check_failed(&out, name, Some(tag));
+        let msg = combined(&out);
+        for w in words {
+            assert!(
+                msg.to_lowercase().contains(&w.to_lowercase()),
+                "{name}: the error should mention {w:?}: {out}"
+            );
+        }
+        assert!(
+            out.stderr.contains(&format!("Dockerfile:{line}")),
+            "{name}: the error should name Dockerfile:{line}: {out}"
+        );
+    };
+    // A checksum that does not match the download.
+    fails(
+        "bad-checksum",
+        format!(
+            "FROM busybox\nADD --checksum={wrong} {} /g\n",
+            srv.url("data.bin")
+        ),
+        2,
+        "url-bad-sum:1",
+        &["checksum", &wrong],
+    );
+    // Nothing at that URL.
+    let missing = srv.url("missing.txt");
+    fails(
+        "not-found",
+        format!("FROM busybox\nADD {missing} /m\n"),
+        2,
+        "url-404:1",
+        &[&missing, "404"],
+    );
+    // Nobody listening.
+    let closed = format!("http://{}/x.txt", closed_addr());
+    fails(
+        "closed-port",
+        format!("FROM busybox\nADD {closed} /x\n"),
+        2,
+        "url-closed:1",
+        &[&closed],
+    );
+    // A wrong checksum on a step the cache holds with the right one still fails: the
+    // checksum is checked on every build (BuildKit verifies it on every download).
+    srv.set("file.txt", b"from-http\n");
+    fails(
+        "bad-checksum-cached",
+        good.replace(&sum, &wrong),
+        3,
+        "url-bad-sum:2",
+        &["checksum", &wrong],
+    );
+}
+
+/// FROM an image in a registry (a `docker-registry` on loopback, as tests/registry.rs
+/// starts it): a store without it pulls it, `images` lists it under the registry's name;
+/// with the tag moved to a new image, a build without --pull keeps the store's copy and
+/// `--pull` fetches the new one (a file only the new base has, the RUN run again).
+#[test]
+fn from_a_registry_image_and_pull() {
+    let fx = BuildFx::new("pull");
+    let reg = Registry::plain();
+    let base = format!("{}/lib/busybox:1", reg.addr());
+    // Auth files of the test's own, never the machine's.
+    let home = fx.env.dir("pull-home");
+    let xdg = fx.env.dir("pull-run");
+    fs::set_permissions(&xdg, fs::Permissions::from_mode(0o700)).unwrap();
+    let env = [("HOME", s(&home)), ("XDG_RUNTIME_DIR", s(&xdg))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    fx.store.ok_env(&["push", "busybox:latest", &base], &env);
+    let v1 = fx.store.image_id("busybox:latest");
+
+    let fresh = Store::in_env(&fx.env, "fresh");
+    assert!(fresh.images().is_empty(), "the fresh store is not empty");
+    let ctx = fx.ctx("pull");
+    ctx.file(
+        "Dockerfile",
+        format!("FROM {base}\nRUN {UUID} > /stamp && cat /etc/hello > /hello-copy\nCMD [\"cat\", \"/hello-copy\"]\n"),
+    );
+    let first = build_ok_in(&fresh, &ctx.root, &["-t", "from-reg:1"], &env);
+    let listed = fresh.images();
+    assert!(
+        listed.iter().any(|(_, tags)| tags.contains(&base)),
+        "`strata images` should list the pulled base {base}: {listed:?}\n{}",
+        fresh.images_text()
+    );
+    assert_eq!(fresh.image_id(&base), v1, "the pulled base is the pushed busybox");
+    let b1 = Built::of(&fresh, "from-reg:1", &fx.env.fresh_dir("export-"), "strata");
+    b1.assert_file("hello-copy", "hello\n", 0o644, (0, 0));
+    b1.assert_absent("only-in-v2");
+    b1.assert_cfg("Cmd", json!(["cat", "/hello-copy"]));
+    assert_eq!(b1.diff_ids().len(), 2, "busybox's layer and the RUN's");
+    assert_eq!(
+        fresh.run(&["run", "--rm", "from-reg:1"]).stdout,
+        "hello\n",
+        "run of the image built on the pulled base"
+    );
+
+    // A new image under the same tag.
+    let v2ctx = fx.ctx("v2");
+    v2ctx.file("Dockerfile", "FROM busybox\nRUN echo v2 > /only-in-v2\n");
+    fx.build_ok(&v2ctx.root, &["-t", "busybox:v2"]);
+    let v2 = fx.store.image_id("busybox:v2");
+    fx.store.ok_env(&["push", "busybox:v2", &base], &env);
+
+    // Without --pull the base in the store is used: nothing changes.
+    let second = build_ok_in(&fresh, &ctx.root, &["-t", "from-reg:2"], &env);
+    second.assert_all_cached("rebuild without --pull");
+    assert_eq!(second.id, first.id, "without --pull: the same image");
+    assert_eq!(
+        fresh.image_id(&base),
+        v1,
+        "without --pull the base is not fetched again"
+    );
+
+    // --pull: the new base, and the RUN on it runs again.
+    let third = build_ok_in(&fresh, &ctx.root, &["-t", "from-reg:3", "--pull"], &env);
+    assert_eq!(fresh.image_id(&base), v2, "--pull moves {base} to the new image");
+    assert!(
+        !third.step(2).cached(),
+        "the RUN on the new base must not come from the cache: {}",
+        third.out.stdout
+    );
+    let b3 = Built::of(&fresh, "from-reg:3", &fx.env.fresh_dir("export-"), "strata");
+    b3.assert_file("only-in-v2", "v2\n", 0o644, (0, 0));
+    b3.assert_file("hello-copy", "hello\n", 0o644, (0, 0));
+    assert_ne!(b3.read("stamp"), b1.read("stamp"), "the RUN ran on the new base");
+    assert_eq!(b3.diff_ids().len(), 3, "busybox's layer, v2's RUN and this RUN");
+    let m = mounts_under(&fresh.root);
+    assert!(m.is_empty(), "mounts left under the fresh store: {m:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Rootless.
+
+/// A build as an unprivileged user created by the test, in the user's own store (busybox
+/// imported by the user): RUN as root of the build's user namespace, COPY of a file and a
+/// directory the user owns, WORKDIR creating a directory, metadata steps. The result is
+/// what `docker build` makes of the Dockerfile: what root creates in RUN and what COPY
+/// writes belongs to 0:0 in the layers, whatever uid the user has on the host. The image is
+/// saved by the user and loaded into the fixture's root store to read the layers as they are.
+#[test]
+fn rootless_build() {
+    let fx = BuildFx::new("rootless");
+    let user = RootlessUser::create(&fx.env);
+    user.ok(&[
+        "import",
+        &s(&fx.busybox_tar),
+        "busybox:latest",
+        "-c",
+        r#"CMD ["/bin/sh"]"#,
+    ]);
+    let ctx = fx.ctx("rootless");
+    ctx.file(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN echo built-rootless > /built && id -u > /uid-in-run && mkdir -p /made/sub\n\
+         COPY a.txt /copied/a.txt\n\
+         COPY dir/ /copied/dir/\n\
+         ENV ROOTLESS=yes\n\
+         WORKDIR /work\n\
+         CMD [\"cat\", \"/built\"]\n",
+    );
+    bb_file(&ctx, "a.txt", "a\n");
+    ctx.file_mode("dir/priv", "p\n", 0o600);
+    ctx.file_mode("dir/exe", "x\n", 0o755);
+    user.chown_tree(&ctx.root);
+
+    let out = user.ok(&["build", "-t", "rl:1", &s(&ctx.root)]);
+    let b = BuildOut::parse(out);
+    user.assert_clean("after the rootless build");
+    assert_eq!(
+        user.ok(&["run", "--rm", "rl:1"]).stdout,
+        "built-rootless\n",
+        "rootless run of the built image (its CMD)"
+    );
+    let foreign = user.foreign_files_in_store();
+    assert!(
+        foreign.is_empty(),
+        "files in the rootless store not owned by the user: {foreign:#?}"
+    );
+
+    let saved = user.base.join("rl.tar");
+    user.ok(&["save", "-o", &s(&saved), "rl:1"]);
+    fx.store.ok(&["load", "-i", &s(&saved)]);
+    assert_eq!(
+        fx.store.image_id("rl:1"),
+        b.id,
+        "the saved image is the built one"
+    );
+    let img = fx.built("rl:1");
+    img.assert_file("built", "built-rootless\n", 0o644, (0, 0));
+    img.assert_file("uid-in-run", "0\n", 0o644, (0, 0));
+    img.assert_dir("made/sub", 0o755, (0, 0));
+    img.assert_file("copied/a.txt", "a\n", 0o644, (0, 0));
+    img.assert_file("copied/dir/priv", "p\n", 0o600, (0, 0));
+    img.assert_file("copied/dir/exe", "x\n", 0o755, (0, 0));
+    img.assert_dir("work", 0o755, (0, 0));
+    // busybox's own files keep their owners (a file of uid 1000 among them).
+    img.assert_file("etc/hello", "hello\n", 0o644, (0, 0));
+    let data = img.entry("var/lib/app/data");
+    assert_eq!(
+        (data.uid, data.gid),
+        (1000, 1000),
+        "busybox's /var/lib/app/data: {data}"
+    );
+    img.assert_env("ROOTLESS", "yes");
+    img.assert_cfg("Cmd", json!(["cat", "/built"]));
+    img.assert_cfg("WorkingDir", json!("/work"));
+    assert_eq!(
+        img.new_layers(),
+        4,
+        "RUN, two COPYs and WORKDIR: {:?}",
+        history_lines(&img)
+    );
+
+    // The cache works rootless too.
+    let again = BuildOut::parse(user.ok(&["build", "-t", "rl:2", &s(&ctx.root)]));
+    again.assert_all_cached("rootless rebuild");
+    assert_eq!(again.id, b.id, "rootless cached rebuild");
+    user.assert_clean("after the rootless rebuild");
 }
 
 // ---------------------------------------------------------------------------

@@ -445,6 +445,28 @@ fn join_rel(a: &str, n: &OsStr) -> String {
     }
 }
 
+type Ids = (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>);
+
+/// The ids a file meant for (uid, gid) in the image gets on disk. As root, those. Rootless,
+/// the builder's own ids stand for root (the container's root is the building user, and
+/// layers are packed with the user's ids mapped back to 0); other owners cannot be stored
+/// without subordinate id ranges: an error when `strict` (an explicit `--chown`), else the
+/// user's ids (an archive's owners, as a rootless unpack of a layer does).
+fn disk_ids(uid: u32, gid: u32, strict: bool) -> Result<Ids> {
+    let (eu, eg) = (sys::euid(), sys::egid());
+    let (u, g) = if eu == 0 {
+        (uid, gid)
+    } else if (uid, gid) == (0, 0) || !strict {
+        (eu, eg)
+    } else {
+        bail!("a rootless build cannot give files the owner {uid}:{gid} (only root, which is you)");
+    };
+    Ok((
+        Some(rustix::fs::Uid::from_raw(u)),
+        Some(rustix::fs::Gid::from_raw(g)),
+    ))
+}
+
 /// Owner of copied files: `--chown=user[:group]`, names looked up in the image's
 /// /etc/passwd and /etc/group (read without following symlinks out of the tree).
 pub fn resolve_owner(mnt: &Path, spec: &str) -> Result<(u32, u32)> {
@@ -533,11 +555,8 @@ fn mkdir_p_at(root: BorrowedFd<'_>, abs: &str, owner: Option<(u32, u32)>) -> Res
                 // umask must not narrow it.
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
                 let (u, g) = owner.unwrap_or((0, 0));
-                rustix::fs::fchown(
-                    &fd,
-                    Some(rustix::fs::Uid::from_raw(u)),
-                    Some(rustix::fs::Gid::from_raw(g)),
-                )?;
+                let (u, g) = disk_ids(u, g, true)?;
+                rustix::fs::fchown(&fd, u, g)?;
                 fd
             }
             Err(e) => return Err(anyhow!("'{abs}': {e} (a component is not a directory?)")),
@@ -649,11 +668,8 @@ impl Copier<'_> {
 
     fn own(&self, fd: BorrowedFd<'_>) -> Result<()> {
         let (u, g) = self.owner.unwrap_or((0, 0));
-        rustix::fs::fchown(
-            fd,
-            Some(rustix::fs::Uid::from_raw(u)),
-            Some(rustix::fs::Gid::from_raw(g)),
-        )?;
+        let (u, g) = disk_ids(u, g, true)?;
+        rustix::fs::fchown(fd, u, g)?;
         Ok(())
     }
 
@@ -768,13 +784,8 @@ impl Copier<'_> {
                     self.clear(dst, &n, false)?;
                     rustix::fs::symlinkat(t.as_c_str(), dst, &n)?;
                     let (u, g) = self.owner.unwrap_or((0, 0));
-                    rustix::fs::chownat(
-                        dst,
-                        &n,
-                        Some(rustix::fs::Uid::from_raw(u)),
-                        Some(rustix::fs::Gid::from_raw(g)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )?;
+                    let (u, g) = disk_ids(u, g, true)?;
+                    rustix::fs::chownat(dst, &n, u, g, AtFlags::SYMLINK_NOFOLLOW)?;
                 }
                 _ => log::warn!("skipping '{child_rel}': not a file, directory or symlink"),
             }
@@ -806,10 +817,7 @@ impl Copier<'_> {
                     e.header().gid().unwrap_or(0) as u32,
                 ),
             };
-            let ids = (
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            );
+            let ids = disk_ids(uid, gid, self.owner.is_some())?;
             match e.header().entry_type() {
                 tar::EntryType::Directory => {
                     self.clear(pd.as_fd(), name, true)?;

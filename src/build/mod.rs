@@ -780,7 +780,8 @@ impl Builder<'_> {
                 };
                 let abs = clean_abs(&abs);
                 cfg(&mut st.config).insert("WorkingDir".into(), json!(abs));
-                self.workdir(st, &abs)?;
+                self.workdir(st, &abs)
+                    .map_err(|e| self.err_at(s, format!("{e:#}")))?;
             }
             Kind::Stopsignal(sig) => {
                 let sig = self.expand(st, s, sig)?;
@@ -951,9 +952,16 @@ impl Builder<'_> {
         let (u, w, m, _) = self.mount_dirs()?;
         if !exists {
             let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
-            // BuildKit creates it as the current USER.
+            // BuildKit creates it as the current USER (rootless: as root, which is the user).
             let owner = match st.user().as_str() {
                 "" => None,
+                _ if crate::sys::euid() != 0 => {
+                    log::warn!(
+                        "WORKDIR {abs}: a rootless build creates it as root, not as USER {}",
+                        st.user()
+                    );
+                    None
+                }
                 user => Some(copy::user_ids(&m, user)?),
             };
             copy::mkdir_p(&m, abs, owner)?;
@@ -1177,7 +1185,7 @@ impl Builder<'_> {
             ));
         }
         st.extend_key(&format!(
-            "{word} {} chown={chown:?} chmod={chmod:?} dest={dest_abs} dirdest={dir_dest}",
+            "{word} {} chown={chown:?} chmod={chmod:?} checksum={checksum:?} dest={dest_abs} dirdest={dir_dest}",
             plan.hash
         ));
         let created_by = format!("{word} {} {dest} # buildkit", plan.shown.join(" "));

@@ -736,10 +736,13 @@ pub fn excluded(opts: &PackOpts, abs: &str) -> bool {
 }
 
 fn meta(st: &rustix::fs::Stat) -> Meta {
+    // Rootless, a container's root is the user: its files are root's in the layer.
+    let (eu, eg) = (sys::euid(), sys::egid());
+    let rootless = eu != 0;
     Meta {
         mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
+        uid: if rootless && st.st_uid == eu { 0 } else { st.st_uid },
+        gid: if rootless && st.st_gid == eg { 0 } else { st.st_gid },
         mtime: st.st_mtime,
     }
 }

@@ -1,16 +1,21 @@
 //! Helpers of the `strata build` tests (tests/build.rs): a store holding a runnable busybox
 //! image, build contexts, the parsed output of a build (steps, CACHED markers, image id),
-//! the built image as an extracted tree plus its config, and the same build done by a
-//! private dockerd with BuildKit for the differential test.
+//! the built image as an extracted tree plus its config, the same build done by a
+//! private dockerd with BuildKit for the differential test, an unprivileged user for
+//! rootless builds and a small HTTP file server for ADD of a URL.
 //!
 //! Test crates using it declare `mod common;`, `mod image_common;` and `mod build_common;`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -863,4 +868,382 @@ pub fn history_lines(b: &Built) -> Vec<String> {
             )
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Another store: builds and images outside the fixture's store.
+
+/// `strata build ARGS CONTEXT` in `store`, with `env` set and the proxy variables removed
+/// (ADD of a URL and pulls go to loopback servers of the test).
+pub fn build_in(store: &Store, ctx: &Path, args: &[&str], env: &[(&str, &str)]) -> CmdOutput {
+    let mut c = store.cmd();
+    c.arg("build").args(args).arg(ctx);
+    for v in PROXY_VARS {
+        c.env_remove(v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run_cmd(&mut c, BUILD_TIMEOUT)
+}
+
+/// A build in `store` that must succeed: its parsed output.
+pub fn build_ok_in(store: &Store, ctx: &Path, args: &[&str], env: &[(&str, &str)]) -> BuildOut {
+    let out = build_in(store, ctx, args, env);
+    assert!(
+        out.ok(),
+        "`strata --root {} build {} {}` failed:\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        store.root.display(),
+        args.join(" "),
+        ctx.display(),
+        out.stdout,
+        out.stderr
+    );
+    BuildOut::parse(out)
+}
+
+pub const PROXY_VARS: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+// ---------------------------------------------------------------------------
+// Rootless: an unprivileged user created by the test (as tests/container.rs does).
+
+/// A throwaway user with its own HOME, XDG_DATA_HOME, XDG_RUNTIME_DIR, TMPDIR and store,
+/// all under `base` (owned by the user). strata runs as that user through `runuser` with a
+/// clean environment and `--root STORE`. Drop unmounts what the user left mounted, kills
+/// the user's processes and deletes the user.
+pub struct RootlessUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub base: PathBuf,
+    pub home: PathBuf,
+    pub xdg_data: PathBuf,
+    pub xdg_run: PathBuf,
+    /// The user's store (root `base/store`, TMPDIR `base/tmp`).
+    pub store: Store,
+}
+
+impl RootlessUser {
+    /// Needs root (useradd), fusermount3 and a /dev/fuse the user may open.
+    pub fn create(env: &TestEnv) -> RootlessUser {
+        common::require_fuse();
+        let mode = fs::metadata("/dev/fuse")
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        assert!(
+            mode & 0o006 == 0o006,
+            "/dev/fuse is mode {:o}: an unprivileged user cannot open it (scripts/install-deps makes it 0666)",
+            mode & 0o777
+        );
+        let fm = run_cmd(
+            Command::new("fusermount3").arg("--version"),
+            Duration::from_secs(10),
+        );
+        assert!(
+            fm.status.is_some(),
+            "fusermount3 is not installed (scripts/install-deps installs fuse3): {fm}"
+        );
+        let base = env.dir("rootless");
+        let home = base.join("home");
+        let name = format!("strata-bld-{}", std::process::id());
+        let out = run_cmd(
+            Command::new("useradd")
+                .args(["-m", "-d"])
+                .arg(&home)
+                .args(["-s", "/bin/sh", &name]),
+            Duration::from_secs(60),
+        );
+        assert!(out.ok(), "useradd {name}: {out}");
+        let id = run_cmd(Command::new("id").args(["-u", &name]), Duration::from_secs(10));
+        let uid: u32 = id
+            .stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("id -u {name}: {id}"));
+        let gid = fs::metadata(&home).map(|m| m.gid()).unwrap_or(uid);
+        let u = RootlessUser {
+            name,
+            uid,
+            gid,
+            xdg_data: base.join("data"),
+            xdg_run: base.join("run"),
+            store: Store {
+                root: base.join("store"),
+                tmp: base.join("tmp"),
+            },
+            home,
+            base,
+        };
+        for d in [&u.store.root, &u.store.tmp, &u.xdg_data, &u.xdg_run] {
+            fs::create_dir_all(d).unwrap();
+            common::lchown(d, uid, gid).unwrap();
+        }
+        common::lchown(&u.base, uid, gid).unwrap();
+        fs::set_permissions(&u.xdg_run, fs::Permissions::from_mode(0o700)).unwrap();
+        let who = run_cmd(
+            Command::new("runuser").args(["-u", &u.name, "--", "/usr/bin/id", "-u"]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            who.stdout.trim(),
+            uid.to_string(),
+            "runuser does not switch user: {who}"
+        );
+        u
+    }
+
+    /// `strata --root STORE ARGS...` as the user.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", &self.name, "--", "/usr/bin/env", "-i"])
+            .arg(format!("HOME={}", self.home.display()))
+            .arg(format!("USER={}", self.name))
+            .arg(format!("LOGNAME={}", self.name))
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg(format!("XDG_DATA_HOME={}", self.xdg_data.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.xdg_run.display()))
+            .arg(format!("TMPDIR={}", self.store.tmp.display()))
+            .arg(common::strata_bin())
+            .arg("--root")
+            .arg(&self.store.root)
+            .args(args)
+            .current_dir(&self.base);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> CmdOutput {
+        run_cmd(&mut self.cmd(args), BUILD_TIMEOUT)
+    }
+
+    /// Run as the user; panics with the whole output unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> CmdOutput {
+        let out = self.run(args);
+        assert!(
+            out.ok(),
+            "rootless `strata {}` failed:\n  status: {:?}\n  stdout:\n{}\n  stderr:\n{}",
+            args.join(" "),
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
+
+    /// Give `dir` and everything under it to the user (a context the user owns).
+    pub fn chown_tree(&self, dir: &Path) {
+        common::lchown(dir, self.uid, self.gid).unwrap();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                self.chown_tree(&p);
+            } else {
+                common::lchown(&p, self.uid, self.gid).unwrap();
+            }
+        }
+    }
+
+    /// What a rootless build must not leave behind: mounts, container processes or strata
+    /// daemons under the user's directories, containers, build scratch or temp files.
+    pub fn assert_clean(&self, ctx: &str) {
+        let m = mounts_under(&self.base);
+        assert!(m.is_empty(), "{ctx}: mounts left behind: {m:#?}");
+        let p = processes_rooted_under(&self.base);
+        assert!(p.is_empty(), "{ctx}: container processes left behind: {p:?}");
+        let d = strata_processes_under(&self.base);
+        assert!(
+            d.is_empty(),
+            "{ctx}: strata processes (daemons) left behind: {d:?}"
+        );
+        for sub in ["containers", "build", "tmp"] {
+            let e = dir_entries(&self.store.root.join(sub));
+            assert!(e.is_empty(), "{ctx}: left in the user's store {sub}/: {e:?}");
+        }
+        let t = dir_entries(&self.store.tmp);
+        assert!(t.is_empty(), "{ctx}: files left in the user's TMPDIR: {t:?}");
+    }
+
+    /// Paths under the store not owned by the user.
+    pub fn foreign_files_in_store(&self) -> Vec<String> {
+        let mut bad = Vec::new();
+        let mut stack = vec![self.store.root.clone()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let Ok(md) = fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                if md.uid() != self.uid {
+                    bad.push(format!("{} (uid {})", e.path().display(), md.uid()));
+                }
+                if md.is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        bad.sort();
+        bad
+    }
+}
+
+impl Drop for RootlessUser {
+    fn drop(&mut self) {
+        // Unmount first (the user's daemons still serve), then kill every process of this
+        // throwaway user: all of them were started by this test.
+        for m in mounts_under(&self.base).into_iter().rev() {
+            let _ = run_cmd(Command::new("umount").arg("-l").arg(&m), Duration::from_secs(20));
+        }
+        for _ in 0..3 {
+            let mut any = false;
+            for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                if fs::metadata(e.path()).is_ok_and(|m| m.uid() == self.uid) {
+                    any = true;
+                    // SAFETY: kill(2) of a process of the test's own throwaway user.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            if !any {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = run_cmd(
+            Command::new("userdel").args(["-r", &self.name]),
+            Duration::from_secs(60),
+        );
+        if run_cmd(Command::new("id").arg(&self.name), Duration::from_secs(10)).ok() {
+            eprintln!("WARNING: could not delete user {}: {out}", self.name);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A tiny HTTP server for ADD of a URL.
+
+/// An HTTP/1.0-style file server on 127.0.0.1:free-port: GET (and HEAD) of `/NAME`
+/// answers 200 with the file's bytes, anything else 404; every response closes the
+/// connection. Files can be changed while it runs. Stopped (and its thread joined) on drop.
+pub struct FileServer {
+    addr: std::net::SocketAddr,
+    files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// Request lines received ("GET /file.txt"), in order.
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileServer {
+    pub fn start(files: &[(&str, &[u8])]) -> FileServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let files = Arc::new(Mutex::new(
+            files
+                .iter()
+                .map(|(n, d)| (n.trim_start_matches('/').to_string(), d.to_vec()))
+                .collect::<BTreeMap<_, _>>(),
+        ));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, l, st) = (files.clone(), log.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = conn {
+                    let _ = serve_one(c, &f, &l);
+                }
+            }
+        });
+        FileServer {
+            addr,
+            files,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `http://127.0.0.1:PORT/NAME`.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{}", self.addr, name.trim_start_matches('/'))
+    }
+
+    pub fn set(&self, name: &str, data: &[u8]) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(name.trim_start_matches('/').to_string(), data.to_vec());
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn serve_one(
+    mut c: TcpStream,
+    files: &Mutex<BTreeMap<String, Vec<u8>>>,
+    log: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(c.try_clone()?);
+    let mut first = String::new();
+    r.read_line(&mut first)?;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = first.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    log.lock().unwrap().push(format!("{method} {target}"));
+    let path = target
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let body = files.lock().unwrap().get(path).cloned();
+    let (status, body) = match (method, body) {
+        ("GET" | "HEAD", Some(b)) => ("200 OK", b),
+        _ => ("404 Not Found", b"not found\n".to_vec()),
+    };
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    if method != "HEAD" {
+        c.write_all(&body)?;
+    }
+    c.flush()?;
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    Ok(())
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
