@@ -1061,11 +1061,15 @@ impl Builder<'_> {
             self.reuse(st, c);
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let lowers = self.lowers(st)?;
         let (u, w, m, rundir) = self.mount_dirs()?;
         let cwd = st.workdir();
+        let t_run;
         let code = {
             let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
+            log::info!("RUN: mounted in {:?}", t0.elapsed());
+            t_run = std::time::Instant::now();
             copy::mkdir_p(&m, &cwd, None)?;
             self.interrupted()?;
             let spec = crate::runtime::RunSpec {
@@ -1095,8 +1099,12 @@ impl Builder<'_> {
         if code != 0 {
             bail!(self.err_at(s, format!("the command returned a non-zero code: {code}")));
         }
+        log::info!("RUN: command and unmount took {:?}", t_run.elapsed());
         drop_fresh(&u);
-        self.commit(st, &u, &created_by)
+        let t_commit = std::time::Instant::now();
+        let r = self.commit(st, &u, &created_by);
+        log::info!("RUN: layer written in {:?}", t_commit.elapsed());
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
