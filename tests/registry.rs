@@ -1712,6 +1712,16 @@ fn corrupt_or_oversize_blob_is_refused() {
     c.assert_absent(&full, "oversize blob");
     c.valid_blobs("after an oversize blob");
 
+    // A manifest of 8 MiB: refused by its size (strata reads at most 4 MiB of it).
+    px.set_mode(Mode::HugeManifest { extra: 8 << 20 });
+    let out = c.fails(&["pull", &full]);
+    assert!(px.tampered() >= 1, "{}", px.summary());
+    assert!(
+        lower(&out).contains("more than"),
+        "huge manifest error says nothing about its size: {out}"
+    );
+    c.assert_absent(&full, "huge manifest");
+
     px.set_mode(Mode::Pass);
     let out = c.ok(&["pull", &full]);
     assert_eq!(pulled(&out, &full, true), img.manifest_digest);

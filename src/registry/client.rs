@@ -31,13 +31,17 @@ pub fn timeout() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// Attempts per request (`STRATA_REGISTRY_RETRIES` retries after the first, 3 by default).
-fn attempts() -> u32 {
+/// Retries after a failed request (`STRATA_REGISTRY_RETRIES`, 3 by default).
+pub fn retries() -> u32 {
     std::env::var("STRATA_REGISTRY_RETRIES")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(3)
-        + 1
+}
+
+/// Attempts per request.
+fn attempts() -> u32 {
+    retries() + 1
 }
 
 /// The host part of `host[:port]` (IPv6 in brackets).

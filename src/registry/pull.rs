@@ -44,35 +44,131 @@ fn oci_ref(r: &RemoteRef) -> oci_client::Reference {
     }
 }
 
-fn by_digest(r: &RemoteRef, d: &str) -> oci_client::Reference {
-    oci_client::Reference::with_digest(r.domain.clone(), r.path.clone(), d.to_string())
+/// The Authorization header for reading `oref` (a bearer token from oci-client, which also
+/// caches it for the blob requests that follow; or basic credentials).
+async fn read_auth(
+    s: &Session,
+    oref: &oci_client::Reference,
+) -> Result<Option<reqwest::header::HeaderValue>> {
+    let Some(ch) = s.challenge.as_deref() else {
+        return Ok(None);
+    };
+    let (scheme, _) = super::login::parse_challenge(ch);
+    let v = match (scheme.as_str(), &s.auth) {
+        ("bearer", _) => {
+            let what = format!("{}: token", s.domain);
+            let tok = retry(&what, || {
+                s.client.auth(oref, &s.auth, oci_client::RegistryOperation::Pull)
+            })
+            .await
+            .map_err(|e| explain(e, &what, &s.domain))?;
+            tok.map(|t| format!("Bearer {t}"))
+        }
+        ("basic", oci_client::secrets::RegistryAuth::Basic(u, p)) => {
+            use base64::Engine as _;
+            Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            ))
+        }
+        _ => None,
+    };
+    Ok(v.map(|v| reqwest::header::HeaderValue::from_str(&v))
+        .transpose()?)
 }
 
-/// Fetch a manifest or index; verify it against `want` when given.
+/// Fetch a manifest or index ourselves (oci-client reads a body whole, whatever its size):
+/// at most MAX_MANIFEST bytes are read. Verified against `want` when given.
 async fn fetch_manifest(
     s: &Session,
     r: &RemoteRef,
-    oref: &oci_client::Reference,
+    reference: &str,
+    auth: Option<&reqwest::header::HeaderValue>,
     want: Option<&str>,
 ) -> Result<(Vec<u8>, String)> {
-    let (bytes, _) = retry(&format!("manifest of {r}"), || {
-        s.client.pull_manifest_raw(oref, &s.auth, media::MANIFESTS)
-    })
-    .await
-    .map_err(|e| explain(e, &r.to_string(), &s.domain))?;
-    if bytes.len() > MAX_MANIFEST {
-        bail!(
-            "{r}: the manifest is {} bytes, more than the {MAX_MANIFEST} accepted",
-            bytes.len()
-        );
-    }
+    let url = format!("{}/v2/{}/manifests/{reference}", s.base(), r.path);
+    let mut failures = 0u32;
+    let bytes = loop {
+        let mut req = s
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, media::MANIFESTS.join(", "));
+        if let Some(a) = auth {
+            req = req.header(reqwest::header::AUTHORIZATION, a.clone());
+        }
+        let res: std::result::Result<Vec<u8>, (bool, anyhow::Error)> = async {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| (!e.is_connect(), anyhow!("{r}: {}", chain(&e))))?;
+            let status = resp.status().as_u16();
+            if status != 200 {
+                let body: Vec<u8> = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+                let msg = serde_json::from_slice::<serde_json::Value>(&body[..body.len().min(64 << 10)])
+                    .ok()
+                    .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let again = status == 429 || status >= 500;
+                let e = match status {
+                    401 | 403 => anyhow!(
+                        "{r}: {} requires authentication or refused the credentials (run `strata login {}`)",
+                        s.domain,
+                        s.domain
+                    ),
+                    404 => anyhow!(
+                        "{r}: {} answered: manifest unknown (no such repository, tag or digest){}",
+                        s.domain,
+                        if msg.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {msg}")
+                        }
+                    ),
+                    c => anyhow!("{r}: {} answered HTTP {c} {msg}", s.domain),
+                };
+                return Err((again, e));
+            }
+            if resp.content_length().is_some_and(|n| n > MAX_MANIFEST as u64) {
+                return Err((
+                    false,
+                    anyhow!(
+                        "{r}: the manifest is {} bytes, more than the {MAX_MANIFEST} accepted",
+                        resp.content_length().unwrap_or(0)
+                    ),
+                ));
+            }
+            let mut out = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| (true, anyhow!("{r}: reading the manifest: {}", chain(&e))))?;
+                if out.len() + chunk.len() > MAX_MANIFEST {
+                    return Err((
+                        false,
+                        anyhow!("{r}: the manifest is more than the {MAX_MANIFEST} bytes accepted"),
+                    ));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        }
+        .await;
+        match res {
+            Ok(b) => break b,
+            Err((true, e)) if failures < client::retries() => {
+                failures += 1;
+                log::info!("{e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(250 << failures)).await;
+            }
+            Err((_, e)) => return Err(e),
+        }
+    };
     let d = digest::sha256_of(&bytes);
     if let Some(w) = want {
         if d != w {
             bail!("{r}: the registry served a manifest whose digest is {d}, not {w}");
         }
     }
-    Ok((bytes.to_vec(), d))
+    Ok((bytes, d))
 }
 
 /// Pull `r` into the store.
@@ -84,7 +180,9 @@ pub fn pull(store: &Store, r: &RemoteRef, platform: Option<&Platform>, opts: &Op
     let oref = oci_ref(r);
     s.rt.block_on(async {
         s.prime(&oref).await;
-        let (mut bytes, mut md) = fetch_manifest(&s, r, &oref, r.digest.as_deref()).await?;
+        let auth = read_auth(&s, &oref).await?;
+        let (mut bytes, mut md) =
+            fetch_manifest(&s, r, r.wire_ref(), auth.as_ref(), r.digest.as_deref()).await?;
         let ref_digest = md.clone();
         let mut mt = media::kind(&bytes).with_context(|| format!("{r}: manifest"))?;
         if mt == media::OCI_INDEX || mt == media::DOCKER_LIST {
@@ -102,7 +200,7 @@ pub fn pull(store: &Store, r: &RemoteRef, platform: Option<&Platform>, opts: &Op
                     have.join(", ")
                 )
             })?;
-            let (b, d) = fetch_manifest(&s, r, &by_digest(r, &pick), Some(&pick)).await?;
+            let (b, d) = fetch_manifest(&s, r, &pick, auth.as_ref(), Some(&pick)).await?;
             bytes = b;
             md = d;
             mt = media::kind(&bytes).with_context(|| format!("{r}: manifest {md}"))?;

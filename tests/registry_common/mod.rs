@@ -913,6 +913,8 @@ pub enum Mode {
         extra: usize,
         times: usize,
     },
+    /// Append `extra` bytes of JSON whitespace to every manifest GET answer.
+    HugeManifest { extra: usize },
 }
 
 /// One request the proxy handled (appended when its answer was sent).
@@ -1409,6 +1411,12 @@ fn serve(stream: TcpStream, sh: &Shared) {
         } if tamperable(min_size) && take_slot(sh, times) => {
             resp.body.extend(std::iter::repeat_n(0x5a, extra));
             record.tampered = Some("oversize");
+        }
+        Mode::HugeManifest { extra }
+            if req.method == "GET" && kind == Kind::Manifest && resp.status == 200 =>
+        {
+            resp.body.extend(std::iter::repeat_n(b' ', extra));
+            record.tampered = Some("huge manifest");
         }
         Mode::DropHalfway { min_size, times } if tamperable(min_size) && take_slot(sh, times) => {
             let half = resp.body.len() / 2;
