@@ -1311,3 +1311,79 @@ fn listing_follows_changes_through_the_mount() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------
+// Open but unlinked files.
+
+/// What each step of the open-unlinked sequence gave: Ok(detail) or the errno.
+fn open_unlinked_steps(root: &std::path::Path) -> Vec<(String, Result<String, i32>)> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
+    let mut out: Vec<(String, Result<String, i32>)> = Vec::new();
+    // A new file, a lower file opened for writing (copied up), a lower file opened for
+    // reading only (not copied up).
+    std::fs::write(root.join("fresh"), b"fresh").unwrap();
+    for (name, write) in [("fresh", true), ("a", true), ("b", false)] {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(root.join(name))
+            .unwrap();
+        std::fs::remove_file(root.join(name)).unwrap();
+        let st = f
+            .metadata()
+            .map(|m| format!("nlink {} size {}", m.nlink(), m.len()));
+        out.push((format!("{name}: fstat"), st.map_err(err)));
+        if write {
+            let w = f.seek(SeekFrom::End(0)).and_then(|_| f.write_all(b"+more"));
+            out.push((format!("{name}: write"), w.map(|_| String::new()).map_err(err)));
+        }
+        let mut s = String::new();
+        let r = f.seek(SeekFrom::Start(0)).and_then(|_| f.read_to_string(&mut s));
+        out.push((format!("{name}: read"), r.map(|_| s.clone()).map_err(err)));
+        let c = f.set_permissions(std::fs::Permissions::from_mode(0o600));
+        let mode = f
+            .metadata()
+            .map(|m| format!("{:o}", m.mode() & 0o7777))
+            .unwrap_or_default();
+        out.push((format!("{name}: fchmod"), c.map(|_| mode).map_err(err)));
+        if write {
+            let t = f
+                .set_len(3)
+                .and_then(|_| f.metadata())
+                .map(|m| format!("size {}", m.len()));
+            out.push((format!("{name}: ftruncate"), t.map_err(err)));
+        }
+        out.push((
+            format!("{name}: gone"),
+            Ok(format!("{}", root.join(name).exists())),
+        ));
+    }
+    out
+}
+
+#[test]
+fn open_unlinked_files_keep_working() {
+    let run = DiffRun::new("open-unlinked", 1, base);
+    let k = open_unlinked_steps(run.kmount.as_ref().unwrap().root());
+    let s = open_unlinked_steps(run.smount.as_ref().unwrap().root());
+    assert_eq!(
+        k, s,
+        "kernel (left) and strata (right) differ on open-but-unlinked files"
+    );
+    // What each must do, not only agree: fstat works with nlink 0 on an unlinked upper
+    // file, I/O and fchmod go on, and the names are gone.
+    let get = |what: &str| s.iter().find(|(w, _)| w == what).map(|(_, r)| r.clone()).unwrap();
+    assert_eq!(get("fresh: fstat"), Ok("nlink 0 size 5".into()));
+    assert_eq!(get("fresh: read"), Ok("fresh+more".into()));
+    assert_eq!(get("fresh: fchmod"), Ok("600".into()));
+    assert_eq!(get("fresh: ftruncate"), Ok("size 3".into()));
+    assert_eq!(get("a: fstat"), Ok("nlink 0 size 8".into()));
+    assert_eq!(get("a: read"), Ok("lower a\n+more".into()));
+    assert_eq!(get("b: read"), Ok("lower b\n".into()));
+    for n in ["fresh", "a", "b"] {
+        assert_eq!(get(&format!("{n}: gone")), Ok("false".into()));
+    }
+    run.finish();
+}

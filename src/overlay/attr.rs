@@ -36,11 +36,18 @@ impl Overlay {
     /// the bytes that survive it).
     pub fn setattr(&self, ino: u64, sa: &SetAttr) -> Result<Attr> {
         self.upper()?;
-        if self.with_node(ino, |n| n.orphan)? {
+        let (orphan, in_upper) = self.with_node(ino, |n| (n.orphan, n.upper))?;
+        if orphan && !in_upper {
+            // Unlinked while open for reading from a lower layer: nothing to copy up from a
+            // name any more, and the lower file must never change. The kernel answers EEXIST.
+            return Err(Errno::EXIST);
+        }
+        if orphan {
             // Unlinked but open: only the open file itself can be changed.
             let fd = sa
                 .fh
-                .and_then(|fh| self.files.read().unwrap().get(&fh).cloned())
+                .and_then(|fh| self.file(fh).ok())
+                .or_else(|| self.any_open_fd(ino))
                 .ok_or(Errno::STALE)?;
             return self.setattr_fd(ino, &fd, sa);
         }
@@ -79,7 +86,7 @@ impl Overlay {
             if kind == Kind::Dir {
                 return Err(Errno::ISDIR);
             }
-            let via_fh = sa.fh.and_then(|fh| self.files.read().unwrap().get(&fh).cloned());
+            let via_fh = sa.fh.and_then(|fh| self.file(fh).ok());
             match via_fh.map(|fd| rustix::fs::ftruncate(&*fd, s)) {
                 Some(Ok(())) => {}
                 _ => {

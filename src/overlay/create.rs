@@ -229,7 +229,7 @@ impl Overlay {
             Ok(Some(sys::open_beneath(d, n, oflags, perm)?))
         })?;
         let fd = fd.ok_or(Errno::IO)?;
-        Ok((attr, self.add_file(fd)))
+        Ok((attr, self.add_file(attr.ino, fd)))
     }
 
     /// link: a new name for an existing object.

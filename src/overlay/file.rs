@@ -14,14 +14,31 @@ use crate::sys::{self, XTarget};
 impl Overlay {
     // ----- files ---------------------------------------------------------------------
 
-    pub(crate) fn add_file(&self, fd: OwnedFd) -> u64 {
+    pub(crate) fn add_file(&self, ino: u64, fd: OwnedFd) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.write().unwrap().insert(fh, Arc::new(fd));
+        self.files.write().unwrap().insert(fh, (ino, Arc::new(fd)));
         fh
     }
 
     pub(crate) fn file(&self, fh: u64) -> Result<Arc<OwnedFd>> {
-        self.files.read().unwrap().get(&fh).cloned().ok_or(Errno::BADF)
+        self.files
+            .read()
+            .unwrap()
+            .get(&fh)
+            .map(|(_, fd)| fd.clone())
+            .ok_or(Errno::BADF)
+    }
+
+    /// Some open file of `ino`: how an unlinked-but-open file is reached when the kernel
+    /// asks without a handle (fstat, fchmod, fchown send none). A scan, but only orphans
+    /// need it.
+    pub(crate) fn any_open_fd(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        self.files
+            .read()
+            .unwrap()
+            .values()
+            .find(|(i, _)| *i == ino)
+            .map(|(_, fd)| fd.clone())
     }
 
     /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.
@@ -54,7 +71,7 @@ impl Overlay {
             open_flags(flags) | OFlags::NOFOLLOW,
             Mode::empty(),
         )?;
-        Ok((self.add_file(fd), loc.upper))
+        Ok((self.add_file(ino, fd), loc.upper))
     }
 
     /// May the kernel write the file behind `fh` directly (FUSE passthrough)? Its writes

@@ -243,10 +243,16 @@ impl Overlay {
     /// last name is gone).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         if let Some(fh) = fh {
-            if let Some(fd) = self.files.read().unwrap().get(&fh).cloned() {
+            if let Ok(fd) = self.file(fh) {
                 let st = rustix::fs::fstat(&fd)?;
                 return Ok(self.attr_of(&st, ino, false));
             }
+        }
+        // Unlinked but open: fstat comes without a handle.
+        if self.with_node(ino, |n| n.orphan)? {
+            let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
+            let st = rustix::fs::fstat(&fd)?;
+            return Ok(self.attr_of(&st, ino, false));
         }
         let (kind, upper, nlower) = self.with_node(ino, |n| (n.kind, n.upper, n.lower_dirs.len()))?;
         if kind == Kind::Dir {

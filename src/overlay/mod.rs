@@ -99,7 +99,8 @@ pub struct Overlay {
     volatile: bool,
     lookup_index: LookupIndex,
     nodes: RwLock<NodeTable>,
-    files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
+    /// Open files: handle -> (inode, fd).
+    files: RwLock<HashMap<u64, (u64, Arc<OwnedFd>)>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     listings: Mutex<dir::Listings>,
     next_fh: AtomicU64,
