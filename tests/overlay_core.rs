@@ -310,3 +310,45 @@ fn setup_errors_name_the_path() {
     let _o = ov(&e);
     assert_eq!(fs::read_dir(e.work.join("work")).unwrap().count(), 0);
 }
+
+/// Copying up a lower hard-link set walks to its other names' directories; the nodes that
+/// walk enters are unknown to the kernel (which will never forget them), so they must not
+/// stay in the table: a long-running mount does not grow with copy-ups of link sets.
+#[test]
+fn link_set_copy_up_leaves_no_nodes_behind() {
+    let e = env();
+    for i in 0..30 {
+        fs::create_dir_all(e.l0.join(format!("d{i}/a"))).unwrap();
+        fs::create_dir_all(e.l0.join(format!("e{i}/b/c"))).unwrap();
+        fs::write(e.l0.join(format!("d{i}/a/x")), format!("set {i}")).unwrap();
+        fs::hard_link(e.l0.join(format!("d{i}/a/x")), e.l0.join(format!("e{i}/b/c/y"))).unwrap();
+    }
+    let o = ov(&e);
+    let base = o.node_count();
+    for i in 0..30 {
+        let d = o.lookup(ROOT, OsStr::new(&format!("d{i}"))).unwrap();
+        let a = o.lookup(d.ino, OsStr::new("a")).unwrap();
+        let x = o.lookup(a.ino, OsStr::new("x")).unwrap();
+        let fh = o.open(x.ino, libc::O_WRONLY).unwrap();
+        o.release(fh);
+        o.forget_many(&[(x.ino, 1), (a.ino, 1), (d.ino, 1)]);
+        // The other name is linked in the upper, so it shares the new content's inode.
+        let up = e.upper.join(format!("e{i}/b/c/y"));
+        assert_eq!(
+            fs::metadata(&up).unwrap().ino(),
+            fs::metadata(e.upper.join(format!("d{i}/a/x"))).unwrap().ino(),
+            "set {i}: the other name was not linked in the upper"
+        );
+    }
+    assert_eq!(
+        o.node_count(),
+        base,
+        "nodes left in the table after 30 link-set copy-ups"
+    );
+    // The other names are still found by lookups that reach them.
+    let ee = o.lookup(ROOT, OsStr::new("e7")).unwrap();
+    let b = o.lookup(ee.ino, OsStr::new("b")).unwrap();
+    let c = o.lookup(b.ino, OsStr::new("c")).unwrap();
+    let y = o.lookup(c.ino, OsStr::new("y")).unwrap();
+    assert_eq!(y.nlink, 2);
+}

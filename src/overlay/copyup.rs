@@ -396,9 +396,31 @@ impl Overlay {
         };
         let src_dir = self.dir_fds(done_parent)?;
         let src = src_dir.upper().ok_or(Errno::IO)?;
+        // Directories the walk had to enter that the kernel never looked up: nobody will
+        // FORGET them, so they leave the table when this is done (the names of the set
+        // below them are learned again by the lookups that reach them).
+        let mut fresh = Vec::new();
+        let r = self.link_names(ino, l, lower_ino, done_parent, done_name, paths, src, &mut fresh);
+        let drop: Vec<(u64, u64)> = fresh.iter().rev().map(|i| (*i, 0)).collect();
+        self.forget_many(&drop);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn link_names(
+        &self,
+        ino: u64,
+        l: u16,
+        lower_ino: u64,
+        done_parent: u64,
+        done_name: &OsStr,
+        paths: &[std::path::PathBuf],
+        src: std::os::fd::BorrowedFd<'_>,
+        fresh: &mut Vec<u64>,
+    ) -> Result<()> {
         for p in paths {
             let Some(base) = p.file_name() else { continue };
-            let Some(parent) = self.walk_dirs(p.parent().unwrap_or(Path::new(""))) else {
+            let Some(parent) = self.walk_dirs(p.parent().unwrap_or(Path::new("")), fresh) else {
                 continue;
             };
             if parent == done_parent && base == done_name {
@@ -414,6 +436,9 @@ impl Overlay {
             let pf = self.dir_fds(parent)?;
             let pu = pf.upper().ok_or(Errno::IO)?;
             rustix::fs::linkat(src, done_name, pu, base, AtFlags::empty())?;
+            if fresh.contains(&parent) {
+                continue;
+            }
             let mut nodes = self.nodes.write().unwrap();
             if let Some(n) = nodes.get_mut(&ino) {
                 if !n.links.iter().any(|x| x.0 == parent && x.1 == base) {
@@ -425,7 +450,7 @@ impl Overlay {
     }
 
     /// The directory node at a relative merged path, entering it into the table if needed.
-    fn walk_dirs(&self, rel: &Path) -> Option<u64> {
+    fn walk_dirs(&self, rel: &Path, fresh: &mut Vec<u64>) -> Option<u64> {
         let mut cur = ROOT;
         for comp in rel.components() {
             let name: OsString = comp.as_os_str().to_owned();
@@ -434,6 +459,9 @@ impl Overlay {
                 return None;
             }
             let ino = f.ino;
+            if self.nodes.read().unwrap().get(&ino).is_none() {
+                fresh.push(ino);
+            }
             self.remember(cur, &name, f, false);
             cur = ino;
         }

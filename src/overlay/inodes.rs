@@ -245,6 +245,11 @@ impl Overlay {
         self.forget_many(&[(ino, n)]);
     }
 
+    /// Nodes in the table (ROOT included): what a leak test watches.
+    pub fn node_count(&self) -> usize {
+        self.nodes.read().unwrap().len()
+    }
+
     /// Drop references to many nodes under one lock (the kernel sends forgets in batches,
     /// tens of thousands at an unmount). Fds and indexes of the nodes that go are
     /// released after the lock.
