@@ -352,3 +352,85 @@ fn link_set_copy_up_leaves_no_nodes_behind() {
     let y = o.lookup(c.ino, OsStr::new("y")).unwrap();
     assert_eq!(y.nlink, 2);
 }
+
+/// Lookups racing renames: whenever a lookup returns, the table records the directory
+/// under the name it has at that moment (a lookup that resolved the old name must not
+/// record it after the rename updated the table). Directories, because a directory keeps
+/// one name (a file's old name would only linger as an extra link).
+#[test]
+fn lookups_racing_renames_record_current_names() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let e = env();
+    let o = Arc::new(ov(&e));
+    const N: usize = 4;
+    for i in 0..N {
+        o.mkdir(ROOT, OsStr::new(&format!("d{i}")), 0o755, ROOTC).unwrap();
+    }
+    // Current name of each directory (false: d<i>, true: e<i>); renames happen holding it.
+    let names = Arc::new(Mutex::new(vec![false; N]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = |i: usize, e: bool| format!("{}{i}", if e { 'e' } else { 'd' });
+    let renamer = {
+        let (o, names) = (o.clone(), names.clone());
+        std::thread::spawn(move || {
+            for round in 0..20000 {
+                let i = round % N;
+                let mut g = names.lock().unwrap();
+                let cur = g[i];
+                o.rename(
+                    ROOT,
+                    OsStr::new(&name(i, cur)),
+                    ROOT,
+                    OsStr::new(&name(i, !cur)),
+                    0,
+                )
+                .unwrap();
+                g[i] = !cur;
+            }
+        })
+    };
+    let mut lookers = Vec::new();
+    for t in 0..2 {
+        let (o, names, stop) = (o.clone(), names.clone(), stop.clone());
+        lookers.push(std::thread::spawn(move || {
+            let (mut hits, mut stale) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                for i in 0..N {
+                    for e in [false, true] {
+                        let Ok(a) = o.lookup(ROOT, OsStr::new(&name(i, e ^ (t == 1)))) else {
+                            continue;
+                        };
+                        hits += 1;
+                        // No rename runs while the names are held: the record must be now's.
+                        let g = names.lock().unwrap();
+                        let want = name(i, g[i]);
+                        let rec = o.recorded_name(a.ino).map(|r| r.1.to_string_lossy().into_owned());
+                        if rec.as_deref() != Some(want.as_str()) {
+                            stale.push(format!("dir {i}: recorded {rec:?}, named {want}"));
+                        }
+                        drop(g);
+                        o.forget(a.ino, 1);
+                    }
+                }
+            }
+            (hits, stale)
+        }));
+    }
+    renamer.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut hits = 0;
+    let mut stale = Vec::new();
+    for l in lookers {
+        let (h, s) = l.join().unwrap();
+        hits += h;
+        stale.extend(s);
+    }
+    assert!(hits > 1000, "the lookups hardly ran ({hits})");
+    assert!(
+        stale.is_empty(),
+        "{} stale records, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+}

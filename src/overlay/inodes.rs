@@ -245,6 +245,16 @@ impl Overlay {
         self.forget_many(&[(ino, n)]);
     }
 
+    /// The (parent, name) the table records for `ino`: what a race test checks against the
+    /// tree.
+    pub fn recorded_name(&self, ino: u64) -> Option<(u64, std::ffi::OsString)> {
+        self.nodes
+            .read()
+            .unwrap()
+            .get(&ino)
+            .map(|n| (n.parent, n.name.to_os_string()))
+    }
+
     /// Nodes in the table (ROOT included): what a leak test watches.
     pub fn node_count(&self) -> usize {
         self.nodes.read().unwrap().len()

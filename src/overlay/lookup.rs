@@ -235,6 +235,9 @@ impl Overlay {
 
     /// lookup: resolve and count one reference for the caller.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        // Resolve and record under one read lock: a rename or unlink (write lock) happens
+        // wholly before or wholly after, so the table never gets a name already gone.
+        let _ns = self.ns_lock.read().unwrap();
         let found = self.resolve(parent, name)?;
         Ok(self.remember(parent, name, found, true))
     }

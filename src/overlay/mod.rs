@@ -99,6 +99,10 @@ pub struct Overlay {
     volatile: bool,
     lookup_index: LookupIndex,
     nodes: RwLock<NodeTable>,
+    /// Orders lookups (read: resolve + record) against renames and removals (write: the
+    /// change on disk + the table's update), so a lookup racing a rename never records the
+    /// old name. Held only around those short sections (never across a copy-up).
+    ns_lock: RwLock<()>,
     /// Open files: handle -> (inode, fd).
     files: RwLock<HashMap<u64, (u64, Arc<OwnedFd>)>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -155,6 +159,7 @@ impl Overlay {
             volatile: cfg.volatile,
             lookup_index: cfg.lookup_index,
             nodes: RwLock::new(NodeTable::default()),
+            ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             listings: Mutex::new(dir::Listings::default()),

@@ -22,6 +22,8 @@ impl Overlay {
         self.copy_up(parent)?;
         let pfds = self.dir_fds(parent)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
+        // No lookup may resolve the name before this and record it after (see `ns_lock`).
+        let _ns = self.ns_lock.write().unwrap();
         if found.upper {
             if self.lower_positive(parent, name)? {
                 let mut s = self.stage()?;
@@ -64,6 +66,8 @@ impl Overlay {
         self.copy_up(parent)?;
         let pfds = self.dir_fds(parent)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
+        // No lookup may resolve the name before this and record it after (see `ns_lock`).
+        let _ns = self.ns_lock.write().unwrap();
         if found.upper {
             if self.lower_positive(parent, name)? {
                 // Swap a whiteout in, then remove the old directory (with the whiteouts

@@ -85,6 +85,9 @@ impl Overlay {
                 self.copy_up_ino(newparent, newname, d)?;
             }
         }
+        // From the first change of a name to the node table's update: no lookup may
+        // resolve in between and record the old name (see `ns_lock`).
+        let _ns = self.ns_lock.write().unwrap();
         let ofds = self.dir_fds(parent)?;
         let nfds = self.dir_fds(newparent)?;
         let ofd = ofds.upper().ok_or(Errno::IO)?;
