@@ -44,6 +44,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Remove blobs and unpacked layers no image refers to.
     Gc,
+    /// Verify the store: every image's blobs present with their digests and sizes.
+    Check(CheckArgs),
     /// Write images to an archive that docker, podman, skopeo and umoci load.
     Save(SaveArgs),
     /// Load images from a docker or OCI archive.
@@ -318,6 +320,19 @@ pub struct RegistryArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tls_verify: bool,
+}
+
+/// `strata check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also decompress every layer blob against its DiffID and compare unpacked layers
+    /// with a fresh unpack (slow: reads everything).
+    #[arg(long)]
+    pub layers: bool,
+    /// Remove what cannot be trusted (corrupt blobs, entries of incomplete images, differing
+    /// unpacked layers), then collect garbage.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// `strata build`.

@@ -856,3 +856,62 @@ fn refused_archives_leave_no_blobs() {
         "files of refused archives survive `strata gc`: {after_gc:?} (after import {after_import:?})"
     );
 }
+
+// ---------------------------------------------------------------------------
+// `strata check`: a damaged store is found and repaired.
+
+#[test]
+fn check_finds_and_repairs_a_damaged_store() {
+    let env = TestEnv::new("check");
+    let st = Store::in_env(&env, "store");
+    let tar = env.path().join("rootfs.tar");
+    fs::write(&tar, benign_layer()).unwrap();
+    assert!(st.import(&tar, "good:1").ok());
+    let mut t = RawTar::new();
+    t.file("other.txt", b"other image\n");
+    fs::write(env.path().join("other.tar"), t.finish()).unwrap();
+    assert!(st.import(&env.path().join("other.tar"), "other:1").ok());
+
+    let out = st.run(&["check", "--layers"]);
+    assert!(out.ok(), "a sound store: {out}");
+    assert!(out.stdout.contains("0 problems"), "{out}");
+
+    // A corrupt config blob of good:1 and a tampered unpacked layer of other:1.
+    let id = st.image_id("good:1");
+    let blob = st
+        .root
+        .join("blobs/sha256")
+        .join(id.trim_start_matches("sha256:"));
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes.push(b' ');
+    fs::write(&blob, bytes).unwrap();
+    let other_diff = st.diff_ids("other:1")[0].clone();
+    let layer = st
+        .root
+        .join("layers")
+        .join(other_diff.trim_start_matches("sha256:"));
+    fs::write(layer.join("other.txt"), b"tampered\n").unwrap();
+
+    let out = st.run(&["check", "--layers"]);
+    assert_eq!(out.status, Some(1), "problems found: {out}");
+    assert!(out.stdout.contains("content does not match the digest"), "{out}");
+    assert!(out.stdout.contains("differs from its blob"), "{out}");
+
+    let out = st.run(&["check", "--layers", "--repair"]);
+    assert!(out.ok(), "repair: {out}");
+    assert!(out.stdout.contains("after repair: 0 problems"), "{out}");
+    // good:1 could not be trusted and is gone; other:1 only lost its unpacked copy, which
+    // is unpacked again (untampered) when needed.
+    let names: Vec<String> = st.images().into_iter().flat_map(|(_, n)| n).collect();
+    assert!(!names.iter().any(|n| n.starts_with("good")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("other")), "{names:?}");
+    assert!(!blob.exists(), "the corrupt blob is still there");
+    let tree = env.path().join("other-tree");
+    st.export_tree("other:1", &env.path().join("other-out.tar"), &tree);
+    assert_eq!(fs::read(tree.join("other.txt")).unwrap(), b"other image\n");
+    let out = st.run(&["check", "--layers"]);
+    assert!(
+        out.ok() && out.stdout.contains("0 problems"),
+        "after repair: {out}"
+    );
+}

@@ -15,6 +15,7 @@ macro_rules! say {
 pub(crate) use say;
 
 pub mod build;
+pub mod check;
 pub mod commit;
 pub mod create;
 pub mod diff;
@@ -132,6 +133,7 @@ pub fn main() -> i32 {
         Command::Rmi(a) => rmi::run(a, &root),
         Command::Inspect(a) => inspect::run(a, &root),
         Command::Gc => gc::run(&root),
+        Command::Check(a) => return finish(check::run(a, &root), exit::FAILURE),
         Command::Save(a) => save::run(a, &root),
         Command::Load(a) => load::run(a, &root),
         Command::Import(a) => import::run(a, &root),

@@ -2,6 +2,7 @@
 //! Never imports the FUSE adapter.
 
 pub mod archive;
+pub mod check;
 pub mod commit;
 pub mod config;
 pub mod diff;
