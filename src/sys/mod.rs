@@ -603,6 +603,13 @@ pub fn reset_for_exec() {
             0,
         );
     }
+    // A signal caught before the handlers were reset (or handed down as pending by the
+    // parent) would be lost: take its default action now.
+    let pending = SIGNALLED.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if pending != 0 {
+        // SAFETY: raise(3) of a signal whose action is now the default.
+        unsafe { libc::raise(pending) };
+    }
 }
 
 /// `openat2(dir, path, flags, RESOLVE_IN_ROOT)`: `path` resolved as if `dir` were `/`, so

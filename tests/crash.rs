@@ -1,0 +1,190 @@
+//! Crash safety of the store, proven by SIGKILL: `import`, `load`, `commit`, `save` and
+//! `rmi`+`gc` are killed at pseudo-random points, many times; after each kill `strata check`
+//! (the oracle) must find every listed image complete with every blob matching its digest,
+//! the interrupted command must then succeed, and `gc` must leave nothing unreferenced.
+//!
+//! STRATA_CRASH_ITERS=N sets the number of kills (default 40, spread over the commands).
+
+mod common;
+mod image_common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use image_common::*;
+
+/// A deterministic pseudo-random sequence (no dependency, reproducible runs).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// A rootfs tar of `files` files of `kib` KiB each (pseudo-random, so compression and
+/// hashing take real time).
+fn rootfs_tar(path: &Path, files: usize, kib: usize, seed: u64) {
+    let mut r = Lcg(seed);
+    let mut t = RawTar::new();
+    t.dir("data/");
+    for i in 0..files {
+        let data: Vec<u8> = (0..kib * 1024).map(|_| r.next() as u8).collect();
+        t.file(&format!("data/f{i}"), &data);
+    }
+    fs::write(path, t.finish()).unwrap();
+}
+
+/// Run `args`, SIGKILL it after `delay` unless it finished first; true if it was killed.
+fn kill_after(st: &Store, args: &[&str], delay: Duration) -> bool {
+    let mut c = st.cmd();
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("spawn strata");
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if start.elapsed() >= delay {
+            let _ = child.kill();
+            let _ = child.wait();
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The oracle: the store is sound, and lists only images that are whole.
+fn assert_sound(st: &Store, ctx: &str) {
+    let out = st.run(&["check"]);
+    assert!(
+        out.ok() && out.stdout.contains(" 0 problems"),
+        "{ctx}: strata check after the kill: {out}"
+    );
+    // Every listed image can be read to the end (export reads every layer).
+    for (_, names) in st.images() {
+        for n in names {
+            let out = st.run(&["export", "-o", "/dev/null", &n]);
+            assert!(out.ok(), "{ctx}: listed image {n} cannot be exported: {out}");
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_store_writes_leaves_a_sound_store() {
+    let iters: u64 = std::env::var("STRATA_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let env = TestEnv::new("crash");
+    let st = Store::in_env(&env, "store");
+    let big = env.path().join("big.tar");
+    rootfs_tar(&big, 12, 512, 7);
+    assert!(st.import(&big, "base:1").ok());
+    let saved = env.path().join("saved.tar");
+    assert!(st
+        .run(&["save", "-o", &saved.display().to_string(), "base:1"])
+        .ok());
+    let upper = env.path().join("upper");
+    fs::create_dir_all(upper.join("data")).unwrap();
+    fs::write(upper.join("data/new"), vec![7u8; 4 << 20]).unwrap();
+    let out_tar = env.path().join("out.tar");
+
+    // How long each command takes when left alone: kills land inside that span.
+    let ops: Vec<(&str, Vec<String>)> = vec![
+        (
+            "import",
+            vec!["import".into(), big.display().to_string(), "imp:1".into()],
+        ),
+        (
+            "load",
+            vec!["load".into(), "-i".into(), saved.display().to_string()],
+        ),
+        (
+            "commit",
+            vec![
+                "commit".into(),
+                "--upper".into(),
+                upper.display().to_string(),
+                "--base".into(),
+                "base:1".into(),
+                "com:1".into(),
+            ],
+        ),
+        (
+            "save",
+            vec![
+                "save".into(),
+                "-o".into(),
+                out_tar.display().to_string(),
+                "base:1".into(),
+            ],
+        ),
+        ("rmi", vec!["rmi".into(), "imp:1".into()]),
+    ];
+    let mut spans = Vec::new();
+    for (name, args) in &ops {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = Instant::now();
+        let out = st.run(&a);
+        assert!(out.ok(), "{name} alone: {out}");
+        spans.push(t.elapsed().max(Duration::from_millis(5)));
+    }
+    let mut r = Lcg(42);
+    let mut killed = 0;
+    for i in 0..iters {
+        let k = (i as usize) % ops.len();
+        let (name, args) = &ops[k];
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Before rmi, make sure there is something to remove.
+        if *name == "rmi"
+            && !st
+                .images()
+                .iter()
+                .any(|(_, n)| n.iter().any(|x| x.starts_with("imp")))
+        {
+            assert!(st.import(&big, "imp:1").ok());
+        }
+        let delay = Duration::from_micros(r.next() % (spans[k].as_micros() as u64 + 1));
+        let ctx = format!("iteration {i}: {name} killed after {delay:?}");
+        if kill_after(&st, &a, delay) {
+            killed += 1;
+        }
+        assert_sound(&st, &ctx);
+        // The save output is whole or absent: never a partial archive under its name.
+        if *name == "save" && out_tar.exists() {
+            let out = st.run(&["load", "-i", &out_tar.display().to_string()]);
+            assert!(out.ok(), "{ctx}: the archive save left is not whole: {out}");
+        }
+        // The command then works, and the store is sound again.
+        if *name != "rmi" {
+            let out = st.run(&a);
+            assert!(out.ok(), "{ctx}: {name} after the kill: {out}");
+        }
+    }
+    assert!(
+        killed * 2 >= iters,
+        "only {killed} of {iters} commands were killed before they ended"
+    );
+    let out = st.run(&["gc"]);
+    assert!(out.ok(), "gc: {out}");
+    assert_sound(&st, "after gc");
+    // Nothing is left in the staging area once a writer opened the store.
+    let tmp: Vec<_> = fs::read_dir(st.root.join("tmp")).unwrap().flatten().collect();
+    assert!(
+        tmp.is_empty(),
+        "staging files left: {:?}",
+        tmp.iter().map(|e| e.path()).collect::<Vec<_>>()
+    );
+}
