@@ -915,3 +915,24 @@ fn check_finds_and_repairs_a_damaged_store() {
         "after repair: {out}"
     );
 }
+
+/// `-o /dev/null` (or any device) is written in place: the device node must survive (a
+/// write-beside-and-rename would replace it with a regular file).
+#[test]
+fn output_to_a_device_writes_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = TestEnv::new("devout");
+    let st = Store::in_env(&env, "store");
+    let tar = env.path().join("rootfs.tar");
+    fs::write(&tar, benign_layer()).unwrap();
+    assert!(st.import(&tar, "dev:1").ok());
+    for verb in ["export", "save"] {
+        let out = st.run(&[verb, "-o", "/dev/null", "dev:1"]);
+        assert!(out.ok(), "{verb} -o /dev/null: {out}");
+        let md = fs::metadata("/dev/null").unwrap();
+        assert!(
+            md.file_type().is_char_device(),
+            "{verb} -o /dev/null replaced the device node"
+        );
+    }
+}

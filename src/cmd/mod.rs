@@ -183,6 +183,19 @@ pub fn with_output_file(
     f: impl FnOnce(std::fs::File) -> anyhow::Result<std::fs::File>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    // A device, fifo or socket (`-o /dev/null`, `-o /dev/stdout`) is written in place:
+    // renaming a file over it would replace the device node itself.
+    if let Ok(md) = std::fs::metadata(path) {
+        if !md.is_file() && !md.is_dir() {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening '{}'", path.display()))?;
+            // Devices and pipes may not sync; what was written is written.
+            let _ = f(file)?.sync_all();
+            return Ok(());
+        }
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
