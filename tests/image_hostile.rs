@@ -936,3 +936,40 @@ fn output_to_a_device_writes_in_place() {
         );
     }
 }
+
+/// gc keeps what a running build wrote (its blobs are named only when its steps finish),
+/// and collects it once no build runs.
+#[test]
+fn gc_keeps_what_a_live_build_wrote() {
+    let env = TestEnv::new("gcbuild");
+    let st = Store::in_env(&env, "store");
+    let tar = env.path().join("rootfs.tar");
+    fs::write(&tar, benign_layer()).unwrap();
+    assert!(st.import(&tar, "keep:1").ok());
+    // An unreferenced blob, as a build step writes before its cache entry names it.
+    let data = b"a layer a build just wrote";
+    let hex = sha256_hex(data);
+    let blob = st.root.join("blobs/sha256").join(&hex);
+    fs::write(&blob, data).unwrap();
+    // A live build: this test process, started a minute ago.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 60;
+    let bdir = st
+        .root
+        .join("build")
+        .join(format!("{}-{started}", std::process::id()));
+    fs::create_dir_all(&bdir).unwrap();
+    assert!(st.run(&["gc"]).ok());
+    assert!(blob.exists(), "gc removed a blob written during a live build");
+    fs::remove_dir_all(&bdir).unwrap();
+    let out = st.run(&["gc"]);
+    assert!(out.ok(), "{out}");
+    assert!(
+        !blob.exists(),
+        "gc kept an unreferenced blob with no build running: {out}"
+    );
+    assert!(st.run(&["check"]).ok());
+}

@@ -360,11 +360,14 @@ pub fn build(root: &Path, o: &Options, mounter: &dyn Mounter) -> Result<String> 
         None => None,
     };
     reap_dead_builds(root, mounter);
-    let dir = root.join("build").join(format!(
-        "{}-{}",
-        std::process::id(),
-        config::now_or_epoch().unwrap_or(0)
-    ));
+    // `<pid>-<start time>`: gc keeps what live builds wrote since they started.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dir = root
+        .join("build")
+        .join(format!("{}-{started}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _scratch = ScratchDir(dir.clone());
     let mut b = Builder {

@@ -548,10 +548,16 @@ impl Store {
                 diff_ids.extend(img.config.rootfs().diff_ids().iter().cloned());
             }
         }
+        // A running build's blobs and layers are named only when its steps finish: keep
+        // everything written since the oldest live build started.
+        let since = self.live_builds_since();
+        let recent = |e: &fs::DirEntry| {
+            since.is_some_and(|t| e.metadata().and_then(|m| m.modified()).is_ok_and(|m| m >= t))
+        };
         let mut nb = 0;
         for e in fs::read_dir(self.root.join("blobs/sha256"))?.flatten() {
             let d = format!("sha256:{}", e.file_name().to_string_lossy());
-            if !blobs.contains(&d) {
+            if !blobs.contains(&d) && !recent(&e) {
                 fs::remove_file(e.path())?;
                 nb += 1;
             }
@@ -559,12 +565,27 @@ impl Store {
         let mut nl = 0;
         for e in fs::read_dir(self.root.join("layers"))?.flatten() {
             let d = format!("sha256:{}", e.file_name().to_string_lossy());
-            if !diff_ids.contains(&d) {
+            if !diff_ids.contains(&d) && !recent(&e) {
                 make_writable_and_remove(&e.path())?;
                 nl += 1;
             }
         }
         Ok((nb, nl))
+    }
+
+    /// When the oldest build still running on this store started (`build/<pid>-<secs>`).
+    fn live_builds_since(&self) -> Option<std::time::SystemTime> {
+        fs::read_dir(self.root.join("build"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let (pid, secs) = n.split_once('-')?;
+                let (pid, secs) = (pid.parse::<i32>().ok()?, secs.parse::<u64>().ok()?);
+                crate::mounts::pid_alive(pid)
+                    .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.saturating_sub(1)))
+            })
+            .min()
     }
 }
 
