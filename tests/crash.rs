@@ -189,3 +189,73 @@ fn sigkill_during_store_writes_leaves_a_sound_store() {
         tmp.iter().map(|e| e.path()).collect::<Vec<_>>()
     );
 }
+
+/// Two commands on one store at once (commit + gc, load + rmi, import + gc): no
+/// corruption, and no image that a command reported as made is lost.
+#[test]
+fn concurrent_commands_keep_the_store_sound() {
+    let env = TestEnv::new("concurrent");
+    let st = Store::in_env(&env, "store");
+    let big = env.path().join("big.tar");
+    rootfs_tar(&big, 6, 256, 11);
+    assert!(st.import(&big, "base:1").ok());
+    let saved = env.path().join("saved.tar");
+    assert!(st
+        .run(&["save", "-o", &saved.display().to_string(), "base:1"])
+        .ok());
+    let upper = env.path().join("upper");
+    fs::create_dir_all(upper.join("data")).unwrap();
+    fs::write(upper.join("data/new"), vec![3u8; 1 << 20]).unwrap();
+    let (b, s, u) = (
+        big.display().to_string(),
+        saved.display().to_string(),
+        upper.display().to_string(),
+    );
+    for round in 0..6 {
+        let tag = format!("r{round}:1");
+        let pairs: Vec<(Vec<&str>, Vec<&str>)> = vec![
+            (
+                vec!["commit", "--upper", &u, "--base", "base:1", &tag],
+                vec!["gc"],
+            ),
+            (vec!["load", "-i", &s], vec!["rmi", "base:1"]),
+            (vec!["import", &b, &tag], vec!["gc"]),
+        ];
+        for (first, second) in pairs {
+            let spawn = |args: &[&str]| {
+                let mut c = st.cmd();
+                c.args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                c.spawn().expect("spawn strata")
+            };
+            let a = spawn(&first);
+            let z = spawn(&second);
+            let (ao, zo) = (a.wait_with_output().unwrap(), z.wait_with_output().unwrap());
+            let ctx = format!("round {round}: `{}` with `{}`", first.join(" "), second.join(" "));
+            assert!(
+                ao.status.success(),
+                "{ctx}: {}",
+                String::from_utf8_lossy(&ao.stderr)
+            );
+            // rmi may find base:1 already gone or in use; gc always succeeds.
+            if second[0] == "gc" {
+                assert!(
+                    zo.status.success(),
+                    "{ctx}: {}",
+                    String::from_utf8_lossy(&zo.stderr)
+                );
+            }
+            assert_sound(&st, &ctx);
+            let listed: Vec<String> = st.images().into_iter().flat_map(|(_, n)| n).collect();
+            if first[0] == "load" {
+                // Either order is right (load then rmi leaves no base:1); put it back.
+                assert!(st.run(&["load", "-i", &s]).ok(), "{ctx}: reload");
+            } else {
+                // What the first command made is there, and whole (assert_sound).
+                assert!(listed.contains(&tag), "{ctx}: {tag} lost: {listed:?}");
+            }
+        }
+    }
+}
