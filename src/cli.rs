@@ -129,6 +129,10 @@ pub struct ProcessArgs {
     /// Network: none (a fresh loopback only) or host.
     #[arg(long, default_value = "none", value_parser = ["none", "host"])]
     pub network: String,
+    /// Security options: seccomp=unconfined (no seccomp filter; the default is docker's
+    /// default profile), no-new-privileges; repeatable.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
     /// Hostname (default: the container name).
     #[arg(long)]
     pub hostname: Option<String>,

@@ -1786,3 +1786,40 @@ fn dangling_symlink_mount_target_stays_inside() {
     assert!(run.ok(), "{run}");
     assert!(run.stdout.contains("localhost"), "{run}");
 }
+
+/// The default seccomp filter (docker's default profile): no new namespaces, no mounts, no
+/// key rings; `--security-opt seccomp=unconfined` lifts it (an unprivileged user namespace
+/// then works), `no-new-privileges` sets the flag; an unknown option or a profile file is
+/// refused before anything runs.
+#[test]
+fn run_seccomp_and_no_new_privileges() {
+    let fx = Fixture::new("seccomp");
+    let script = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+                  unshare -U true 2>/dev/null && echo userns-ok || echo userns-denied; \
+                  mount -t tmpfs t /mnt 2>/dev/null && echo MOUNTED || echo mount-denied";
+    let o = fx.sh_ok(&[], script);
+    let l = lines(&o);
+    for want in ["Seccomp:\t2", "NoNewPrivs:\t0", "userns-denied", "mount-denied"] {
+        assert!(l.contains(&want), "default: missing {want:?} in {l:?}");
+    }
+    let o = fx.sh_ok(&["--security-opt", "seccomp=unconfined"], script);
+    let l = lines(&o);
+    for want in ["Seccomp:\t0", "userns-ok", "mount-denied"] {
+        assert!(l.contains(&want), "seccomp=unconfined: missing {want:?} in {l:?}");
+    }
+    let o = fx.sh_ok(&["--security-opt", "no-new-privileges"], script);
+    let l = lines(&o);
+    assert!(l.contains(&"NoNewPrivs:\t1"), "no-new-privileges: {l:?}");
+    for bad in ["seccomp=/nonexistent.json", "apparmor=x"] {
+        let out = fx.sh(&["--security-opt", bad], "echo RAN");
+        assert!(
+            !out.ok() && !out.stdout.contains("RAN"),
+            "--security-opt {bad}: {out}"
+        );
+        assert!(
+            out.stderr.contains(bad),
+            "--security-opt {bad}: the error should name it: {out}"
+        );
+    }
+    fx.assert_clean("after the seccomp runs");
+}

@@ -1087,6 +1087,9 @@ impl Builder<'_> {
                 interactive: false,
                 volumes: Vec::new(),
                 host_network: network_host,
+                // BuildKit runs RUN steps under docker's default seccomp profile too.
+                seccomp: true,
+                no_new_privs: false,
             };
             let code = run_quiet(self.o.quiet, || crate::runtime::run(&spec))?;
             let stubs: Vec<PathBuf> = std::fs::read_to_string(rundir.join("stubs"))

@@ -100,6 +100,31 @@ fn parse_volume(v: &str) -> Result<Volume> {
     })
 }
 
+/// What `--security-opt` asks for.
+struct Security {
+    seccomp: bool,
+    no_new_privs: bool,
+}
+
+fn security_opts(opts: &[String]) -> Result<Security> {
+    let mut s = Security {
+        seccomp: true,
+        no_new_privs: false,
+    };
+    for o in opts {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => s.seccomp = false,
+            "no-new-privileges" | "no-new-privileges=true" | "no-new-privileges:true" => s.no_new_privs = true,
+            "no-new-privileges=false" | "no-new-privileges:false" => s.no_new_privs = false,
+            o if o.starts_with("seccomp=") || o.starts_with("seccomp:") => bail!(
+                "--security-opt {o}: seccomp profile files are not supported yet (only the default filter, or seccomp=unconfined)"
+            ),
+            o => bail!("--security-opt {o}: unknown option (seccomp=unconfined, no-new-privileges)"),
+        }
+    }
+    Ok(s)
+}
+
 fn process_spec(
     c: &Container,
     cfg: &ImageConfiguration,
@@ -128,6 +153,7 @@ fn process_spec(
     if argv.is_empty() {
         bail!("no command given and the image has neither Entrypoint nor Cmd");
     }
+    let sec = security_opts(&p.security_opt)?;
     let mut env = ic.env().clone().unwrap_or_default();
     for e in &p.env {
         let kv = if e.contains('=') {
@@ -166,6 +192,8 @@ fn process_spec(
         interactive: p.interactive || p.tty,
         volumes: p.volume.iter().map(|v| parse_volume(v)).collect::<Result<_>>()?,
         host_network: p.network == "host",
+        seccomp: sec.seccomp,
+        no_new_privs: sec.no_new_privs,
     })
 }
 

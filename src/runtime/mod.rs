@@ -8,6 +8,7 @@
 //! pass that status on. With `-t`, C runs on a pseudo-terminal whose master P relays.
 
 pub mod rootfs;
+pub mod seccomp;
 mod tty;
 
 use std::ffi::CString;
@@ -57,6 +58,10 @@ pub struct RunSpec {
     pub volumes: Vec<Volume>,
     /// Share the host's network namespace.
     pub host_network: bool,
+    /// Install the default seccomp filter (docker's default profile).
+    pub seccomp: bool,
+    /// Set no_new_privs (setuid binaries and file capabilities grant nothing).
+    pub no_new_privs: bool,
 }
 
 /// Exit code for an error of strata itself (as docker's 125).
@@ -357,6 +362,17 @@ fn exec(
     } else if !spec.interactive {
         if let Ok(n) = std::fs::File::open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(&n);
+        }
+    }
+    if spec.no_new_privs {
+        if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+            return fail(EXIT_RUNTIME, format!("no_new_privs: {e}"));
+        }
+    }
+    // While CAP_SYS_ADMIN is still held, so no_new_privs is not required for it.
+    if spec.seccomp {
+        if let Err(e) = seccomp::default_filters().and_then(|f| seccomp::install(&f)) {
+            return fail(EXIT_RUNTIME, format!("{e:#}"));
         }
     }
     // Before the user switch: dropping needs CAP_SETPCAP, which a non-root user lacks.

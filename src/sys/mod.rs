@@ -647,3 +647,37 @@ pub fn restore_stdio(s: SavedStdio) {
     let _ = rustix::stdio::dup2_stdout(&s.0);
     let _ = rustix::stdio::dup2_stderr(&s.1);
 }
+
+/// Install a compiled seccomp program (classic BPF) in this thread, without setting
+/// no_new_privs: the caller must hold CAP_SYS_ADMIN in its user namespace (docker leaves
+/// no_new_privs off by default, so setuid programs in a container still work).
+pub fn install_seccomp(prog: &[seccompiler::sock_filter]) -> SysResult<()> {
+    let filters: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|f| libc::sock_filter {
+            code: f.code,
+            jt: f.jt,
+            jf: f.jf,
+            k: f.k,
+        })
+        .collect();
+    let len = u16::try_from(filters.len()).map_err(|_| Errno::INVAL)?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: seccomp(2) copies the program from `fprog`, which points at `filters`, alive
+    // for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0 as libc::c_ulong,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if rc != 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    Ok(())
+}
