@@ -133,6 +133,18 @@ pub struct ProcessArgs {
     /// default profile), no-new-privileges; repeatable.
     #[arg(long = "security-opt", value_name = "OPT")]
     pub security_opt: Vec<String>,
+    /// Add a capability to docker's default set (e.g. NET_ADMIN, or ALL); repeatable.
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from the set (e.g. CHOWN, or ALL); repeatable.
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Every capability and no seccomp filter (devices stay the minimal set).
+    #[arg(long)]
+    pub privileged: bool,
+    /// Mount the container's root read-only (volumes and /dev stay writable).
+    #[arg(long)]
+    pub read_only: bool,
     /// Hostname (default: the container name).
     #[arg(long)]
     pub hostname: Option<String>,

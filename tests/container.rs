@@ -1823,3 +1823,115 @@ fn run_seccomp_and_no_new_privileges() {
     }
     fx.assert_clean("after the seccomp runs");
 }
+
+/// `--cap-drop`/`--cap-add` change docker's default set (the inheritable set is empty),
+/// `--privileged` keeps every capability the host has and no seccomp filter, and
+/// `--read-only` makes the root read-only while /dev and /etc/hostname still work.
+#[test]
+fn run_capabilities_privileged_and_read_only() {
+    let fx = Fixture::new("caps");
+    let eff = |opts: &[&str]| -> u64 {
+        let out = fx.sh_ok(opts, "grep CapEff /proc/self/status");
+        let hex = out.split_whitespace().last().unwrap_or("0").to_string();
+        u64::from_str_radix(&hex, 16).unwrap()
+    };
+    let default = eff(&[]);
+    assert_eq!(default, 0xa80425fb, "docker's default set");
+    assert_eq!(
+        eff(&["--cap-drop", "ALL", "--cap-add", "CAP_CHOWN"]),
+        1,
+        "ALL dropped, CHOWN added"
+    );
+    assert_eq!(
+        eff(&["--cap-drop", "net_raw"]),
+        default & !(1 << 13),
+        "NET_RAW dropped"
+    );
+    assert_eq!(
+        eff(&["--cap-add", "SYS_ADMIN"]),
+        default | (1 << 21),
+        "SYS_ADMIN added"
+    );
+    let out = fx.sh_ok(&[], "grep CapInh /proc/self/status");
+    assert!(out.contains("0000000000000000"), "inheritable set: {out}");
+    // Without CHOWN, root cannot give a file away.
+    let out = fx.sh_ok(
+        &["--cap-drop", "CHOWN"],
+        "touch /tmp/f; chown 5 /tmp/f 2>/dev/null && echo CHOWNED || echo no-chown",
+    );
+    assert!(out.contains("no-chown"), "{out}");
+    let out = fx.sh_ok(
+        &["--privileged"],
+        "grep -E '^(CapEff|Seccomp):' /proc/self/status",
+    );
+    let host: String = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("CapBnd"))
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    assert!(
+        out.contains(&host) && out.contains("Seccomp:\t0"),
+        "--privileged: {out} (host bounding set {host})"
+    );
+    let out = fx.sh_ok(
+        &["--read-only"],
+        "touch /x 2>/dev/null && echo WROTE || echo ro; echo y > /dev/null && echo dev-ok; cat /etc/hostname >/dev/null && echo etc-ok",
+    );
+    let l = lines(&out);
+    for want in ["ro", "dev-ok", "etc-ok"] {
+        assert!(l.contains(&want), "--read-only: missing {want:?} in {l:?}");
+    }
+    let out = fx.sh(&["--cap-add", "BOGUS"], "echo RAN");
+    assert!(
+        !out.ok() && out.stderr.contains("BOGUS"),
+        "unknown capability: {out}"
+    );
+    fx.assert_clean("after the capability runs");
+}
+
+/// A read-only volume is read-only all the way down: a mount inside its host directory is
+/// read-only in the container too (mount_setattr with AT_RECURSIVE).
+#[test]
+fn read_only_volume_is_recursive() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let fx = Fixture::new("rovol");
+    let host = fx.env.dir("vol");
+    fs::create_dir_all(host.join("sub")).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "strata-test",
+            &host.join("sub").display().to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs for the test");
+    let _guard = Unmount(host.join("sub"));
+    let v = format!("{}:/v:ro", host.display());
+    let out = fx.sh_ok(
+        &["-v", &v],
+        "touch /v/a 2>/dev/null && echo TOP-WRITTEN || echo top-ro; \
+         touch /v/sub/b 2>/dev/null && echo SUB-WRITTEN || echo sub-ro",
+    );
+    let l = lines(&out);
+    assert!(
+        l.contains(&"top-ro") && l.contains(&"sub-ro"),
+        "read-only volume: {l:?}"
+    );
+    assert!(!host.join("sub/b").exists(), "the write reached the submount");
+    let v = format!("{}:/v", host.display());
+    let out = fx.sh_ok(&["-v", &v], "touch /v/sub/b && echo rw-ok");
+    assert!(out.contains("rw-ok"), "read-write volume: {out}");
+    assert!(host.join("sub/b").exists());
+    fx.assert_clean("after the volume runs");
+}

@@ -1090,6 +1090,8 @@ impl Builder<'_> {
                 // BuildKit runs RUN steps under docker's default seccomp profile too.
                 seccomp: true,
                 no_new_privs: false,
+                caps: crate::runtime::DEFAULT_CAPS.to_vec(),
+                read_only: false,
             };
             let code = run_quiet(self.o.quiet, || crate::runtime::run(&spec))?;
             let stubs: Vec<PathBuf> = std::fs::read_to_string(rundir.join("stubs"))

@@ -192,8 +192,14 @@ fn process_spec(
         interactive: p.interactive || p.tty,
         volumes: p.volume.iter().map(|v| parse_volume(v)).collect::<Result<_>>()?,
         host_network: p.network == "host",
-        seccomp: sec.seccomp,
+        seccomp: sec.seccomp && !p.privileged,
         no_new_privs: sec.no_new_privs,
+        caps: if p.privileged {
+            (0..runtime::CAP_NAMES.len() as u32).collect()
+        } else {
+            runtime::capabilities(&p.cap_add, &p.cap_drop)?
+        },
+        read_only: p.read_only,
     })
 }
 

@@ -62,6 +62,87 @@ pub struct RunSpec {
     pub seccomp: bool,
     /// Set no_new_privs (setuid binaries and file capabilities grant nothing).
     pub no_new_privs: bool,
+    /// Capabilities the command keeps (numbers; `DEFAULT_CAPS` unless changed).
+    pub caps: Vec<u32>,
+    /// The root file system is read-only (volumes, /dev, /proc and /tmp stubs are not).
+    pub read_only: bool,
+}
+
+/// Capability names as docker spells them (without `CAP_`), by number.
+pub const CAP_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The capability set of `--cap-add`/`--cap-drop` (names with or without `CAP_`, any case,
+/// `ALL`) over docker's default set.
+pub fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<u32>> {
+    let num = |n: &str| -> Result<Option<u32>> {
+        let u = n.to_ascii_uppercase();
+        let u = u.strip_prefix("CAP_").unwrap_or(&u);
+        if u == "ALL" {
+            return Ok(None);
+        }
+        match CAP_NAMES.iter().position(|c| *c == u) {
+            Some(i) => Ok(Some(i as u32)),
+            None => bail!("unknown capability '{n}'"),
+        }
+    };
+    let mut caps: Vec<u32> = DEFAULT_CAPS.to_vec();
+    for d in drop {
+        match num(d)? {
+            None => caps.clear(),
+            Some(c) => caps.retain(|x| *x != c),
+        }
+    }
+    for a in add {
+        match num(a)? {
+            None => caps = (0..CAP_NAMES.len() as u32).collect(),
+            Some(c) if !caps.contains(&c) => caps.push(c),
+            Some(_) => {}
+        }
+    }
+    caps.sort_unstable();
+    Ok(caps)
 }
 
 /// Exit code for an error of strata itself (as docker's 125).
@@ -73,7 +154,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 
 /// Capabilities a container's processes keep: docker's default set. Everything else (module
 /// loading, mounting, raw I/O, tracing other processes...) is dropped from the bounding set.
-const DEFAULT_CAPS: [u32; 14] = [
+pub const DEFAULT_CAPS: [u32; 14] = [
     0,  // CHOWN
     1,  // DAC_OVERRIDE
     3,  // FOWNER
@@ -376,7 +457,7 @@ fn exec(
         }
     }
     // Before the user switch: dropping needs CAP_SETPCAP, which a non-root user lacks.
-    if let Err(e) = sys::restrict_capabilities(&DEFAULT_CAPS) {
+    if let Err(e) = sys::restrict_capabilities(&spec.caps) {
         return fail(EXIT_RUNTIME, format!("dropping capabilities: {e}"));
     }
     let (uid, gid, groups, home) = ids;

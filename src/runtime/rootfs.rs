@@ -138,7 +138,17 @@ fn remount_ro(root: BorrowedFd<'_>, path: &Path, what: &str) -> Result<()> {
         .filter(|c| matches!(c, Component::Normal(_)))
         .collect();
     let fd = open_in_root(root, &rel).with_context(|| format!("resolving {what}"))?;
-    remount_ro_path(&fd_path(&fd)).with_context(|| format!("making {what} read-only"))
+    remount_ro_path(&fd_path(&fd)).with_context(|| format!("making {what} read-only"))?;
+    // And every mount below it (a bind is recursive; the remount above is not).
+    let fd = open_in_root(root, &rel).with_context(|| format!("resolving {what}"))?;
+    match crate::sys::readonly_recursive(fd.as_fd()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSYS) => {
+            log::warn!("{what}: this kernel has no mount_setattr; mounts inside it stay writable");
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("making the mounts inside {what} read-only")),
+    }
 }
 
 /// Keep a rootful container from reaching the host through /proc, as runc does: the
@@ -311,6 +321,10 @@ pub fn setup(spec: &RunSpec) -> Result<()> {
     // The caller removes these after the run, from outside.
     let list: String = stubs.iter().map(|p| format!("{}\n", p.display())).collect();
     std::fs::write(spec.rundir.join("stubs"), list).context("recording mount stubs")?;
+    if spec.read_only {
+        // Only the root's own mount: /dev, /proc, volumes and the /etc stubs stay as they are.
+        remount_ro_path(&spec.rootfs).context("making the root read-only")?;
+    }
     rustix::process::chdir(&spec.rootfs).context("entering the rootfs")?;
     rustix::process::pivot_root(".", ".").context("pivot_root")?;
     rustix::mount::unmount(".", UnmountFlags::DETACH).context("detaching the old root")?;
