@@ -145,6 +145,15 @@ pub struct ProcessArgs {
     /// Mount the container's root read-only (volumes and /dev stay writable).
     #[arg(long)]
     pub read_only: bool,
+    /// Memory limit (e.g. 512m, 1g), through cgroups (root only).
+    #[arg(short = 'm', long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Limit on processes and threads in the container (cgroups; root only).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// CPU limit in CPUs (e.g. 0.5), through cgroups (root only).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
     /// Hostname (default: the container name).
     #[arg(long)]
     pub hostname: Option<String>,

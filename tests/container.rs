@@ -1935,3 +1935,66 @@ fn read_only_volume_is_recursive() {
     assert!(host.join("sub/b").exists());
     fx.assert_clean("after the volume runs");
 }
+
+/// `--pids-limit`, `--memory` and `--cpus` go through cgroups (v1 or v2, whichever the
+/// machine has): the limits bite inside, nothing is limited outside, and the groups are
+/// gone after the run.
+#[test]
+fn run_resource_limits() {
+    let fx = Fixture::new("limits");
+    // Groups named strata-*, wherever the hierarchy (v2 or a v1 controller) keeps them.
+    let groups = || -> Vec<String> {
+        let mut v = Vec::new();
+        for base in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/cpu",
+        ] {
+            for e in fs::read_dir(base).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("strata-") {
+                    v.push(e.path().display().to_string());
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let before = groups();
+    let out = fx.sh(
+        &["--pids-limit", "6"],
+        "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & done; echo forked-all",
+    );
+    assert!(
+        out.stderr.contains("can't fork") || out.stdout.contains("can't fork"),
+        "--pids-limit 6: ten background processes should not all start: {out}"
+    );
+    let out = fx.sh(
+        &["--memory", "32m"],
+        "dd if=/dev/zero of=/dev/null bs=64M count=1 && echo COPIED; echo after",
+    );
+    assert!(
+        !out.stdout.contains("COPIED") && out.stdout.contains("after"),
+        "--memory 32m: a 64 MiB buffer should be refused or killed: {out}"
+    );
+    let out = fx.sh_ok(
+        &["--memory", "32m"],
+        "dd if=/dev/zero of=/dev/null bs=8M count=1 2>/dev/null && echo small-ok",
+    );
+    assert!(out.contains("small-ok"), "--memory 32m: an 8 MiB buffer: {out}");
+    let out = fx.sh_ok(&["--cpus", "0.5"], "cat /proc/self/cgroup");
+    assert!(
+        out.contains("strata-"),
+        "--cpus: the command is not in a strata group: {out}"
+    );
+    for bad in [
+        &["--memory", "lots"][..],
+        &["--pids-limit", "0"],
+        &["--cpus", "0"],
+    ] {
+        let out = fx.sh(bad, "echo RAN");
+        assert!(!out.ok() && !out.stdout.contains("RAN"), "{bad:?}: {out}");
+    }
+    assert_eq!(groups(), before, "cgroups left behind");
+    fx.assert_clean("after the limited runs");
+}

@@ -1092,6 +1092,7 @@ impl Builder<'_> {
                 no_new_privs: false,
                 caps: crate::runtime::DEFAULT_CAPS.to_vec(),
                 read_only: false,
+                limits: Default::default(),
             };
             let code = run_quiet(self.o.quiet, || crate::runtime::run(&spec))?;
             let stubs: Vec<PathBuf> = std::fs::read_to_string(rundir.join("stubs"))

@@ -200,6 +200,21 @@ fn process_spec(
             runtime::capabilities(&p.cap_add, &p.cap_drop)?
         },
         read_only: p.read_only,
+        limits: runtime::cgroup::Limits {
+            memory: p
+                .memory
+                .as_deref()
+                .map(runtime::cgroup::parse_bytes)
+                .transpose()?,
+            pids: match p.pids_limit {
+                Some(0) => bail!("--pids-limit 0: must be at least 1"),
+                n => n,
+            },
+            cpus: match p.cpus {
+                Some(c) if c.is_nan() || c <= 0.0 => bail!("--cpus {c}: must be more than 0"),
+                c => c,
+            },
+        },
     })
 }
 

@@ -7,6 +7,7 @@
 //! forwards signals to C and reaps orphans until C exits, and exits with C's status. A and P
 //! pass that status on. With `-t`, C runs on a pseudo-terminal whose master P relays.
 
+pub mod cgroup;
 pub mod rootfs;
 pub mod seccomp;
 mod tty;
@@ -66,6 +67,8 @@ pub struct RunSpec {
     pub caps: Vec<u32>,
     /// The root file system is read-only (volumes, /dev, /proc and /tmp stubs are not).
     pub read_only: bool,
+    /// Resource limits (cgroups).
+    pub limits: cgroup::Limits,
 }
 
 /// Capability names as docker spells them (without `CAP_`), by number.
@@ -223,13 +226,26 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
     };
     let rootless = sys::euid() != 0;
     let (uid, gid) = (sys::euid(), sys::egid());
+    // Made before the fork, removed (on drop) after the container ended.
+    let group = if spec.limits.any() {
+        Some(cgroup::Group::create(&spec.limits)?)
+    } else {
+        None
+    };
     sys::catch_signals(&FORWARDED);
     sys::catch_signals(&[libc::SIGWINCH]);
     let parent = std::process::id() as i32;
     match sys::fork().context("fork")? {
         Forked::Child => {
             die_with_parent(Some(parent));
-            let code = match stage_a(spec, pty.as_ref().map(|p| &p.1), rootless, uid, gid) {
+            let code = match stage_a(
+                spec,
+                pty.as_ref().map(|p| &p.1),
+                rootless,
+                uid,
+                gid,
+                group.as_ref(),
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("strata: error: {e:#}");
@@ -271,7 +287,18 @@ fn die_with_parent(parent: Option<i32>) {
 }
 
 /// A: enter the namespaces and start PID 1.
-fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid: u32) -> Result<i32> {
+fn stage_a(
+    spec: &RunSpec,
+    pty: Option<&OwnedFd>,
+    rootless: bool,
+    uid: u32,
+    gid: u32,
+    group: Option<&cgroup::Group>,
+) -> Result<i32> {
+    // In the limits' group for the fork of PID 1 only: A itself leaves it right after.
+    if let Some(g) = group {
+        g.join()?;
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -304,6 +331,9 @@ fn stage_a(spec: &RunSpec, pty: Option<&OwnedFd>, rootless: bool, uid: u32, gid:
         }
         Forked::Parent(b) => {
             sys::set_forward_pid(b);
+            if let Some(g) = group {
+                g.leave()?;
+            }
             Ok(wait_for(b))
         }
     }
