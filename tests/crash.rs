@@ -3,10 +3,14 @@
 //! (the oracle) must find every listed image complete with every blob matching its digest,
 //! the interrupted command must then succeed, and `gc` must leave nothing unreferenced.
 //!
+//! The same for `pull` and `push` against a registry on 127.0.0.1, and for `build` (whose
+//! mounts and scratch directories the next build must reclaim).
+//!
 //! STRATA_CRASH_ITERS=N sets the number of kills (default 40, spread over the commands).
 
 mod common;
 mod image_common;
+mod registry_common;
 
 use std::fs;
 use std::path::Path;
@@ -258,4 +262,156 @@ fn concurrent_commands_keep_the_store_sound() {
             }
         }
     }
+}
+
+/// Kill `strata` commands as they run, with HOME and XDG_RUNTIME_DIR kept in the test.
+fn kill_after_env(st: &Store, env: &TestEnv, args: &[&str], delay: Duration) -> bool {
+    let mut c = st.cmd();
+    c.args(args)
+        .env("HOME", env.path())
+        .env("XDG_RUNTIME_DIR", env.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("spawn strata");
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if start.elapsed() >= delay {
+            let _ = child.kill();
+            let _ = child.wait();
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGKILL during `pull` (into an empty store each time) and `push`: the store lists no
+/// partial image and passes `check`, the next pull or push completes, and the pushed image
+/// pulls back with the same digest.
+#[test]
+fn sigkill_during_pull_and_push() {
+    let env = TestEnv::new("crash-reg");
+    let reg = registry_common::Registry::plain();
+    let st = Store::in_env(&env, "store");
+    let big = env.path().join("big.tar");
+    rootfs_tar(&big, 8, 512, 3);
+    assert!(st.import(&big, "base:1").ok());
+    let ok = |st: &Store, args: &[&str]| {
+        let out = st.run_env(
+            args,
+            &[
+                ("HOME", &env.path().display().to_string()),
+                ("XDG_RUNTIME_DIR", &env.path().display().to_string()),
+            ],
+        );
+        assert!(out.ok(), "{args:?}: {out}");
+        out
+    };
+    let remote = format!("{}/crash/base:1", reg.addr());
+    let t = Instant::now();
+    ok(&st, &["push", "base:1", &remote]);
+    let push_span = t.elapsed().max(Duration::from_millis(5));
+    let mut r = Lcg(9);
+    for i in 0..6 {
+        // Push to a new repository each time, so there is something to upload.
+        let dest = format!("{}/crash/p{i}:1", reg.addr());
+        let delay = Duration::from_micros(r.next() % (push_span.as_micros() as u64 + 1));
+        kill_after_env(&st, &env, &["push", "base:1", &dest], delay);
+        assert_sound(&st, &format!("push {i} killed after {delay:?}"));
+        ok(&st, &["push", "base:1", &dest]);
+    }
+    let pst = Store::in_env(&env, "pulled");
+    let t = Instant::now();
+    let out = ok(&pst, &["pull", &remote]);
+    let pull_span = t.elapsed().max(Duration::from_millis(5));
+    let digest = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Digest: "))
+        .unwrap_or("")
+        .to_string();
+    assert!(digest.starts_with("sha256:"), "{out}");
+    let mut killed = 0;
+    for i in 0..8 {
+        let fresh = Store::in_env(&env, &format!("pulled{i}"));
+        let delay = Duration::from_micros(r.next() % (pull_span.as_micros() as u64 + 1));
+        if kill_after_env(&fresh, &env, &["pull", &remote], delay) {
+            killed += 1;
+        }
+        let ctx = format!("pull {i} killed after {delay:?}");
+        assert_sound(&fresh, &ctx);
+        let out = ok(&fresh, &["pull", &remote]);
+        assert!(out.stdout.contains(&digest), "{ctx}: the next pull: {out}");
+    }
+    assert!(
+        killed >= 4,
+        "only {killed} of 8 pulls were killed before they ended"
+    );
+    // Every pushed copy is whole: it pulls back with the same digest.
+    for i in 0..6 {
+        let out = ok(&pst, &["pull", &format!("{}/crash/p{i}:1", reg.addr())]);
+        assert!(out.stdout.contains(&digest), "pushed copy {i}: {out}");
+    }
+}
+
+/// SIGKILL during `build`: the store stays sound, the build's mounts and scratch directory
+/// are reclaimed by the next build, which succeeds.
+#[test]
+fn sigkill_during_build() {
+    let env = TestEnv::new("crash-build");
+    let st = Store::in_env(&env, "store");
+    let big = env.path().join("big.tar");
+    rootfs_tar(&big, 4, 256, 5);
+    assert!(st.import(&big, "base:1").ok());
+    let ctx = env.path().join("ctx");
+    fs::create_dir_all(ctx.join("data")).unwrap();
+    let mut r = Lcg(21);
+    for i in 0..8 {
+        let data: Vec<u8> = (0..1 << 20).map(|_| r.next() as u8).collect();
+        fs::write(ctx.join(format!("data/f{i}")), data).unwrap();
+    }
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM base:1\nCOPY data /copied/\nWORKDIR /w\nCOPY data/f1 /one\n",
+    )
+    .unwrap();
+    let c = ctx.display().to_string();
+    let t = Instant::now();
+    let out = st.run(&["build", "--no-cache", "-t", "built:1", &c]);
+    assert!(out.ok(), "build alone: {out}");
+    let span = t.elapsed().max(Duration::from_millis(5));
+    let mounts = || -> usize {
+        fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&st.root.display().to_string()))
+            .count()
+    };
+    let mut killed = 0;
+    for i in 0..8 {
+        let delay = Duration::from_micros(r.next() % (span.as_micros() as u64 + 1));
+        let ctxs = format!("build {i} killed after {delay:?}");
+        if kill_after(&st, &["build", "--no-cache", "-t", &format!("b{i}:1"), &c], delay) {
+            killed += 1;
+        }
+        assert_sound(&st, &ctxs);
+        let out = st.run(&["build", "-t", &format!("b{i}:1"), &c]);
+        assert!(out.ok(), "{ctxs}: the next build: {out}");
+        assert_eq!(
+            mounts(),
+            0,
+            "{ctxs}: mounts of the killed build left after the next one"
+        );
+        let left = fs::read_dir(st.root.join("build"))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0);
+        assert_eq!(left, 0, "{ctxs}: build scratch directories left");
+    }
+    assert!(
+        killed >= 4,
+        "only {killed} of 8 builds were killed before they ended"
+    );
 }
