@@ -580,7 +580,7 @@ pub fn mount_fstype(p: &Path) -> Option<String> {
 }
 
 /// PIDs of strata processes whose command line names this mountpoint.
-fn strata_daemon_pids(mnt: &Path) -> Vec<i32> {
+pub fn strata_daemon_pids(mnt: &Path) -> Vec<i32> {
     let want = mnt.as_os_str().as_bytes();
     let bin = strata_bin();
     let bin_name = bin.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
