@@ -416,8 +416,8 @@ fn sigkill_during_build() {
     );
 }
 
-/// SIGKILL of the FUSE daemon while copy-ups, creates, renames, unlinks and mkdirs run
-/// through the mount: `strata umount` recovers the dead mount; the copied-up big file shows
+/// SIGKILL of the FUSE daemon while copy-ups, creates, renames, unlinks, mkdirs and an
+/// opaque-directory swap (a lower directory removed and made again) run through the mount: `strata umount` recovers the dead mount; the copied-up big file shows
 /// its old or its new content, never a partial copy; the next mount empties `work/work`;
 /// and the kernel mounts the upper and shows the same tree as strata.
 #[test]
@@ -444,7 +444,7 @@ fn sigkill_of_the_filesystem_daemon_leaves_a_consistent_upper() {
         // `set -e`: once the filesystem is gone the script stops, so "done" means it finished.
         let script =
             "set -e; for j in $(seq 300); do echo $j > n$j; if [ $j = 150 ]; then echo X >> big; fi; done; \
-                      mv a a2; rm b; mkdir nd; echo y > nd/y; rm -r d; echo done";
+                      mv a a2; rm b; mkdir nd; echo y > nd/y; rm -r d; mkdir d; echo z > d/z; echo done";
         let worker = std::process::Command::new("busybox")
             .args(["sh", "-c", script])
             .current_dir(&mnt)
