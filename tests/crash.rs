@@ -49,11 +49,12 @@ fn rootfs_tar(path: &Path, files: usize, kib: usize, seed: u64) {
 
 /// Run `args`, SIGKILL it after `delay` unless it finished first; true if it was killed.
 fn kill_after(st: &Store, args: &[&str], delay: Duration) -> bool {
-    let mut c = st.cmd();
-    c.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    kill_cmd(st.cmd().args(args), delay)
+}
+
+/// Spawn `c` (output discarded) and SIGKILL it after `delay` unless it finished first.
+fn kill_cmd(c: &mut std::process::Command, delay: Duration) -> bool {
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = c.spawn().expect("spawn strata");
     let start = Instant::now();
     loop {
@@ -266,26 +267,13 @@ fn concurrent_commands_keep_the_store_sound() {
 
 /// Kill `strata` commands as they run, with HOME and XDG_RUNTIME_DIR kept in the test.
 fn kill_after_env(st: &Store, env: &TestEnv, args: &[&str], delay: Duration) -> bool {
-    let mut c = st.cmd();
-    c.args(args)
-        .env("HOME", env.path())
-        .env("XDG_RUNTIME_DIR", env.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().expect("spawn strata");
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if start.elapsed() >= delay {
-            let _ = child.kill();
-            let _ = child.wait();
-            return true;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
+    kill_cmd(
+        st.cmd()
+            .args(args)
+            .env("HOME", env.path())
+            .env("XDG_RUNTIME_DIR", env.path()),
+        delay,
+    )
 }
 
 /// SIGKILL during `pull` (into an empty store each time) and `push`: the store lists no
