@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo test --test differential -- --test-threads=2` (as root).
 //! Random part: STRATA_DIFF_SEED=N runs one seed, STRATA_DIFF_OPS=N sets the
-//! total op count (default 3000 over 6 seeds), STRATA_DIFF_VERBOSE=1 prints
+//! total op count (default 3000 over 6 seeds), STRATA_DIFF_REDIRECT=0|1 forces
+//! redirect_dir off/on (default: on for four seeds of six), STRATA_DIFF_VERBOSE=1 prints
 //! the lower plan and every op with both results.
 
 mod common;
@@ -284,6 +285,150 @@ fn rename_upper_dir_into_merged_dir() {
             o.readdir("other");
         },
     );
+}
+
+// ---------------------------------------------------------------------------
+// Directory renames with redirect_dir=on (strata's default): each case also states what
+// every operation must give, so two implementations failing alike do not pass.
+
+/// `base` plus a second layer under it that merges into `dir`, `dir/sub` and `other`.
+fn merged_base(ls: &LayerSet) {
+    base(ls);
+    ls.lower(1)
+        .file("dir/bottom", "bottom\n")
+        .file("dir/sub/below", "below\n")
+        .file("other/o2", "o2\n")
+        .dir("gone")
+        .file("gone/g", "g\n");
+    // A lower-only directory of the top layer that hides the one below: moved, it must
+    // keep hiding it.
+    ls.lower(0).opaque("gone");
+}
+
+/// Check each labelled result in order: `Ok(s)` must equal, `Err(e)` must be that errno.
+fn expect(log: &[(String, OpResult)], want: &[(&str, Result<&str, &str>)]) {
+    assert_eq!(log.len(), want.len(), "op count: {log:#?}");
+    for ((label, got), (wl, w)) in log.iter().zip(want) {
+        assert_eq!(label, wl, "labels out of step");
+        let ok = match (got, w) {
+            (Ok(g), Ok(w)) => g == w,
+            (Err(g), Err(w)) => g == w,
+            _ => false,
+        };
+        assert!(ok, "{label}: got {got:?}, want {w:?}");
+    }
+}
+
+#[test]
+fn redirect_rename_merged_dir_and_back() {
+    let log = run_case_redirect("redirect-merged", 2, merged_base, |o| {
+        o.rename("dir", "dir2");
+        o.readdir("dir2");
+        o.read("dir2/bottom");
+        o.stat("dir");
+        o.mkdir("dir", 0o755);
+        o.readdir("dir");
+        o.write("dir2/new", b"n");
+        o.rename("dir2", "other/moved");
+        o.readdir("other/moved/sub");
+        o.rmdir("dir");
+        o.rename("other/moved", "dir");
+        o.readdir("dir");
+    });
+    let full = "bottom:File,f1:File,f2:File,sub:Dir";
+    expect(
+        &log,
+        &[
+            ("rename dir dir2", Ok("")),
+            ("readdir dir2", Ok(full)),
+            ("read dir2/bottom", Ok("\"bottom\\n\"")),
+            ("stat dir", Err("ENOENT")),
+            ("mkdir dir 755", Ok("")),
+            ("readdir dir", Ok("")),
+            ("write dir2/new \"n\"", Ok("")),
+            ("rename dir2 other/moved", Ok("")),
+            ("readdir other/moved/sub", Ok("below:File,deep:File")),
+            ("rmdir dir", Ok("")),
+            ("rename other/moved dir", Ok("")),
+            ("readdir dir", Ok("bottom:File,f1:File,f2:File,new:File,sub:Dir")),
+        ],
+    );
+}
+
+#[test]
+fn redirect_rename_over_empty_and_nested() {
+    let log = run_case_redirect("redirect-nested", 2, merged_base, |o| {
+        // Over an empty lower directory: its (absent) content must not show.
+        o.rename("dir", "empty");
+        o.readdir("empty");
+        // A nested directory out of a moved parent, then the parent again.
+        o.rename("empty/sub", "sub2");
+        o.read("sub2/below");
+        o.rename("empty", "other/e");
+        o.read("other/e/f1");
+        o.readdir("other/e");
+        // Within a redirected parent: a relative redirect there.
+        o.rename("other/e", "x");
+        o.rename("x", "y");
+        o.readdir("y");
+        // The opaque lower directory keeps hiding what is below it.
+        o.rename("gone", "kept");
+        o.readdir("kept");
+    });
+    expect(
+        &log,
+        &[
+            ("rename dir empty", Ok("")),
+            ("readdir empty", Ok("bottom:File,f1:File,f2:File,sub:Dir")),
+            ("rename empty/sub sub2", Ok("")),
+            ("read sub2/below", Ok("\"below\\n\"")),
+            ("rename empty other/e", Ok("")),
+            ("read other/e/f1", Ok("\"f1\\n\"")),
+            ("readdir other/e", Ok("bottom:File,f1:File,f2:File")),
+            ("rename other/e x", Ok("")),
+            ("rename x y", Ok("")),
+            ("readdir y", Ok("bottom:File,f1:File,f2:File")),
+            ("rename gone kept", Ok("")),
+            ("readdir kept", Ok("")),
+        ],
+    );
+}
+
+#[test]
+fn redirect_exchange_and_errors() {
+    let log = run_case_redirect("redirect-exchange", 2, merged_base, |o| {
+        o.rename2("dir", "other", RENAME_EXCHANGE);
+        o.readdir("dir");
+        o.readdir("other");
+        // Still refused: into itself, over a non-empty directory, over a file.
+        o.rename("other", "other/sub/x");
+        o.rename("dir", "other");
+        o.rename("dir", "a");
+        o.rename2("dir", "secret", RENAME_NOREPLACE);
+    });
+    expect(
+        &log,
+        &[
+            ("renameat2(EXCHANGE) dir other", Ok("")),
+            ("readdir dir", Ok("o1:File,o2:File")),
+            ("readdir other", Ok("bottom:File,f1:File,f2:File,sub:Dir")),
+            ("rename other other/sub/x", Err("EINVAL")),
+            ("rename dir other", Err("ENOTEMPTY")),
+            ("rename dir a", Err("ENOTDIR")),
+            ("renameat2(NOREPLACE) dir secret", Err("EEXIST")),
+        ],
+    );
+}
+
+/// redirect_dir=off on both sides: the EXDEV that containers/storage asks for.
+#[test]
+fn redirect_off_keeps_exdev() {
+    run_case("redirect-off", 2, merged_base, |o| {
+        o.rename("dir", "dir2");
+        assert_eq!(o.last(), Some(&Err("EXDEV".to_string())));
+        o.rename("other", "zz");
+        assert_eq!(o.last(), Some(&Err("EXDEV".to_string())));
+    });
 }
 
 #[test]
@@ -1009,13 +1154,28 @@ enum Op {
     Mkfifo(String),
 }
 
-fn gen_ops(rng: &mut Rng, n: usize) -> Vec<Op> {
+/// With `redirect`, a tenth of the renames move the fixed directories (`d0`, `d1`,
+/// `d0/s`: merged across layers, nested) away and back, and some operations reach inside
+/// a pool directory (`NAME/inner`, which lower directories hold), so renamed directories
+/// are used after they move.
+fn gen_ops(rng: &mut Rng, n: usize, redirect: bool) -> Vec<Op> {
     let pool = pool();
+    let moved = ["d0", "d1", "d0/s"];
     let mut ops = Vec::with_capacity(n);
     for _ in 0..n {
-        let p = rng.pick(&pool).clone();
+        let mut p = rng.pick(&pool).clone();
         let q = rng.pick(&pool).clone();
+        if redirect && rng.chance(15) {
+            p.push_str("/inner");
+        }
         let op = match rng.below(100) {
+            43..=49 if redirect && rng.chance(35) => {
+                if rng.chance(50) {
+                    Op::Rename(rng.pick(&moved).to_string(), q)
+                } else {
+                    Op::Rename(q, rng.pick(&moved).to_string())
+                }
+            }
             0..=11 => Op::Write(p, rng.data(40)),
             12..=17 => Op::Append(p, rng.data(20)),
             18..=19 => Op::WriteAt(p, rng.below(30) as u64, rng.data(10)),
@@ -1113,19 +1273,24 @@ fn random_case(index: usize) {
     let nops = (total / nseeds).max(1);
     let mut rng = Rng(seed);
     let plan = gen_lowers(&mut rng);
-    let ops = gen_ops(&mut rng, nops);
+    // Four seeds of six run with redirect_dir=on on both sides (strata's default), two
+    // with it off (what podman asks of a mount program).
+    let redirect = env_u64("STRATA_DIFF_REDIRECT").map_or(index < 4, |v| v != 0);
+    let ops = gen_ops(&mut rng, nops, redirect);
     // Half the seeds build every directory's lower index at its first lookup, so the
     // indexed lookup path is compared with the kernel as much as the probing one.
     let extra = if index % 2 == 1 { "lookup_index=always" } else { "" };
-    let mut run = DiffRun::new_with(
+    let mut run = DiffRun::new_mode(
         &format!("random-{seed:x}"),
         3,
         |ls| build_lowers(ls, &plan),
         extra,
+        redirect,
     );
     run.context = format!(
-        "seed={seed:#x} ops={nops}; reproduce: STRATA_DIFF_SEED={seed:#x} STRATA_DIFF_OPS={nops} \
-         cargo test --test differential random_ops_0"
+        "seed={seed:#x} ops={nops} redirect={r}; reproduce: STRATA_DIFF_SEED={seed:#x} STRATA_DIFF_OPS={nops} \
+         STRATA_DIFF_REDIRECT={r} cargo test --test differential random_ops_0",
+        r = redirect as u8
     );
     let verbose = std::env::var_os("STRATA_DIFF_VERBOSE").is_some();
     if verbose {

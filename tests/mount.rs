@@ -244,7 +244,17 @@ fn renames_of_every_kind() {
         .file("ldir/x", "x");
     let m = StrataMount::new(&ls.spec());
     let r = m.root();
-    assert_eq!(errno_of(fs::rename(r.join("ldir"), r.join("ldir2"))), libc::EXDEV);
+    // A lower directory moves with a redirect to where its content is, in the kernel's
+    // format, and leaves a whiteout behind.
+    fs::rename(r.join("ldir"), r.join("ldir2")).unwrap();
+    assert_eq!(fs::read_to_string(r.join("ldir2/x")).unwrap(), "x");
+    assert!(!r.join("ldir").exists());
+    assert_eq!(
+        get_xattr(&ls.upper.path("ldir2"), "trusted.overlay.redirect", false).unwrap(),
+        b"ldir"
+    );
+    assert!(is_whiteout(&ls.upper.path("ldir")));
+    fs::rename(r.join("ldir2"), r.join("ldir")).unwrap();
     fs::create_dir(r.join("udir")).unwrap();
     fs::write(r.join("udir/f"), "f").unwrap();
     fs::rename(r.join("udir"), r.join("udir2")).unwrap();
@@ -510,12 +520,39 @@ fn bad_input_is_refused_cleanly() {
 }
 
 #[test]
-fn upper_with_redirect_is_refused() {
+fn upper_with_redirect_is_followed() {
     let ls = LayerSet::new("redirect", 1);
-    ls.lower(0).dir("d");
+    ls.lower(0).dir("d").file("d/in", "in").dir("e").file("e/x", "x");
     ls.upper
         .dir("moved")
-        .xattr("moved", "trusted.overlay.redirect", "/d");
+        .xattr("moved", "trusted.overlay.redirect", "/d")
+        .whiteout("d")
+        .dir("bad")
+        .xattr("bad", "trusted.overlay.redirect", "../e");
+    let m = StrataMount::new(&ls.spec());
+    assert_eq!(fs::read_to_string(m.root().join("moved/in")).unwrap(), "in");
+    assert!(!m.root().join("d").exists());
+    // A redirect that is neither one name nor a clean absolute path is not followed.
+    assert_eq!(errno_of(fs::read_dir(m.root().join("bad"))), libc::EIO);
+    m.umount().unwrap();
+    // nofollow: the kernel's EPERM.
+    let spec = ls.fresh_spec();
+    let args: Vec<String> = vec![
+        "mount".into(),
+        "-o".into(),
+        format!("{},redirect_dir=nofollow", spec.options()),
+        spec.mnt.display().to_string(),
+    ];
+    let m = StrataMount::with_args(&spec, &args).unwrap();
+    assert_eq!(errno_of(fs::metadata(m.root().join("moved"))), libc::EPERM);
+    m.umount().unwrap();
+}
+
+#[test]
+fn upper_with_metacopy_is_refused() {
+    let ls = LayerSet::new("metacopy", 1);
+    ls.lower(0).file("f", "f");
+    ls.upper.file("f", "").xattr("f", "trusted.overlay.metacopy", "");
     let out = run_cmd(
         Command::new(strata_bin())
             .arg("mount")
@@ -526,7 +563,7 @@ fn upper_with_redirect_is_refused() {
     );
     assert!(!out.ok(), "{out}");
     assert!(
-        out.stderr.contains("redirect") && out.stderr.contains("moved"),
+        out.stderr.contains("metacopy") && out.stderr.contains("'f'"),
         "{out}"
     );
     assert!(mount_fstype(&ls.mnt).is_none());

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use crate::cli::MountArgs;
 use crate::fuse::mount::{serve, MountOpts, Passthrough};
 use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
-use crate::overlay::{LookupIndex, Overlay, OverlayConfig};
+use crate::overlay::{LookupIndex, Overlay, OverlayConfig, RedirectDir};
 
 /// Everything a mount needs, after parsing and before validation of the directories.
 #[derive(Debug, Clone)]
@@ -83,14 +83,17 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("allow_other", None) | ("allow_root", None) => spec.opts.allow_other = true,
             ("fsname", Some(v)) => spec.opts.fsname = v.to_string(),
             ("default_permissions", None) | ("noatime", None) | ("relatime", None) | ("atime", None) => {}
-            ("redirect_dir", Some("off" | "nofollow"))
-            | ("metacopy", Some("off"))
-            | ("index", Some("off")) => {}
+            ("redirect_dir", Some("on")) => spec.overlay.redirect_dir = RedirectDir::On,
+            // As the kernel with its default redirect_always_follow: `off` follows.
+            ("redirect_dir", Some("follow" | "off")) => spec.overlay.redirect_dir = RedirectDir::Follow,
+            ("redirect_dir", Some("nofollow")) => spec.overlay.redirect_dir = RedirectDir::NoFollow,
+            ("redirect_dir", Some(v)) => bail!("redirect_dir={v}: expected on, follow, nofollow or off"),
+            ("metacopy", Some("off")) | ("index", Some("off")) => {}
             ("xino", Some(_)) | ("context", Some(_)) | ("fscontext", Some(_)) | ("defcontext", Some(_)) => {
                 log::info!("option {opt} accepted and has no effect")
             }
-            ("redirect_dir", Some(_)) | ("metacopy", Some("on")) | ("index", Some("on")) => {
-                bail!("option '{opt}' is not supported: strata writes no redirects, metacopy or index")
+            ("metacopy", Some(_)) | ("index", Some(_)) => {
+                bail!("option '{opt}' is not supported: strata writes no metacopy or index")
             }
             ("uidmapping", _)
             | ("gidmapping", _)
@@ -419,7 +422,14 @@ mod tests {
         assert!(s.overlay.volatile);
         assert!(!s.opts.dev);
         assert!(apply_options(&mut s, "lowerdir=/a::/b").is_err());
-        assert!(apply_options(&mut s, "redirect_dir=on").is_err());
+        assert!(apply_options(&mut s, "redirect_dir=sideways").is_err());
+        assert!(apply_options(&mut s, "metacopy=on").is_err());
+        apply_options(&mut s, "redirect_dir=nofollow").unwrap();
+        assert_eq!(s.overlay.redirect_dir, RedirectDir::NoFollow);
+        apply_options(&mut s, "redirect_dir=off").unwrap();
+        assert_eq!(s.overlay.redirect_dir, RedirectDir::Follow);
+        apply_options(&mut s, "redirect_dir=on").unwrap();
+        assert_eq!(s.overlay.redirect_dir, RedirectDir::On);
         assert!(apply_options(&mut s, "uidmapping=0:1000:1").is_err());
     }
 }

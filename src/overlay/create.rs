@@ -100,6 +100,7 @@ impl Overlay {
             st,
             ino,
             fds: None,
+            redirected: false,
         };
         self.remember(parent, name, found, true)
     }

@@ -31,7 +31,7 @@ impl Overlay {
 
     /// The directory fds of a directory node, opened from its parent's when not cached.
     pub(crate) fn dir_fds(&self, ino: u64) -> Result<Arc<DirFds>> {
-        let (cached, parent, name, upper, lower_dirs, kind) = self.with_node(ino, |n| {
+        let (cached, parent, name, upper, lower_dirs, kind, redirected) = self.with_node(ino, |n| {
             (
                 n.fds.clone(),
                 n.parent,
@@ -39,6 +39,7 @@ impl Overlay {
                 n.upper,
                 n.lower_dirs.clone(),
                 n.kind,
+                n.redirected,
             )
         })?;
         if let Some(f) = cached {
@@ -47,8 +48,17 @@ impl Overlay {
         if kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let pf = self.dir_fds(parent)?;
-        let fds = Arc::new(DirFds::open_child(&pf, &name, upper, &lower_dirs)?);
+        let fds = if redirected {
+            // Its lower directories are where its redirects say: resolve it again.
+            let f = self.resolve(parent, &name)?;
+            if f.ino != ino || f.kind != Kind::Dir {
+                return Err(Errno::STALE);
+            }
+            Arc::new(f.fds.ok_or(Errno::IO)?)
+        } else {
+            let pf = self.dir_fds(parent)?;
+            Arc::new(DirFds::open_child(&pf, &name, upper, &lower_dirs)?)
+        };
         let mut nodes = self.nodes.write().unwrap();
         // Keep them only if the node is still what they were opened for: a copy-up of the
         // directory meanwhile must not leave a cached set without its upper fd.
@@ -175,6 +185,7 @@ impl Overlay {
                     self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 n.kind = found.kind;
+                n.redirected = found.redirected;
                 n.upper = found.upper;
                 n.lower = found.lower;
                 n.lower_dirs = self.lower_set(found.lower_dirs);
@@ -204,6 +215,7 @@ impl Overlay {
                         orphan: false,
                         no_xattrs: false,
                         probes: 0,
+                        redirected: found.redirected,
                     },
                 );
                 if let Some(f) = fds {

@@ -30,6 +30,23 @@ pub struct OverlayConfig {
     pub userxattr: bool,
     /// When lookups use a directory's lower index (see `index`).
     pub lookup_index: LookupIndex,
+    /// Whether directory renames write redirects, and whether they are followed.
+    pub redirect_dir: RedirectDir,
+}
+
+/// The kernel's `redirect_dir=` option.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RedirectDir {
+    /// Any directory can be renamed (a redirect xattr records where its lower content is);
+    /// redirects are followed.
+    #[default]
+    On,
+    /// Redirects are followed, never written: renaming a directory with lower content
+    /// fails with EXDEV. (The kernel's `off` means this too with its default
+    /// `redirect_always_follow`.)
+    Follow,
+    /// Neither written nor followed: a lookup that meets a redirect fails with EPERM.
+    NoFollow,
 }
 
 /// When a lookup builds the lower index of its directory (listings always do).
@@ -78,7 +95,7 @@ pub enum SetupError {
         work: PathBuf,
     },
     /// The upper carries metadata strata does not implement.
-    #[error("upperdir '{path}': '{entry}' carries {xattr}; strata does not follow redirects or metacopy (mount it with the kernel using redirect_dir=on/metacopy=on, or copy the files up first)")]
+    #[error("upperdir '{path}': '{entry}' carries {xattr}; strata does not implement metacopy (mount it with the kernel using metacopy=on, or copy the files up first)")]
     UnsupportedUpper {
         /// upper path
         path: PathBuf,
@@ -277,12 +294,12 @@ pub fn remove_tree_at(dir: impl AsFd, name: &OsStr) -> Result<(), Errno> {
     }
 }
 
-/// Refuse an upper that uses kernel features we do not implement (redirects, metacopy).
+/// Refuse an upper that uses a kernel feature we do not implement (metacopy).
 /// The walk reads only the upper, so its cost grows with the changes, not the image.
 fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
     let mut stack = vec![(sys::open_dir_beneath(ul.fd.as_fd(), ".").ok(), PathBuf::new())];
     // Only the mount's own namespace counts, as for the kernel.
-    let bad_names: Vec<String> = ["redirect", "metacopy"]
+    let bad_names: Vec<String> = ["metacopy"]
         .iter()
         .map(|w| ns.name(w).to_string_lossy().into_owned())
         .collect();

@@ -52,6 +52,7 @@ impl Overlay {
                         st,
                         ino,
                         fds: None,
+                        redirected: false,
                     });
                 }
                 Ok(st) => {
@@ -71,11 +72,16 @@ impl Overlay {
                             st,
                             ino,
                             fds: None,
+                            redirected: false,
                         });
                     }
                     let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
+                    let redirect = match opaque {
+                        true => None,
+                        false => whiteout::upper_redirect(t, &xnames, self.ns)?,
+                    };
                     let ufd_child = sys::open_dir_beneath(ufd, name)?;
-                    let f = Found {
+                    let mut f = Found {
                         kind,
                         upper: true,
                         lower: None,
@@ -86,8 +92,13 @@ impl Overlay {
                             upper: Some(Arc::new(ufd_child)),
                             lowers: vec![],
                         }),
+                        redirected: false,
                     };
                     if opaque {
+                        return Ok(f);
+                    }
+                    if let Some(r) = redirect {
+                        self.follow_redirect(&pfds, &lower_dirs, None, &r, &mut f)?;
                         return Ok(f);
                     }
                     found = Some(f);
@@ -114,12 +125,16 @@ impl Overlay {
                 let Some(dfd) = pfds.lower(l) else { continue };
                 if let Some(f) = found.as_mut().filter(|f| known_dir && f.kind == Kind::Dir) {
                     let cfd = sys::open_dir_beneath(dfd, name)?;
-                    let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                    let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
                     f.lower_dirs.push(l);
                     if let Some(fds) = &mut f.fds {
                         fds.lowers.push((l, Arc::new(cfd)));
                     }
                     if opaque {
+                        break;
+                    }
+                    if let Some(r) = redirect {
+                        self.follow_redirect(&pfds, &lower_dirs, Some(l), &r, f)?;
                         break;
                     }
                     continue;
@@ -139,14 +154,15 @@ impl Overlay {
                                     st,
                                     ino,
                                     fds: None,
+                                    redirected: false,
                                 });
                                 break;
                             }
                             None => {
                                 let cfd = sys::open_dir_beneath(dfd, name)?;
-                                let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
                                 let ino = self.map_ino(st.st_dev, st.st_ino);
-                                found = Some(Found {
+                                let f = found.insert(Found {
                                     kind,
                                     upper: false,
                                     lower: None,
@@ -157,8 +173,13 @@ impl Overlay {
                                         upper: None,
                                         lowers: vec![(l, Arc::new(cfd))],
                                     }),
+                                    redirected: false,
                                 });
                                 if opaque {
+                                    break;
+                                }
+                                if let Some(r) = redirect {
+                                    self.follow_redirect(&pfds, &lower_dirs, Some(l), &r, f)?;
                                     break;
                                 }
                             }
@@ -168,12 +189,16 @@ impl Overlay {
                                     break;
                                 }
                                 let cfd = sys::open_dir_beneath(dfd, name)?;
-                                let opaque = whiteout::lower_is_opaque(cfd.as_fd());
+                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
                                 f.lower_dirs.push(l);
                                 if let Some(fds) = &mut f.fds {
                                     fds.lowers.push((l, Arc::new(cfd)));
                                 }
                                 if opaque {
+                                    break;
+                                }
+                                if let Some(r) = redirect {
+                                    self.follow_redirect(&pfds, &lower_dirs, Some(l), &r, f)?;
                                     break;
                                 }
                             }
@@ -195,9 +220,9 @@ impl Overlay {
 
     pub(crate) fn check_supported(&self, xnames: &[Vec<u8>], name: &OsStr) -> Result<()> {
         for x in xnames {
-            if *x == self.ns.name("redirect").as_bytes() || *x == self.ns.name("metacopy").as_bytes() {
+            if *x == self.ns.name("metacopy").as_bytes() {
                 log::error!(
-                    "'{}' in the upper carries {}: strata follows neither redirects nor metacopy",
+                    "'{}' in the upper carries {}: strata does not implement metacopy",
                     name.to_string_lossy(),
                     String::from_utf8_lossy(x)
                 );

@@ -15,6 +15,7 @@ mod inodes;
 pub mod layers;
 mod lookup;
 mod node;
+mod redirect;
 mod remove;
 mod rename;
 mod staging;
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use rustix::io::Errno;
 
 use layers::{Layer, Stack, Upper};
-pub use layers::{LookupIndex, OverlayConfig, SetupError};
+pub use layers::{LookupIndex, OverlayConfig, RedirectDir, SetupError};
 use node::{DirFds, FdBudget, Node, NodeTable};
 use xattr::XattrNs;
 
@@ -67,6 +68,9 @@ pub(crate) struct Found {
     ino: u64,
     /// For directories: fds of every real directory merged into it.
     fds: Option<DirFds>,
+    /// A directory whose lower directories were found through a redirect (so they cannot
+    /// be reopened by name from its parent's).
+    redirected: bool,
 }
 
 /// Where a non-directory lives: the real directory that holds it and its name there.
@@ -98,6 +102,7 @@ pub struct Overlay {
     ns: XattrNs,
     volatile: bool,
     lookup_index: LookupIndex,
+    redirect_dir: RedirectDir,
     nodes: RwLock<NodeTable>,
     /// Orders lookups (read: resolve + record) against renames and removals (write: the
     /// change on disk + the table's update), so a lookup racing a rename never records the
@@ -158,6 +163,7 @@ impl Overlay {
             ns,
             volatile: cfg.volatile,
             lookup_index: cfg.lookup_index,
+            redirect_dir: cfg.redirect_dir,
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
@@ -203,6 +209,7 @@ impl Overlay {
             orphan: false,
             no_xattrs: false,
             probes: 0,
+            redirected: false,
         };
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)

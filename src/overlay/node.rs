@@ -87,6 +87,9 @@ pub(crate) struct Node {
     pub no_xattrs: bool,
     /// Directory: layer probes its lookups have cost without an index (see `index`).
     pub probes: u16,
+    /// Directory whose lower directories were found through a redirect: its fds are
+    /// reopened by resolving it again, not by name from its parent's.
+    pub redirected: bool,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves

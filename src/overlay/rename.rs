@@ -1,6 +1,7 @@
 //! rename, with RENAME_NOREPLACE and RENAME_EXCHANGE.
 
 use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
 
 use rustix::fs::{AtFlags, FileType, RenameFlags};
 use rustix::io::Errno;
@@ -10,7 +11,8 @@ use crate::sys::{self, XTarget};
 
 impl Overlay {
     /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE. A directory that has lower
-    /// content cannot move (EXDEV, as the kernel without redirect_dir).
+    /// content moves with a redirect (see `redirect`), or fails with EXDEV when
+    /// redirect_dir is not `on`, as the kernel's does.
     pub fn rename(
         &self,
         parent: u64,
@@ -37,7 +39,10 @@ impl Overlay {
         if parent == newparent && name == newname {
             return Ok(());
         }
-        let movable = |f: &Found| f.kind != Kind::Dir || (f.upper && f.lower_dirs.is_empty());
+        // A directory with lower content (merged, or still only in a lower layer).
+        let has_lower = |f: &Found| f.kind == Kind::Dir && !(f.upper && f.lower_dirs.is_empty());
+        let redirects = self.redirect_dir == RedirectDir::On;
+        let movable = |f: &Found| redirects || !has_lower(f);
         match &dst {
             None if exchange => return Err(Errno::NOENT),
             Some(_) if rf.contains(RenameFlags::NOREPLACE) => return Err(Errno::EXIST),
@@ -55,6 +60,9 @@ impl Overlay {
                 match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                     (true, false) => return Err(Errno::NOTDIR),
                     (false, true) => return Err(Errno::ISDIR),
+                    // A pure-upper directory is left to the rename itself to refuse (after
+                    // the copy-up and redirect, as the kernel's order leaves them).
+                    (true, true) if d.upper && d.lower_dirs.is_empty() => {}
                     (true, true) => {
                         let fds = d.fds.as_ref().ok_or(Errno::IO)?;
                         if !self
@@ -96,14 +104,26 @@ impl Overlay {
         let dst_lower = self.lower_positive(newparent, newname)?;
         let old_merged = !self.with_node(parent, |n| n.lower_dirs.is_empty())?;
         let new_merged = !self.with_node(newparent, |n| n.lower_dirs.is_empty())?;
+        // A directory with lower content takes a redirect to it before it moves (so a
+        // crash in between leaves at worst a redirect to where it still is).
+        let samedir = parent == newparent;
+        let src_redirect = has_lower(&src);
+        let dst_redirect = exchange && dst.as_ref().is_some_and(has_lower);
+        if src_redirect {
+            self.write_redirect(parent, ofd, name, samedir)?;
+        }
+        if dst_redirect {
+            self.write_redirect(newparent, nfd, newname, samedir)?;
+        }
         if exchange {
             rustix::fs::renameat_with(ofd, name, nfd, newname, RenameFlags::EXCHANGE)?;
             // As the kernel: a pure-upper directory moved into a merged directory becomes
             // opaque, so lower content that appears there later stays hidden.
-            if src.kind == Kind::Dir && (dst_lower || new_merged) {
+            if src.kind == Kind::Dir && !src_redirect && (dst_lower || new_merged) {
                 whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
             }
-            if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) && (src_lower || old_merged) {
+            if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) && !dst_redirect && (src_lower || old_merged)
+            {
                 whiteout::set_opaque(XTarget::At(ofd, name), self.ns)?;
             }
         } else {
@@ -113,7 +133,10 @@ impl Overlay {
                     // the moved directory becomes opaque below.
                     rustix::fs::unlinkat(nfd, newname, AtFlags::empty())?;
                 }
-                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                Ok(st)
+                    if FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                        && dst.as_ref().is_some_and(|d| !d.lower_dirs.is_empty()) =>
+                {
                     // Merged-empty: only whiteouts remain inside, which must go first.
                     let d = sys::open_dir_beneath(nfd, newname)?;
                     layers::remove_children(&d)?;
@@ -133,7 +156,7 @@ impl Overlay {
                 }
                 Err(e) => return Err(e),
             }
-            if src.kind == Kind::Dir && (dst_lower || new_merged) {
+            if src.kind == Kind::Dir && !src_redirect && (dst_lower || new_merged) {
                 whiteout::set_opaque(XTarget::At(nfd, newname), self.ns)?;
             }
         }
@@ -156,10 +179,29 @@ impl Overlay {
             }
         }
         self.rename_node(src.ino, parent, name, newparent, newname);
+        if src_redirect {
+            self.set_redirected(src.ino);
+        }
+        if let Some(d) = dst.as_ref().filter(|_| dst_redirect) {
+            self.set_redirected(d.ino);
+        }
         // A moved directory's ".." changed.
         self.dir_changed(src.ino);
         if let Some(d) = &dst {
             self.dir_changed(d.ino);
+        }
+        Ok(())
+    }
+
+    /// Give the upper directory `name` in `pfd` the redirect its move needs. A layer that
+    /// cannot store it makes the rename fail with EXDEV (the caller copies instead), as the
+    /// kernel's does.
+    fn write_redirect(&self, parent: u64, pfd: BorrowedFd<'_>, name: &OsStr, samedir: bool) -> Result<()> {
+        if let Some(v) = self.redirect_for_move(parent, pfd, name, samedir)? {
+            whiteout::set_redirect(XTarget::At(pfd, name), self.ns, &v).map_err(|e| {
+                log::warn!("cannot store a redirect on '{}': {e}", name.to_string_lossy());
+                Errno::XDEV
+            })?;
         }
         Ok(())
     }

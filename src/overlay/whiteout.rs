@@ -91,11 +91,47 @@ pub fn upper_is_opaque_in(t: XTarget<'_>, names: &[Vec<u8>], ns: XattrNs) -> boo
     xattr_says_opaque(t, names, &[n.to_str().expect("ASCII")])
 }
 
-/// Is the lower directory `dir` (an fd of the directory itself) opaque, by any of the markers
-/// container tools use?
-pub fn lower_is_opaque(dir: BorrowedFd<'_>) -> bool {
+/// The kernel's redirect xattr of an upper directory (`<prefix>redirect`), if it has one.
+/// A value that is neither one name nor an absolute path of plain names is an error (EIO),
+/// as for the kernel: it could otherwise lead a lookup outside the layer.
+pub fn upper_redirect(t: XTarget<'_>, names: &[Vec<u8>], ns: XattrNs) -> Result<Option<Vec<u8>>, Errno> {
+    let n = ns.name("redirect");
+    if !names.iter().any(|x| x.as_slice() == n.as_bytes()) {
+        return Ok(None);
+    }
+    let v = sys::getxattr(t, &n)?;
+    check_redirect(&v)?;
+    Ok(Some(v))
+}
+
+/// Is `v` a redirect the kernel would follow: `name`, or `/a/b/c` with no empty, `.` or
+/// `..` component?
+pub fn check_redirect(v: &[u8]) -> Result<(), Errno> {
+    let bad = |c: &[u8]| c.is_empty() || c == b"." || c == b".." || c.contains(&0);
+    let ok = match v.strip_prefix(b"/") {
+        Some(rest) => !rest.split(|&b| b == b'/').any(bad),
+        None => !v.contains(&b'/') && !bad(v),
+    };
+    if ok {
+        Ok(())
+    } else {
+        log::error!("invalid redirect xattr {:?}", String::from_utf8_lossy(v));
+        Err(Errno::IO)
+    }
+}
+
+/// Set the redirect xattr of an upper directory.
+pub fn set_redirect(t: XTarget<'_>, ns: XattrNs, v: &[u8]) -> Result<(), Errno> {
+    sys::setxattr(t, &ns.name("redirect"), v, 0)
+}
+
+/// What a lower directory says about the layers below it: whether it is opaque (by any of
+/// the markers container tools use), and the redirect it carries (kernel format, in either
+/// namespace). One listxattr for the common directory that has neither.
+pub fn lower_dir_marks(dir: BorrowedFd<'_>) -> Result<(bool, Option<Vec<u8>>), Errno> {
     let t = XTarget::Fd(dir);
-    if let Ok(names) = sys::listxattr(t) {
+    let names = sys::listxattr(t).unwrap_or_default();
+    if !names.is_empty() {
         if xattr_says_opaque(
             t,
             &names,
@@ -105,10 +141,15 @@ pub fn lower_is_opaque(dir: BorrowedFd<'_>) -> bool {
                 "user.fuseoverlayfs.opaque",
             ],
         ) {
-            return true;
+            return Ok((true, None));
+        }
+        for ns in [XattrNs::Trusted, XattrNs::User] {
+            if let Some(r) = upper_redirect(t, &names, ns)? {
+                return Ok((false, Some(r)));
+            }
         }
     }
-    sys::stat_at(dir, OsStr::new(OPAQUE_MARKER)).is_ok()
+    Ok((sys::stat_at(dir, OsStr::new(OPAQUE_MARKER)).is_ok(), None))
 }
 
 #[cfg(test)]
@@ -123,6 +164,26 @@ mod tests {
         assert_eq!(aufs_target(OsStr::new("foo")), None);
         assert_eq!(aufs_name(OsStr::new("a b")), OsString::from(".wh.a b"));
         assert!(is_aufs_marker(OsStr::new(".wh..wh..opq")));
+    }
+
+    #[test]
+    fn redirect_values() {
+        for ok in [&b"a"[..], b"/a", b"/a/b c/d", b".hidden"] {
+            assert!(check_redirect(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"/",
+            b"a/b",
+            b"/a//b",
+            b"/a/",
+            b"/a/../b",
+            b"..",
+            b".",
+            b"/a/./b",
+        ] {
+            assert_eq!(check_redirect(bad), Err(Errno::IO), "{bad:?}");
+        }
     }
 
     #[test]
