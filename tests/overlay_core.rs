@@ -229,13 +229,57 @@ fn rename_rules() {
     let e = env();
     fs::create_dir(e.l1.join("lowerdir")).unwrap();
     fs::write(e.l1.join("file"), "f").unwrap();
+    fs::write(e.l0.join("l0file"), "top").unwrap();
+    fs::create_dir(e.l1.join("lowerdir/sub")).unwrap();
+    fs::write(e.l1.join("lowerdir/sub/deep"), "deep").unwrap();
+    {
+        let o = Overlay::new(&OverlayConfig {
+            lowers: vec![e.l0.clone(), e.l1.clone()],
+            upper: Some(e.upper.clone()),
+            work: Some(e.work.clone()),
+            redirect_dir: strata::overlay::RedirectDir::Follow,
+            ..Default::default()
+        })
+        .unwrap();
+        o.lookup(ROOT, OsStr::new("lowerdir")).unwrap();
+        assert_eq!(
+            o.rename(ROOT, OsStr::new("lowerdir"), ROOT, OsStr::new("x"), 0),
+            Err(Errno::XDEV),
+            "a lower directory cannot move without redirects"
+        );
+    }
     let o = ov(&e);
+    // With redirects (the default) it moves; across directories the redirect is absolute.
     o.lookup(ROOT, OsStr::new("lowerdir")).unwrap();
-    assert_eq!(
-        o.rename(ROOT, OsStr::new("lowerdir"), ROOT, OsStr::new("x"), 0),
-        Err(Errno::XDEV),
-        "a lower directory cannot move without redirects"
-    );
+    let nd = o.mkdir(ROOT, OsStr::new("newparent"), 0o755, ROOTC).unwrap();
+    o.rename(ROOT, OsStr::new("lowerdir"), nd.ino, OsStr::new("x"), 0)
+        .unwrap();
+    assert!(is_whiteout(&e.upper.join("lowerdir")));
+    let v = xattr(&e.upper.join("newparent/x"), "trusted.overlay.redirect");
+    assert_eq!(v.as_deref(), Some(&b"/lowerdir"[..]));
+    let x = o.lookup(nd.ino, OsStr::new("x")).unwrap();
+    assert_eq!(names(&o, x.ino), vec!["sub"]);
+    // Within one directory: relative, the old name.
+    o.rename(x.ino, OsStr::new("sub"), x.ino, OsStr::new("sub2"), 0)
+        .unwrap();
+    let v = xattr(&e.upper.join("newparent/x/sub2"), "trusted.overlay.redirect");
+    assert_eq!(v.as_deref(), Some(&b"sub"[..]));
+    let s2 = o.lookup(x.ino, OsStr::new("sub2")).unwrap();
+    assert_eq!(names(&o, s2.ino), vec!["deep"]);
+    drop(o);
+    // The upper moved into the lower stack: its redirects are followed there too.
+    let o2 = Overlay::new(&OverlayConfig {
+        lowers: vec![e.upper.clone(), e.l0.clone(), e.l1.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let np = o2.lookup(ROOT, OsStr::new("newparent")).unwrap();
+    let x = o2.lookup(np.ino, OsStr::new("x")).unwrap();
+    let s2 = o2.lookup(x.ino, OsStr::new("sub2")).unwrap();
+    assert_eq!(names(&o2, s2.ino), vec!["deep"]);
+    assert_eq!(o2.lookup(ROOT, OsStr::new("lowerdir")).err(), Some(Errno::NOENT));
+    drop(o2);
+    let o = ov(&e);
     o.lookup(ROOT, OsStr::new("file")).unwrap();
     o.rename(ROOT, OsStr::new("file"), ROOT, OsStr::new("moved"), 0)
         .unwrap();
