@@ -720,6 +720,22 @@ RUN exit 9
             b.assert_dir("tmp", 0o1777, (0, 0));
             b.assert_cfg("WorkingDir", json!("/tmp"));
         }),
+        // Directories renamed by a RUN (a redirect in the step's upper) become a layer that
+        // deletes the old path and holds the whole directory at the new one; the next step
+        // runs on it.
+        Case::new(
+            "rename_dirs",
+            "FROM busybox\nRUN mv /usr/share/doc /doc && mv /var/lib /var/lib2 && mv /opt/old/sub /opt/sub\nRUN echo x > /doc/after && ls /var/lib2/app > /listing && mv /doc /usr/doc\n",
+        )
+        .check(|b| {
+            b.assert_file("usr/doc/README", "docs\n", 0o644, (0, 0));
+            b.assert_file("usr/doc/after", "x\n", 0o644, (0, 0));
+            b.assert_file("listing", "data\n", 0o644, (0, 0));
+            b.assert_file("opt/sub/b", "b", 0o644, (0, 0));
+            for gone in ["doc", "usr/share/doc", "var/lib", "opt/old/sub"] {
+                b.assert_absent(gone);
+            }
+        }),
         // docker 20.10's built-in frontend has no heredocs (and `# syntax` needs the network).
         Case::new(
             "heredoc",
@@ -793,6 +809,7 @@ table_tests!(
     dockerignore,
     onbuild,
     run_without_changes,
+    rename_dirs,
     heredoc,
 );
 

@@ -1298,6 +1298,99 @@ fn workflow_run_diff_commit_history() {
     fx.assert_clean("after rm");
 }
 
+/// Directories renamed in a container (redirects in its upper) survive diff, commit,
+/// save, load, export and run: OCI layers have no redirects, so the committed layer
+/// deletes the old path and carries the whole directory at the new one.
+#[test]
+fn renamed_dirs_commit_save_load_run() {
+    let fx = Fixture::new("rdir");
+    let name = format!("rdir-{}", std::process::id());
+    fx.ok(&[
+        "run",
+        "--name",
+        &name,
+        "busybox",
+        "sh",
+        "-c",
+        "set -e; mv /var/lib /var/lib2; echo n > /var/lib2/app/added; \
+         mv /opt/old/sub /sub-moved; mv /usr/share/doc /doc; \
+         mkdir /usr/share/doc; echo fresh > /usr/share/doc/new",
+    ]);
+    const CHECK: &str = "cat /doc/README /var/lib2/app/added; wc -c < /var/lib2/app/data; \
+        ls /sub-moved; ls /usr/share/doc; ls /opt/old; \
+        for p in /var/lib /opt/old/sub /usr/share/doc/README; do \
+        [ -e $p ] && echo STILL $p || echo gone $p; done";
+    let want = [
+        "docs",
+        "n",
+        "70000",
+        "b",
+        "new",
+        "a",
+        "gone /var/lib",
+        "gone /opt/old/sub",
+        "gone /usr/share/doc/README",
+    ];
+
+    let diff = fx.ok(&["diff", &name]);
+    let got = parse_diff_lines(&diff.stdout);
+    for (p, k) in [
+        ("/var/lib", "D"),
+        ("/var/lib2", "A"),
+        ("/var/lib2/app", "A"),
+        ("/var/lib2/app/data", "A"),
+        ("/var/lib2/app/added", "A"),
+        ("/doc/README", "A"),
+        ("/usr/share/doc/README", "D"),
+        ("/opt/old/sub", "D"),
+        ("/sub-moved/b", "A"),
+    ] {
+        assert_eq!(
+            got.get(p).map(String::as_str),
+            Some(k),
+            "{p} in `strata diff`:\n{}",
+            diff.stdout
+        );
+    }
+
+    fx.ok(&["commit", &name, "renamed:1"]);
+    let save = fx.env.path().join("renamed.tar");
+    fx.ok(&["save", "-o", &save.display().to_string(), "renamed:1"]);
+    let manifest = image_common::tar_member(&save, "manifest.json").expect("manifest.json");
+    let m: Value = serde_json::from_slice(&manifest).expect("manifest.json");
+    let layers = m[0]["Layers"].as_array().expect("Layers").clone();
+    let blob = image_common::tar_member(&save, layers.last().unwrap().as_str().unwrap()).expect("top layer");
+    let names = layer_names(&blob);
+    for want in [
+        "var/.wh.lib",
+        "var/lib2/.wh..wh..opq",
+        "var/lib2/app/data",
+        "var/lib2/app/added",
+        "doc/.wh..wh..opq",
+        "doc/README",
+        "sub-moved/b",
+        "opt/old/.wh.sub",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "committed layer lacks {want}: {names:?}"
+        );
+    }
+    fx.ok(&["rm", &name]);
+    fx.ok(&["rmi", "renamed:1"]);
+    fx.ok(&["load", "-i", &save.display().to_string()]);
+    let out = fx.strata(&["run", "--rm", "renamed:1", "sh", "-c", CHECK]);
+    assert!(out.ok(), "run of the loaded image: {out}");
+    assert_eq!(lines(&out.stdout), want, "the loaded image's tree");
+    let export = fx.env.path().join("renamed-export.tar");
+    fx.ok(&["export", "renamed:1", "-o", &export.display().to_string()]);
+    let flat = image_common::tar_names(&export);
+    assert!(flat.iter().any(|n| n == "var/lib2/app/data"), "{flat:?}");
+    assert!(!flat.iter().any(|n| n.starts_with("var/lib/")), "{flat:?}");
+    fx.ok(&["rmi", "renamed:1"]);
+    fx.assert_clean("after the renamed-directories round trip");
+}
+
 #[test]
 fn shell_in_existing_container() {
     let fx = Fixture::new("shell");

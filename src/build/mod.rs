@@ -903,6 +903,8 @@ impl Builder<'_> {
     /// Commit `upper` as the next layer of `st` (or an empty history entry when nothing
     /// changed), then remember the result under `st.key`.
     fn commit(&mut self, st: &mut State, upper: &Path, created_by: &str) -> Result<()> {
+        // What the step ran on (before the store is locked here: `lowers` locks it too).
+        let lowers = self.lowers(st)?;
         let store = Store::open(self.root, true)?;
         // docker (BuildKit 20.10) gives every RUN, COPY, ADD and WORKDIR a layer, an empty
         // tar when nothing changed.
@@ -912,6 +914,8 @@ impl Builder<'_> {
             let popts = PackOpts {
                 epoch,
                 excludes: Vec::new(),
+                // Renamed directories are written whole from what the step ran on.
+                lowers,
             };
             let blob = write_layer(
                 &store,
@@ -1299,10 +1303,15 @@ fn adopt_upper(store: &Store, upper: &Path, diff_id: &str) -> Result<()> {
     if dir.exists() {
         return Ok(());
     }
-    fn strip(p: &Path) -> Result<()> {
+    /// Strip the bookkeeping xattrs; true when a directory carries a redirect.
+    fn strip(p: &Path) -> Result<bool> {
         let f = std::fs::File::open(p)?;
+        let mut redirect = false;
         {
             use std::os::fd::AsFd;
+            let t = crate::sys::XTarget::Fd(f.as_fd());
+            let names = crate::sys::listxattr(t).unwrap_or_default();
+            redirect |= layer::upper_redirect(t, &names)?.is_some();
             for ns in ["trusted", "user"] {
                 for n in ["origin", "impure", "nlink"] {
                     let name = format!("{ns}.overlay.{n}");
@@ -1316,12 +1325,16 @@ fn adopt_upper(store: &Store, upper: &Path, diff_id: &str) -> Result<()> {
         for e in std::fs::read_dir(p)? {
             let e = e?;
             if e.file_type()?.is_dir() {
-                strip(&e.path())?;
+                redirect |= strip(&e.path())?;
             }
         }
-        Ok(())
+        Ok(redirect)
     }
-    strip(upper)?;
+    if strip(upper)? {
+        // A renamed directory's content is partly in the layers below: the layer's
+        // directory is unpacked from its tar instead, when it is needed.
+        return Ok(());
+    }
     let d = std::fs::File::open(upper)?;
     rustix::fs::syncfs(&d)?;
     match std::fs::rename(upper, &dir) {

@@ -1,6 +1,6 @@
 //! `strata diff`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
@@ -10,14 +10,25 @@ use crate::image::progress::Progress;
 use crate::image::store::Store;
 use crate::image::tree::Tree;
 
-fn tree(store: &Store, image: Option<&str>) -> Result<Tree> {
+/// The layer directories of `image` (none without one).
+fn layers(store: &Store, image: Option<&str>) -> Result<Vec<PathBuf>> {
     match image {
-        None => Tree::open(vec![]),
+        None => Ok(vec![]),
         Some(i) => {
             let img = store.resolve(i)?;
-            Tree::open(store.unpacked_layers(&img, &Progress::new())?)
+            store.unpacked_layers(&img, &Progress::new())
         }
     }
+}
+
+fn tree(store: &Store, image: Option<&str>) -> Result<Tree> {
+    Tree::open(layers(store, image)?)
+}
+
+/// Changes of `upper` over `image`.
+fn upper_changes(store: &Store, upper: &Path, image: Option<&str>) -> Result<Vec<Change>> {
+    let l = layers(store, image)?;
+    diff_upper(upper, &Tree::open(l.clone())?, &l)
 }
 
 /// Print changes in docker's A/C/D form or as JSON.
@@ -39,12 +50,12 @@ pub fn print(changes: &[Change], format: Format) -> Result<()> {
 pub fn run(a: DiffArgs, root: &Path) -> Result<()> {
     let store = Store::open(root, true)?;
     let changes = match (&a.upper, a.images.as_slice()) {
-        (Some(u), []) => diff_upper(u, &tree(&store, a.base.as_deref())?)?,
+        (Some(u), []) => upper_changes(&store, u, a.base.as_deref())?,
         (None, [c]) => {
             let c = crate::container::Container::open(root, c)?;
             let base = a.base.clone().unwrap_or(c.state.image_id.clone());
             let stubs = std::fs::read_to_string(c.rundir().join("stubs")).unwrap_or_default();
-            diff_upper(&c.upper(), &tree(&store, Some(&base))?)?
+            upper_changes(&store, &c.upper(), Some(&base))?
                 .into_iter()
                 .filter(|ch| !stubs.lines().any(|s| s == ch.path))
                 .collect()

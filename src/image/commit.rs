@@ -179,12 +179,15 @@ pub fn commit(store: &Store, o: &CommitOpts, progress: &Progress) -> Result<Imag
     let popts = PackOpts {
         epoch,
         excludes: o.excludes.clone(),
+        // (already unpacked when the upper was mounted over them)
+        lowers: match &base {
+            Some(b) => store.unpacked_layers(b, progress)?,
+            None => Vec::new(),
+        },
     };
     let (blob, mut layers) = if o.squash {
         let mut lowers = vec![o.upper.clone()];
-        if let Some(b) = &base {
-            lowers.extend(store.unpacked_layers(b, progress)?);
-        }
+        lowers.extend(popts.lowers.iter().cloned());
         let tree = Tree::open(lowers)?;
         let blob = write_layer(
             store,

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use rustix::fs::{FileType, Mode, OFlags};
@@ -23,8 +23,9 @@ pub struct Change {
     pub kind: char,
 }
 
-/// Changes an upper directory makes to `base`.
-pub fn diff_upper(upper: &Path, base: &Tree) -> Result<Vec<Change>> {
+/// Changes an upper directory makes to `base`, the tree of `lowers` (top first; what
+/// the upper was mounted over, needed for the content of renamed directories).
+pub fn diff_upper(upper: &Path, base: &Tree, lowers: &[PathBuf]) -> Result<Vec<Change>> {
     let root = rustix::fs::open(
         upper,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -32,12 +33,29 @@ pub fn diff_upper(upper: &Path, base: &Tree) -> Result<Vec<Change>> {
     )
     .with_context(|| format!("upper directory '{}'", upper.display()))?;
     let mut out = Vec::new();
-    walk_upper(root.as_fd(), "", base, &mut out)?;
+    let mut merged = None;
+    let mut w = Walk {
+        upper,
+        lowers,
+        base,
+        merged: &mut merged,
+    };
+    walk_upper(root.as_fd(), "", &mut w, &mut out)?;
     out.sort();
+    out.dedup();
     Ok(out)
 }
 
-fn walk_upper(dir: BorrowedFd<'_>, rel: &str, base: &Tree, out: &mut Vec<Change>) -> Result<()> {
+struct Walk<'a> {
+    upper: &'a Path,
+    lowers: &'a [PathBuf],
+    base: &'a Tree,
+    /// The upper over `lowers`, opened at the first renamed directory.
+    merged: &'a mut Option<Tree>,
+}
+
+fn walk_upper(dir: BorrowedFd<'_>, rel: &str, w: &mut Walk<'_>, out: &mut Vec<Change>) -> Result<()> {
+    let base = w.base;
     for ent in rustix::fs::Dir::read_from(dir)? {
         let ent = ent?;
         let nb = ent.file_name().to_bytes();
@@ -63,7 +81,41 @@ fn walk_upper(dir: BorrowedFd<'_>, rel: &str, base: &Tree, out: &mut Vec<Change>
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             let d = sys::open_dir_beneath(dir, name)?;
             let t = XTarget::Fd(d.as_fd());
-            let opaque = whiteout::upper_is_opaque(t, &sys::listxattr(t).unwrap_or_default());
+            let xnames = sys::listxattr(t).unwrap_or_default();
+            let opaque = whiteout::upper_is_opaque(t, &xnames);
+            if super::layer::upper_redirect(t, &xnames)?.is_some() {
+                // Renamed here: as docker's full-tree diff reports it, everything now
+                // below it is added (or changed where the base had the same path), and
+                // what the base had there and is gone is deleted.
+                if w.merged.is_none() {
+                    let mut layers = vec![w.upper.to_path_buf()];
+                    layers.extend(w.lowers.iter().cloned());
+                    *w.merged = Some(Tree::open(layers)?);
+                }
+                let merged = w.merged.as_ref().expect("just opened");
+                let mut now = HashSet::new();
+                merged.walk_under(&path, &mut |n| {
+                    now.insert(n.path.clone());
+                    let kind = if base.lookup(&n.path).is_some() { 'C' } else { 'A' };
+                    out.push(Change {
+                        path: format!("/{}", n.path),
+                        kind,
+                    });
+                    Ok(())
+                })?;
+                if in_base.is_some_and(|a| a.kind == Kind::Dir) {
+                    base.walk_under(&path, &mut |n| {
+                        if !now.contains(&n.path) {
+                            out.push(Change {
+                                path: format!("/{}", n.path),
+                                kind: 'D',
+                            });
+                        }
+                        Ok(())
+                    })?;
+                }
+                continue;
+            }
             if opaque && in_base.is_some_and(|a| a.kind == Kind::Dir) {
                 // Everything the base had there is gone, unless the upper has it again.
                 let mine: HashSet<Vec<u8>> = rustix::fs::Dir::read_from(&d)?
@@ -79,7 +131,7 @@ fn walk_upper(dir: BorrowedFd<'_>, rel: &str, base: &Tree, out: &mut Vec<Change>
                     }
                 }
             }
-            walk_upper(d.as_fd(), &format!("{path}/"), base, out)?;
+            walk_upper(d.as_fd(), &format!("{path}/"), w, out)?;
         }
     }
     Ok(())

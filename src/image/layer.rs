@@ -548,6 +548,9 @@ pub struct PackOpts {
     pub epoch: Option<i64>,
     /// Glob patterns (matched against `/path`) of entries to leave out.
     pub excludes: Vec<String>,
+    /// The layers the upper was mounted over (top first): a directory that carries a
+    /// redirect (it was renamed) is written with its whole merged content, read from them.
+    pub lowers: Vec<std::path::PathBuf>,
 }
 
 /// Counts of what a pack wrote.
@@ -766,17 +769,48 @@ pub fn pack_upper<W: Write>(upper: &Path, out: &mut TarOut<W>, opts: &PackOpts) 
         Mode::empty(),
     )
     .with_context(|| format!("upper directory '{}'", upper.display()))?;
-    let mut links: HashMap<(u64, u64), String> = HashMap::new();
-    pack_dir(root.as_fd(), "", out, opts, &mut links)
+    let mut p = Pack {
+        upper,
+        opts,
+        links: HashMap::new(),
+        merged: None,
+    };
+    pack_dir(root.as_fd(), "", out, &mut p)
 }
 
-fn pack_dir<W: Write>(
-    dir: BorrowedFd<'_>,
-    rel: &str,
-    out: &mut TarOut<W>,
-    opts: &PackOpts,
-    links: &mut HashMap<(u64, u64), String>,
-) -> Result<()> {
+/// State of one `pack_upper`.
+struct Pack<'a> {
+    upper: &'a Path,
+    opts: &'a PackOpts,
+    links: HashMap<(u64, u64), String>,
+    /// The merged tree (upper over `opts.lowers`), opened at the first redirect.
+    merged: Option<super::tree::Tree>,
+}
+
+impl Pack<'_> {
+    fn merged(&mut self) -> Result<&super::tree::Tree> {
+        if self.merged.is_none() {
+            let mut layers = vec![self.upper.to_path_buf()];
+            layers.extend(self.opts.lowers.iter().cloned());
+            self.merged = Some(super::tree::Tree::open(layers)?);
+        }
+        Ok(self.merged.as_ref().expect("just opened"))
+    }
+}
+
+/// The redirect an upper directory carries, in either namespace (a renamed directory).
+pub fn upper_redirect(t: XTarget<'_>, xnames: &[Vec<u8>]) -> Result<Option<Vec<u8>>> {
+    use crate::overlay::xattr::XattrNs;
+    for ns in [XattrNs::Trusted, XattrNs::User] {
+        if let Some(r) = whiteout::upper_redirect(t, xnames, ns)? {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
+fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &mut Pack<'_>) -> Result<()> {
+    let opts = p.opts;
     let mut names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_bytes().to_vec())
@@ -821,8 +855,13 @@ fn pack_dir<W: Write>(
                 let dt = XTarget::Fd(d.as_fd());
                 let xnames = sys::listxattr(dt).unwrap_or_default();
                 let opaque = whiteout::upper_is_opaque(dt, &xnames);
+                // Renamed: OCI has no redirects, so the layer hides whatever is below at
+                // the new path and carries the directory's whole merged content.
+                let redirect = upper_redirect(dt, &xnames)
+                    .with_context(|| format!("upper directory '{abs}'"))?
+                    .is_some();
                 out.append(&path, EntryKind::Dir, m, &user_xattrs(dt), &mut io::empty())?;
-                if opaque {
+                if opaque || redirect {
                     let mm = Meta {
                         mode: 0o755,
                         uid: 0,
@@ -837,16 +876,22 @@ fn pack_dir<W: Write>(
                         &mut io::empty(),
                     )?;
                 }
-                pack_dir(d.as_fd(), &format!("{path}/"), out, opts, links)?;
+                if redirect {
+                    p.merged()?
+                        .export_from(Some(&path), out, &|a| excluded(opts, a))
+                        .with_context(|| format!("writing the content of renamed directory '{abs}'"))?;
+                } else {
+                    pack_dir(d.as_fd(), &format!("{path}/"), out, p)?;
+                }
             }
             FileType::RegularFile => {
                 if st.st_nlink > 1 {
-                    if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
+                    if let Some(first) = p.links.get(&(st.st_dev, st.st_ino)) {
                         let first = first.clone();
                         out.append(&path, EntryKind::Link(&first), m, &[], &mut io::empty())?;
                         continue;
                     }
-                    links.insert((st.st_dev, st.st_ino), path.clone());
+                    p.links.insert((st.st_dev, st.st_ino), path.clone());
                 }
                 let f = sys::open_beneath(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
                 let xs = user_xattrs(XTarget::Fd(f.as_fd()));

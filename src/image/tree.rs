@@ -90,6 +90,14 @@ impl Tree {
         self.walk_dir(ROOT, "", f)
     }
 
+    /// Every object below the directory at `path` ("a/b"; not the directory itself).
+    pub fn walk_under(&self, path: &str, f: &mut dyn FnMut(&Node) -> Result<()>) -> Result<()> {
+        let a = self
+            .lookup(path)
+            .with_context(|| format!("'/{path}' is not in the merged tree"))?;
+        self.walk_dir(a.ino, &format!("{path}/"), f)
+    }
+
     fn walk_dir(&self, ino: u64, prefix: &str, f: &mut dyn FnMut(&Node) -> Result<()>) -> Result<()> {
         let fh = self.ov.opendir(ino)?;
         let mut names: Vec<Vec<u8>> = self
@@ -154,9 +162,19 @@ impl Tree {
 
     /// `export`, leaving out every path (and subtree) for which `skip("/path")` holds.
     pub fn export_except<W: Write>(&self, out: &mut TarOut<W>, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+        self.export_from(None, out, skip)
+    }
+
+    /// `export_except` of what is below the directory at `path` only (None: everything).
+    pub fn export_from<W: Write>(
+        &self,
+        path: Option<&str>,
+        out: &mut TarOut<W>,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
         let mut links: HashMap<u64, String> = HashMap::new();
         let mut skipped: Vec<String> = Vec::new();
-        self.walk(&mut |n| {
+        let mut each = |n: &Node| -> Result<()> {
             if skipped.iter().any(|p| n.path.starts_with(&format!("{p}/"))) {
                 return Ok(());
             }
@@ -201,7 +219,11 @@ impl Tree {
                 Kind::Fifo => out.append(&n.path, EntryKind::Fifo, m, &xs, &mut io::empty()),
                 Kind::Socket => Ok(()),
             }
-        })
+        };
+        match path {
+            None => self.walk(&mut each),
+            Some(p) => self.walk_under(p, &mut each),
+        }
     }
 }
 
