@@ -188,7 +188,9 @@ impl Stack {
             .iter()
             .map(|p| open_layer("lowerdir", p))
             .collect::<Result<Vec<_>, _>>()?;
-        let ns = if cfg.userxattr || sys::euid() != 0 {
+        // trusted.* needs real root: root in a user namespace works as the kernel's
+        // userxattr mode does.
+        let ns = if cfg.userxattr || sys::euid() != 0 || !sys::in_initial_userns() {
             XattrNs::User
         } else {
             XattrNs::Trusted

@@ -382,6 +382,15 @@ pub fn raise_nofile() -> u64 {
     rl.rlim_cur
 }
 
+/// Is this process in the initial user namespace (the whole uid range mapped onto itself)?
+/// Root in any other one (podman's rootless namespace) may not set `trusted.*` xattrs.
+pub fn in_initial_userns() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        f == ["0", "0", "4294967295"]
+    })
+}
+
 /// The calling process's effective uid.
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
