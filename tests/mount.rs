@@ -854,3 +854,101 @@ fn directory_fds_over_budget_are_recycled() {
     }
     m.umount().unwrap();
 }
+
+/// `uidmapping=`/`gidmapping=` as containers/storage passes them for a container with its
+/// own ID range: the same owners shown, stored and created as fuse-overlayfs (the mount
+/// program strata replaces), and the values the mapping defines.
+#[test]
+fn id_mapping_matches_fuse_overlayfs() {
+    let map = "uidmapping=0:100000:65536,gidmapping=0:100000:65536";
+    let build = |ls: &LayerSet| {
+        ls.lower(0)
+            .file("a", "a")
+            .file("b", "b")
+            .chown("b", 1000, 1001)
+            .file("c", "c")
+            .chown("c", 100000, 100000)
+            .dir("d")
+            .chown("d", 5, 5)
+            .file("d/f", "f")
+            .chown("d/f", 5, 6)
+            .dir_mode("open", 0o777);
+    };
+    let owner = |p: &Path| {
+        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.uid(), m.gid())
+    };
+    let mut results = Vec::new();
+    for fo in [true, false] {
+        let ls = LayerSet::new(if fo { "idmap-fo" } else { "idmap-s" }, 1);
+        build(&ls);
+        let opts = format!("{},{map}", ls.spec().options());
+        let guard = if fo {
+            let out = run_cmd(
+                Command::new("fuse-overlayfs").arg("-o").arg(&opts).arg(&ls.mnt),
+                Duration::from_secs(30),
+            );
+            assert!(out.ok(), "fuse-overlayfs: {out}");
+            None
+        } else {
+            let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, ls.mnt.display().to_string()];
+            Some(StrataMount::with_args(&ls.spec(), &args).unwrap())
+        };
+        let m = ls.mnt.clone();
+        let mut r: Vec<(String, String)> = Vec::new();
+        for n in ["a", "b", "c", "d", "d/f"] {
+            r.push((format!("shown {n}"), format!("{:?}", owner(&m.join(n)))));
+        }
+        let chown =
+            |p: &str, u: u32, g: u32| format!("{:?}", lchown(&m.join(p), u, g).map_err(|e| e.raw_os_error()));
+        r.push(("chown a".into(), chown("a", 100007, 100008)));
+        r.push(("chown b to unmapped".into(), chown("b", 0, 0)));
+        r.push(("chown d/f".into(), chown("d/f", 100001, 100002)));
+        fs::write(m.join("new-by-root"), "x").unwrap();
+        let out = run_cmd(
+            Command::new("setpriv")
+                .args(["--reuid=100003", "--regid=100004", "--clear-groups", "touch"])
+                .arg(m.join("open/new-by-user")),
+            Duration::from_secs(30),
+        );
+        r.push(("create as 100003".into(), format!("{}", out.ok())));
+        for n in ["a", "b", "d/f", "new-by-root", "open/new-by-user"] {
+            r.push((format!("shown after {n}"), format!("{:?}", owner(&m.join(n)))));
+        }
+        match guard {
+            Some(g) => g.umount().unwrap(),
+            None => {
+                let out = run_cmd(Command::new("umount").arg(&m), Duration::from_secs(30));
+                assert!(out.ok(), "umount fuse-overlayfs: {out}");
+            }
+        }
+        for n in ["a", "b", "d/f", "new-by-root", "open/new-by-user"] {
+            r.push((format!("stored {n}"), format!("{:?}", owner(&ls.upper.path(n)))));
+        }
+        results.push(r);
+    }
+    assert_eq!(
+        results[0], results[1],
+        "fuse-overlayfs (left) and strata (right) differ"
+    );
+    // And what the mapping means, checked on strata's.
+    let got: std::collections::HashMap<&str, &str> =
+        results[1].iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for (k, v) in [
+        ("shown a", "(100000, 100000)"),
+        ("shown b", "(101000, 101001)"),
+        ("shown c", "(65534, 65534)"),
+        ("shown d/f", "(100005, 100006)"),
+        ("chown a", "Ok(())"),
+        ("stored a", "(7, 8)"),
+        ("stored d/f", "(1, 2)"),
+        ("stored open/new-by-user", "(3, 4)"),
+        ("shown after open/new-by-user", "(100003, 100004)"),
+        ("create as 100003", "true"),
+        // Outside the map: stored as the overflow ID, which the map then shows shifted.
+        ("stored new-by-root", "(65534, 65534)"),
+        ("stored b", "(65534, 65534)"),
+    ] {
+        assert_eq!(got.get(k).copied(), Some(v), "{k}: {:?}", results[1]);
+    }
+}

@@ -54,6 +54,7 @@ impl Mounter for FuseMounter {
                 fsname: "strata:build".into(),
                 threads: 4,
                 passthrough: Passthrough::On,
+                acl: true,
             },
             image: None,
         };

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use crate::cli::MountArgs;
 use crate::fuse::mount::{serve, MountOpts, Passthrough};
 use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
+use crate::overlay::idmap::IdRanges;
 use crate::overlay::{LookupIndex, Overlay, OverlayConfig, RedirectDir};
 
 /// Everything a mount needs, after parsing and before validation of the directories.
@@ -95,13 +96,43 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("metacopy", Some(_)) | ("index", Some(_)) => {
                 bail!("option '{opt}' is not supported: strata writes no metacopy or index")
             }
-            ("uidmapping", _)
-            | ("gidmapping", _)
-            | ("squash_to_root", _)
-            | ("squash_to_uid", _)
-            | ("squash_to_gid", _) => {
-                bail!("option '{opt}' (ID mapping) is not supported yet")
+            // fuse-overlayfs's options, as containers/storage passes them.
+            ("uidmapping", Some(v)) => {
+                spec.overlay.ids.uids = IdRanges::parse(v).map_err(|e| anyhow::anyhow!("uidmapping={e}"))?
             }
+            ("gidmapping", Some(v)) => {
+                spec.overlay.ids.gids = IdRanges::parse(v).map_err(|e| anyhow::anyhow!("gidmapping={e}"))?
+            }
+            ("squash_to_root", None) => {
+                // squash_to_uid/gid win over it, whatever the order.
+                let ids = &mut spec.overlay.ids;
+                ids.squash_uid.get_or_insert(0);
+                ids.squash_gid.get_or_insert(0);
+            }
+            ("squash_to_uid", Some(v)) => {
+                spec.overlay.ids.squash_uid = Some(v.parse().map_err(|_| anyhow::anyhow!("squash_to_uid={v}: not an ID"))?)
+            }
+            ("squash_to_gid", Some(v)) => {
+                spec.overlay.ids.squash_gid = Some(v.parse().map_err(|_| anyhow::anyhow!("squash_to_gid={v}: not an ID"))?)
+            }
+            ("static_nlink", None) => spec.overlay.static_nlink = true,
+            ("noacl", None) => spec.opts.acl = false,
+            ("xattr_permissions", Some("0")) => {}
+            ("xattr_permissions", Some(v)) => bail!(
+                "xattr_permissions={v}: strata keeps owners and modes in the files themselves (only 0 is supported)"
+            ),
+            ("threaded", Some(v)) => {
+                let n: usize = v.parse().map_err(|_| anyhow::anyhow!("threaded={v}: not a number"))?;
+                // fuse-overlayfs: 0 is one thread; strata's workers otherwise.
+                if n == 0 {
+                    spec.opts.threads = 1;
+                }
+            }
+            ("max_write", Some(v)) => {
+                v.parse::<u32>().map_err(|_| anyhow::anyhow!("max_write={v}: not a number"))?;
+                log::info!("option {opt} accepted: strata negotiates the largest write the kernel allows")
+            }
+            ("plugins", Some(_)) => bail!("option '{opt}': strata has no lower-layer plugins"),
             _ => log::warn!("unknown mount option '{opt}' ignored"),
         }
     }
@@ -144,6 +175,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             fsname: "strata".into(),
             threads: a.threads,
             passthrough: Passthrough::On,
+            acl: true,
         },
         image: None,
     };
@@ -221,6 +253,7 @@ pub fn mount_container(
             fsname: format!("strata:{}", c.state.name),
             threads: 4,
             passthrough: Passthrough::On,
+            acl: true,
         },
         image: Some(c.state.image_id.clone()),
     };
@@ -430,6 +463,26 @@ mod tests {
         assert_eq!(s.overlay.redirect_dir, RedirectDir::Follow);
         apply_options(&mut s, "redirect_dir=on").unwrap();
         assert_eq!(s.overlay.redirect_dir, RedirectDir::On);
-        assert!(apply_options(&mut s, "uidmapping=0:1000:1").is_err());
+        apply_options(
+            &mut s,
+            "uidmapping=0:100000:65536,gidmapping=0:100000:1:1:200000:10",
+        )
+        .unwrap();
+        assert_eq!(s.overlay.ids.uids.0, vec![(0, 100000, 65536)]);
+        assert_eq!(s.overlay.ids.gids.0, vec![(0, 100000, 1), (1, 200000, 10)]);
+        assert!(apply_options(&mut s, "uidmapping=0:1").is_err());
+        apply_options(&mut s, "squash_to_uid=7,squash_to_root").unwrap();
+        assert_eq!(
+            (s.overlay.ids.squash_uid, s.overlay.ids.squash_gid),
+            (Some(7), Some(0))
+        );
+        assert!(apply_options(&mut s, "xattr_permissions=2").is_err());
+        assert!(apply_options(&mut s, "plugins=/x.so").is_err());
+        apply_options(
+            &mut s,
+            "noacl,static_nlink,threaded=0,max_write=131072,xattr_permissions=0",
+        )
+        .unwrap();
+        assert!(!s.opts.acl && s.overlay.static_nlink && s.opts.threads == 1);
     }
 }

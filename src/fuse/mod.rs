@@ -28,6 +28,8 @@ const TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct FuseFs {
     ov: Arc<Overlay>,
+    /// Ask the kernel to check POSIX ACLs (not with `noacl`).
+    acl: bool,
     /// Passthrough allowed by the mount options.
     want_passthrough: bool,
     /// Every lower file opened for reading may be passed through, not only executables.
@@ -39,9 +41,10 @@ pub struct FuseFs {
 
 impl FuseFs {
     /// Serve `ov`; `passthrough` says which files may be passed through.
-    pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough) -> FuseFs {
+    pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough, acl: bool) -> FuseFs {
         FuseFs {
             ov,
+            acl,
             want_passthrough: passthrough != mount::Passthrough::Off,
             lower_reads: passthrough == mount::Passthrough::All,
             passthrough: AtomicBool::new(false),
@@ -363,6 +366,9 @@ impl Filesystem for FuseFs {
             // round trip after the first.
             InitFlags::FUSE_POSIX_ACL,
         ] {
+            if cap == InitFlags::FUSE_POSIX_ACL && !self.acl {
+                continue;
+            }
             let _ = config.add_capabilities(cap);
         }
         // Passthrough: the kernel reads and writes upper files directly. It needs

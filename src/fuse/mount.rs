@@ -46,6 +46,8 @@ pub struct MountOpts {
     pub threads: usize,
     /// Where the kernel reads and writes files directly (FUSE passthrough).
     pub passthrough: Passthrough,
+    /// The kernel checks POSIX ACLs (off with `noacl`).
+    pub acl: bool,
 }
 
 fn fuser_config(o: &MountOpts) -> Config {
@@ -209,7 +211,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     // One reference is never dropped: at exit the kernel closes the cached fds at once,
     // instead of the table being torn down entry by entry while `strata umount` waits.
     std::mem::forget(ov.clone());
-    let fs = FuseFs::new(ov, o.passthrough);
+    let fs = FuseFs::new(ov, o.passthrough, o.acl);
     let direct = crate::sys::euid() == 0;
     let made = if direct {
         // As root, mount(2) ourselves so the type is "fuse.strata" (fuser would say "fuse").

@@ -36,6 +36,18 @@ impl Overlay {
     /// the bytes that survive it).
     pub fn setattr(&self, ino: u64, sa: &SetAttr) -> Result<Attr> {
         self.upper()?;
+        // Owners as stored in the layers (ID mapping).
+        let mapped;
+        let sa = if self.ids.is_identity() {
+            sa
+        } else {
+            mapped = SetAttr {
+                uid: sa.uid.map(|u| self.ids.stored_uid(u)),
+                gid: sa.gid.map(|g| self.ids.stored_gid(g)),
+                ..*sa
+            };
+            &mapped
+        };
         let (orphan, in_upper) = self.with_node(ino, |n| (n.orphan, n.upper))?;
         if orphan && !in_upper {
             // Unlinked while open for reading from a lower layer: nothing to copy up from a
@@ -68,13 +80,17 @@ impl Overlay {
         let (dfd, name) = self.upper_at(ino)?;
         let d = dfd.as_fd();
         if sa.uid.is_some() || sa.gid.is_some() {
-            rustix::fs::chownat(
+            let r = rustix::fs::chownat(
                 d,
                 &name,
                 sa.uid.map(rustix::fs::Uid::from_raw),
                 sa.gid.map(rustix::fs::Gid::from_raw),
                 AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            );
+            // Squashed, what shows does not change: fuse-overlayfs drops chown errors then.
+            if !self.ids.squashing() {
+                r?;
+            }
         }
         if let Some(m) = sa.mode {
             if kind == Kind::Symlink {

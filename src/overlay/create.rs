@@ -121,6 +121,11 @@ impl Overlay {
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
         }
+        // The owner as stored in the layer (ID mapping).
+        let who = Caller {
+            uid: self.ids.stored_uid(who.uid),
+            gid: self.ids.stored_gid(who.gid),
+        };
         self.copy_up(parent)?;
         let pfds = self.dir_fds(parent)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;

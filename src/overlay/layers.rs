@@ -32,6 +32,10 @@ pub struct OverlayConfig {
     pub lookup_index: LookupIndex,
     /// Whether directory renames write redirects, and whether they are followed.
     pub redirect_dir: RedirectDir,
+    /// Owners translated between the layers and the mount (`uidmapping=`...).
+    pub ids: super::idmap::IdMap,
+    /// Directories report one link (fuse-overlayfs's `static_nlink`).
+    pub static_nlink: bool,
 }
 
 /// The kernel's `redirect_dir=` option.

@@ -10,6 +10,7 @@ mod copyup;
 mod create;
 mod dir;
 mod file;
+pub mod idmap;
 mod index;
 mod inodes;
 pub mod layers;
@@ -103,6 +104,8 @@ pub struct Overlay {
     volatile: bool,
     lookup_index: LookupIndex,
     redirect_dir: RedirectDir,
+    ids: idmap::IdMap,
+    static_nlink: bool,
     nodes: RwLock<NodeTable>,
     /// Orders lookups (read: resolve + record) against renames and removals (write: the
     /// change on disk + the table's update), so a lookup racing a rename never records the
@@ -164,6 +167,8 @@ impl Overlay {
             volatile: cfg.volatile,
             lookup_index: cfg.lookup_index,
             redirect_dir: cfg.redirect_dir,
+            ids: cfg.ids.clone(),
+            static_nlink: cfg.static_nlink,
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
@@ -252,6 +257,8 @@ impl Overlay {
 
     fn attr_of(&self, st: &rustix::fs::Stat, ino: u64, merged_dir: bool) -> Attr {
         let kind = Kind::from_mode(st.st_mode);
+        let (uid, gid) = self.ids.shown(st.st_uid, st.st_gid);
+        let merged_dir = merged_dir || (self.static_nlink && kind == Kind::Dir);
         Attr {
             ino,
             size: st.st_size as u64,
@@ -264,8 +271,8 @@ impl Overlay {
             // As the kernel does: a merged directory reports 1, which `find` and friends
             // take as "count unknown".
             nlink: if merged_dir { 1 } else { st.st_nlink as u32 },
-            uid: st.st_uid,
-            gid: st.st_gid,
+            uid,
+            gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
         }
