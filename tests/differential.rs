@@ -1552,3 +1552,19 @@ fn open_unlinked_files_keep_working() {
     }
     run.finish();
 }
+
+/// A lower directory copied up for a child becomes merged: its link count changes to 1
+/// though nothing asked about the directory itself (strata tells the kernel to drop its
+/// cached attributes; found by random seed 0x72 with redirects).
+#[test]
+fn copied_up_dir_reports_merged_nlink() {
+    run_case("copyup-nlink", 1, base, |o| {
+        o.stat("dir/sub");
+        assert_eq!(o.last(), Some(&Ok("Dir 0755 0:0 nlink=2".to_string())));
+        o.write("dir/sub/deep", b"x");
+        o.stat("dir/sub");
+        assert_eq!(o.last(), Some(&Ok("Dir 0755 0:0 nlink=1".to_string())));
+        o.stat("dir");
+        assert_eq!(o.last(), Some(&Ok("Dir 0755 0:0 nlink=1".to_string())));
+    });
+}

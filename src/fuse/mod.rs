@@ -28,6 +28,9 @@ const TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct FuseFs {
     ov: Arc<Overlay>,
+    /// Set once the session exists: tells the kernel of attributes that changed behind
+    /// its back (see `flush_stale`).
+    pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// Ask the kernel to check POSIX ACLs (not with `noacl`).
     acl: bool,
     /// Passthrough allowed by the mount options.
@@ -40,10 +43,24 @@ pub struct FuseFs {
 }
 
 impl FuseFs {
+    /// A copy-up of a directory made by this request (of a child, say) changed the
+    /// directory's attributes (its link count) though the kernel did not ask about it:
+    /// drop the kernel's cached attributes of those directories before replying, so the
+    /// next stat asks again. Attributes only (offset -1): no page locks, no deadlock.
+    fn flush_stale(&self) {
+        let stale = self.ov.take_stale_attrs();
+        if let Some(n) = self.notifier.get() {
+            for ino in stale {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+    }
+
     /// Serve `ov`; `passthrough` says which files may be passed through.
     pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough, acl: bool) -> FuseFs {
         FuseFs {
             ov,
+            notifier: Arc::new(std::sync::OnceLock::new()),
             acl,
             want_passthrough: passthrough != mount::Passthrough::Off,
             lower_reads: passthrough == mount::Passthrough::All,
@@ -448,7 +465,9 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(timeset),
             fh: fh.map(|f| f.0),
         };
-        match self.ov.setattr(ino.0, &sa) {
+        let r = self.ov.setattr(ino.0, &sa);
+        self.flush_stale();
+        match r {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -471,31 +490,47 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.ov
-                .mknod(parent.0, name, mode & !umask, rdev as u64, caller(req)),
-        )
+        {
+            let r = self
+                .ov
+                .mknod(parent.0, name, mode & !umask, rdev as u64, caller(req));
+            self.flush_stale();
+            entry(reply, r)
+        }
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        entry(reply, self.ov.mkdir(parent.0, name, mode & !umask, caller(req)))
+        {
+            let r = self.ov.mkdir(parent.0, name, mode & !umask, caller(req));
+            self.flush_stale();
+            entry(reply, r)
+        }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.ov.unlink(parent.0, name))
+        {
+            let r = self.ov.unlink(parent.0, name);
+            self.flush_stale();
+            empty(reply, r)
+        }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.ov.rmdir(parent.0, name))
+        {
+            let r = self.ov.rmdir(parent.0, name);
+            self.flush_stale();
+            empty(reply, r)
+        }
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        entry(
-            reply,
-            self.ov
-                .symlink(parent.0, link_name, target.as_os_str(), caller(req)),
-        )
+        {
+            let r = self
+                .ov
+                .symlink(parent.0, link_name, target.as_os_str(), caller(req));
+            self.flush_stale();
+            entry(reply, r)
+        }
     }
 
     fn rename(
@@ -508,14 +543,19 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.ov.rename(parent.0, name, newparent.0, newname, flags.bits()),
-        )
+        {
+            let r = self.ov.rename(parent.0, name, newparent.0, newname, flags.bits());
+            self.flush_stale();
+            empty(reply, r)
+        }
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.ov.link(ino.0, newparent.0, newname))
+        {
+            let r = self.ov.link(ino.0, newparent.0, newname);
+            self.flush_stale();
+            entry(reply, r)
+        }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -525,7 +565,9 @@ impl Filesystem for FuseFs {
             Some(Ok(g)) => Some(g),
             None => None,
         };
-        match self.ov.open_file(ino.0, flags.0) {
+        let r = self.ov.open_file(ino.0, flags.0);
+        self.flush_stale();
+        match r {
             Ok((fh, upper)) => {
                 // A lower file is never written through its handle, and by default only
                 // one opened for exec (its writers get ETXTBSY from the kernel anyway, as
@@ -742,7 +784,11 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.ov.setxattr(ino.0, name, value, flags))
+        {
+            let r = self.ov.setxattr(ino.0, name, value, flags);
+            self.flush_stale();
+            empty(reply, r)
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -754,7 +800,11 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.ov.removexattr(ino.0, name))
+        {
+            let r = self.ov.removexattr(ino.0, name);
+            self.flush_stale();
+            empty(reply, r)
+        }
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -771,7 +821,9 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.ov.create(parent.0, name, mode & !umask, flags, caller(req)) {
+        let r = self.ov.create(parent.0, name, mode & !umask, flags, caller(req));
+        self.flush_stale();
+        match r {
             Ok((a, fh)) => {
                 // A new file goes through strata: most are small and written once (tar x,
                 // package installs), where registering a backing file costs more than

@@ -212,6 +212,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     // instead of the table being torn down entry by entry while `strata umount` waits.
     std::mem::forget(ov.clone());
     let fs = FuseFs::new(ov, o.passthrough, o.acl);
+    let notifier = fs.notifier.clone();
     let direct = crate::sys::euid() == 0;
     let made = if direct {
         // As root, mount(2) ourselves so the type is "fuse.strata" (fuser would say "fuse").
@@ -235,7 +236,10 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
         })
     };
     let session = match made {
-        Ok(s) => s,
+        Ok(s) => {
+            let _ = notifier.set(s.notifier());
+            s
+        }
         Err(e) => {
             let msg = format!("cannot mount on '{}': {e}", o.mountpoint.display());
             ready(Err(msg));

@@ -212,6 +212,9 @@ impl Overlay {
                 self.cache_fds(&mut nodes, ino, Arc::new(new));
             }
         }
+        drop(nodes);
+        // Now merged: it reports one link, as the kernel's merged directories do.
+        self.attrs_went_stale(ino);
         Ok(())
     }
 

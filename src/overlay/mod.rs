@@ -137,6 +137,10 @@ pub struct Overlay {
     all_lowers: Arc<[u16]>,
     /// Lower indexes of merged directories.
     indexes: Mutex<index::IndexCache>,
+    /// Directories whose attributes changed without a request about them (a copy-up
+    /// made for a child): the adapter tells the kernel (`take_stale_attrs`).
+    stale_attrs: Mutex<Vec<u64>>,
+    any_stale: std::sync::atomic::AtomicBool,
 }
 
 fn ts(sec: i64, nsec: u64) -> (i64, u32) {
@@ -188,6 +192,8 @@ impl Overlay {
             fd_lru: Mutex::new(std::collections::VecDeque::new()),
             link_index: Mutex::new(HashMap::new()),
             indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
+            stale_attrs: Mutex::new(Vec::new()),
+            any_stale: std::sync::atomic::AtomicBool::new(false),
             no_lowers: Arc::new([]),
             all_lowers: (0..lowers_len as u16).collect::<Vec<_>>().into(),
         };
@@ -218,6 +224,20 @@ impl Overlay {
         };
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)
+    }
+
+    /// Directories whose cached attributes went stale since the last call (see
+    /// `stale_attrs`); cheap when there are none.
+    pub fn take_stale_attrs(&self) -> Vec<u64> {
+        if !self.any_stale.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.stale_attrs.lock().unwrap())
+    }
+
+    pub(crate) fn attrs_went_stale(&self, ino: u64) {
+        self.stale_attrs.lock().unwrap().push(ino);
+        self.any_stale.store(true, Ordering::Release);
     }
 
     /// Is there a writable upper layer?
