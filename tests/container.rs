@@ -1446,64 +1446,6 @@ fn shell_in_existing_container() {
 // ---------------------------------------------------------------------------
 // 4. Rootless.
 
-struct TestUser {
-    name: String,
-    uid: u32,
-}
-
-impl TestUser {
-    fn create(home: &Path) -> TestUser {
-        let name = format!("strata-rl-{}", std::process::id());
-        let out = run_cmd(
-            Command::new("useradd")
-                .args(["-m", "-d"])
-                .arg(home)
-                .args(["-s", "/bin/sh", &name]),
-            Duration::from_secs(60),
-        );
-        assert!(out.ok(), "useradd {name}: {out}");
-        let id = run_cmd(Command::new("id").args(["-u", &name]), Duration::from_secs(10));
-        let uid = id
-            .stdout
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("id -u {name}: {id}"));
-        TestUser { name, uid }
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        // Every process of this throwaway user was started by this test.
-        for _ in 0..3 {
-            let mut any = false;
-            if let Ok(rd) = fs::read_dir("/proc") {
-                for e in rd.flatten() {
-                    let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                        continue;
-                    };
-                    if fs::metadata(e.path()).is_ok_and(|m| m.uid() == self.uid) {
-                        any = true;
-                        // SAFETY: kill(2) of a process of the test's own user.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            if !any {
-                break;
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        let out = run_cmd(
-            Command::new("userdel").args(["-r", &self.name]),
-            Duration::from_secs(60),
-        );
-        if run_cmd(Command::new("id").arg(&self.name), Duration::from_secs(10)).ok() {
-            eprintln!("WARNING: could not delete user {}: {out}", self.name);
-        }
-    }
-}
-
 #[test]
 fn rootless_run() {
     common::require_fuse();
@@ -1520,7 +1462,7 @@ fn rootless_run() {
     let (_rootfs, tar) = build_busybox_tar(&env);
     let base = env.dir("user");
     let home = base.join("home");
-    let user = TestUser::create(&home);
+    let user = common::TestUser::create(&home);
     let uid = user.uid;
     let gid = fs::metadata(&home).map(|m| m.gid()).unwrap_or(uid);
     let store_root = base.join("store");

@@ -19,7 +19,9 @@ pub struct IdRanges(pub Vec<(u32, u32, u32)>);
 impl IdRanges {
     /// Parse `A:B:L[:A:B:L...]` (containers/storage joins the triples with ':').
     pub fn parse(s: &str) -> Result<IdRanges, String> {
-        let nums: Vec<&str> = s.split(':').collect();
+        // podman 4.3 writes a leading ':' (`uidmapping=:0:100000:65536`); fuse-overlayfs
+        // takes it.
+        let nums: Vec<&str> = s.strip_prefix(':').unwrap_or(s).split(':').collect();
         if nums.is_empty() || nums.len() % 3 != 0 {
             return Err(format!("'{s}': expected FROM:TO:COUNT triples"));
         }
@@ -119,6 +121,7 @@ mod tests {
         assert_eq!(r.shown(100000), OVERFLOW_ID);
         assert_eq!(r.stored(100005), Some(5));
         assert_eq!(r.stored(5), None);
+        assert_eq!(IdRanges::parse(":0:100000:65536"), Ok(r.clone()));
         let two = IdRanges::parse("0:1000:1:1:100000:65536").unwrap();
         assert_eq!(two.shown(0), 1000);
         assert_eq!(two.shown(1), 100000);

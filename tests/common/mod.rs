@@ -1871,3 +1871,70 @@ pub fn run_case_redirect(
     run.finish();
     log
 }
+
+// ---------------------------------------------------------------------------
+// Unprivileged users.
+
+/// A throwaway unprivileged user (useradd gives it /etc/subuid and /etc/subgid ranges on
+/// Debian), deleted with every process it still has on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl TestUser {
+    pub fn create(home: &Path) -> TestUser {
+        Self::create_named(home, &format!("strata-rl-{}", std::process::id()))
+    }
+
+    pub fn create_named(home: &Path, name: &str) -> TestUser {
+        let name = name.to_string();
+        let out = run_cmd(
+            Command::new("useradd")
+                .args(["-m", "-d"])
+                .arg(home)
+                .args(["-s", "/bin/sh", &name]),
+            Duration::from_secs(60),
+        );
+        assert!(out.ok(), "useradd {name}: {out}");
+        let id = run_cmd(Command::new("id").args(["-u", &name]), Duration::from_secs(10));
+        let uid = id
+            .stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("id -u {name}: {id}"));
+        TestUser { name, uid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // Every process of this throwaway user was started by this test.
+        for _ in 0..3 {
+            let mut any = false;
+            if let Ok(rd) = fs::read_dir("/proc") {
+                for e in rd.flatten() {
+                    let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                        continue;
+                    };
+                    if fs::metadata(e.path()).is_ok_and(|m| m.uid() == self.uid) {
+                        any = true;
+                        // SAFETY: kill(2) of a process of the test's own user.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        let out = run_cmd(
+            Command::new("userdel").args(["-r", &self.name]),
+            Duration::from_secs(60),
+        );
+        if run_cmd(Command::new("id").arg(&self.name), Duration::from_secs(10)).ok() {
+            eprintln!("WARNING: could not delete user {}: {out}", self.name);
+        }
+    }
+}
