@@ -473,9 +473,10 @@ pub struct LogoutArgs {
 /// `strata load`.
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// Input archive (docker save, OCI archive, skopeo docker-archive; plain or compressed).
+    /// Input archive (docker save, OCI archive, skopeo docker-archive; plain or compressed);
+    /// standard input when absent or `-`.
     #[arg(short = 'i', long, value_name = "FILE")]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
 }
 
 /// `strata import`.

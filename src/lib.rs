@@ -2,6 +2,8 @@
 //! layer toolkit.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// Every `unsafe` is in `sys/` (which allows it), behind fd-typed helpers.
+#![deny(unsafe_code)]
 
 pub mod build;
 pub mod cli;

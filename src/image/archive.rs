@@ -379,13 +379,23 @@ fn load_oci(store: &Store, ex: &Extracted, progress: &Progress) -> Result<Loaded
         };
         // Every layer must unpack cleanly (and match its diff_id) before the image is listed.
         store.unpacked_layers(&img, progress)?;
-        let names = tag_loaded(store, &mdesc, name.into_iter().collect())?;
-        out.push((store.load_image(&mdesc)?, names));
+        out.push((mdesc, name.into_iter().collect()));
     }
     if out.is_empty() {
         bail!("the archive's index.json lists no image");
     }
-    Ok(Loaded { images: out })
+    name_loaded(store, out)
+}
+
+/// Name the images of an archive, once every one of them is stored and checked: a
+/// multi-image archive is loaded all or nothing.
+fn name_loaded(store: &Store, all: Vec<(Descriptor, Vec<Reference>)>) -> Result<Loaded> {
+    let mut images = Vec::new();
+    for (mdesc, names) in all {
+        let names = tag_loaded(store, &mdesc, names)?;
+        images.push((store.load_image(&mdesc)?, names));
+    }
+    Ok(Loaded { images })
 }
 
 fn tag_loaded(store: &Store, mdesc: &Descriptor, names: Vec<Reference>) -> Result<Vec<String>> {
@@ -456,13 +466,12 @@ fn load_docker(store: &Store, ex: &Extracted, progress: &Progress) -> Result<Loa
             .iter()
             .map(|t| Reference::parse(strip_docker_io(t)).map_err(|e| anyhow!("RepoTags: {e}")))
             .collect::<Result<Vec<_>>>()?;
-        let names = tag_loaded(store, &mdesc, names)?;
-        out.push((store.load_image(&mdesc)?, names));
+        out.push((mdesc, names));
     }
     if out.is_empty() {
         bail!("manifest.json lists no image");
     }
-    Ok(Loaded { images: out })
+    name_loaded(store, out)
 }
 
 /// Import a flat rootfs tar (plain or compressed) as a one-layer image. The bytes are

@@ -1,5 +1,7 @@
 //! The few raw syscall helpers, fd-typed. Everything that needs `unsafe` lives here.
 
+#![allow(unsafe_code)]
+
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
