@@ -952,3 +952,68 @@ fn id_mapping_matches_fuse_overlayfs() {
         assert_eq!(got.get(k).copied(), Some(v), "{k}: {:?}", results[1]);
     }
 }
+
+/// Layers written by containers/storage for an unprivileged user keep owners and modes in
+/// `user.containers.override_stat` (the layer root says so): shown as fuse-overlayfs shows
+/// them, and kept by a copy-up.
+#[test]
+fn override_stat_layers_match_fuse_overlayfs() {
+    let build = |ls: &LayerSet| {
+        let l = ls.lower(0);
+        l.file_mode("f", "f", 0o644)
+            .dir("d")
+            .file_mode("d/g", "g", 0o600)
+            .symlink("l", "f");
+        for (p, v) in [
+            ("", "0:0:0755"),
+            ("f", "1000:1001:0640"),
+            ("d", "5:6:040700"),
+            ("d/g", "7:8:0604"),
+        ] {
+            l.xattr(p, "user.containers.override_stat", v);
+        }
+    };
+    let mode = |p: &Path| {
+        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        format!("{}:{}:{:o}", m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    let mut results = Vec::new();
+    for fo in [true, false] {
+        let ls = LayerSet::new(if fo { "ovst-fo" } else { "ovst-s" }, 1);
+        build(&ls);
+        let opts = ls.spec().options();
+        let guard = if fo {
+            let out = run_cmd(
+                Command::new("fuse-overlayfs").arg("-o").arg(&opts).arg(&ls.mnt),
+                Duration::from_secs(30),
+            );
+            assert!(out.ok(), "fuse-overlayfs: {out}");
+            None
+        } else {
+            Some(StrataMount::new(&ls.spec()))
+        };
+        let m = ls.mnt.clone();
+        let r: Vec<String> = ["f", "d", "d/g", "l"].iter().map(|n| mode(&m.join(n))).collect();
+        // A copy-up keeps what was shown.
+        fs::OpenOptions::new().append(true).open(m.join("d/g")).unwrap();
+        let after = mode(&m.join("d/g"));
+        match guard {
+            Some(g) => g.umount().unwrap(),
+            None => {
+                let out = run_cmd(Command::new("umount").arg(&m), Duration::from_secs(30));
+                assert!(out.ok(), "umount fuse-overlayfs: {out}");
+            }
+        }
+        if !fo {
+            assert_eq!(after, "7:8:604", "d/g through strata after its copy-up");
+            assert_eq!(mode(&ls.upper.path("d/g")), "7:8:604", "d/g in strata's upper");
+            assert_eq!(mode(&ls.upper.path("d")), "5:6:700", "d in strata's upper");
+        }
+        results.push(r);
+    }
+    assert_eq!(
+        results[0], results[1],
+        "fuse-overlayfs (left) and strata (right) differ"
+    );
+    assert_eq!(results[1][..3], ["1000:1001:640", "5:6:700", "7:8:604"]);
+}

@@ -171,7 +171,8 @@ impl Overlay {
             .ok_or(Errno::IO)?;
         let pfds = self.dir_fds(parent)?;
         let pu = pfds.upper().ok_or(Errno::IO)?;
-        let st = rustix::fs::fstat(&*src)?;
+        let mut st = rustix::fs::fstat(&*src)?;
+        self.lower_stat(l0, XTarget::Fd(src.as_fd()), &mut st);
         let mut staged = self.stage()?;
         let (work, tmp) = (staged.dir(), staged.name().to_owned());
         rustix::fs::mkdirat(work, &tmp, Mode::from_raw_mode(0o700))?;
@@ -227,7 +228,8 @@ impl Overlay {
         let pfds = self.dir_fds(loc.parent)?;
         let pu = pfds.upper().ok_or(Errno::IO)?;
         let name = &loc.name;
-        let st = sys::stat_at(src_dir, name)?;
+        let mut st = sys::stat_at(src_dir, name)?;
+        self.lower_stat(l, XTarget::At(src_dir, name), &mut st);
         let mut staged = self.stage()?;
         let (work, tmp) = (staged.dir(), staged.name().to_owned());
         let origin = self.origin_value(src_dir, name, l);

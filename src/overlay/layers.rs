@@ -121,6 +121,29 @@ pub struct Layer {
     pub dev: u64,
     /// Filesystem UUID (zeros if unknown), for origin file handles.
     pub uuid: [u8; 16],
+    /// The xattr holding the owner and mode of this layer's files and directories, when
+    /// the layer root carries one (see `override_stat`).
+    pub override_stat: Option<&'static str>,
+}
+
+/// The xattrs containers/storage and fuse-overlayfs keep "uid:gid:mode" in, for layers
+/// written by a user who could not chown; the first one the layer root carries applies to
+/// the whole layer, as in fuse-overlayfs.
+pub const OVERRIDE_STAT: [&str; 3] = [
+    "security.fuseoverlayfs.override_stat",
+    "user.containers.override_stat",
+    "user.fuseoverlayfs.override_stat",
+];
+
+/// Parse an override_stat value: `uid:gid:mode` (mode in octal; fuse-overlayfs also writes
+/// the file-type bits, which are ignored, and newer writers a `:type` suffix).
+pub fn parse_override_stat(v: &[u8]) -> Option<(u32, u32, u32)> {
+    let s = std::str::from_utf8(v).ok()?.trim_end_matches('\0');
+    let mut it = s.split(':');
+    let uid = it.next()?.parse().ok()?;
+    let gid = it.next()?.parse().ok()?;
+    let mode = u32::from_str_radix(it.next()?, 8).ok()?;
+    Some((uid, gid, mode & 0o7777))
 }
 
 /// Upper layer and its staging directory `workdir/work`.
@@ -154,11 +177,16 @@ fn open_layer(what: &'static str, path: &Path) -> Result<Layer, SetupError> {
     .map_err(|e| bad(what, path, std::io::Error::from(e)))?;
     let st = rustix::fs::fstat(&fd).map_err(|e| bad(what, path, std::io::Error::from(e)))?;
     let uuid = sys::fs_uuid(fd.as_fd());
+    let names = sys::listxattr(sys::XTarget::Fd(fd.as_fd())).unwrap_or_default();
+    let override_stat = OVERRIDE_STAT
+        .into_iter()
+        .find(|n| names.iter().any(|x| x.as_slice() == n.as_bytes()));
     Ok(Layer {
         fd: Arc::new(fd),
         path: canon,
         dev: st.st_dev,
         uuid,
+        override_stat,
     })
 }
 
@@ -194,6 +222,13 @@ impl Stack {
             .collect::<Result<Vec<_>, _>>()?;
         // trusted.* needs real root: root in a user namespace works as the kernel's
         // userxattr mode does.
+        if let Some(l) = lowers.iter().find(|l| l.override_stat.is_some()) {
+            log::info!(
+                "lowerdir '{}': owners and modes from {}",
+                l.path.display(),
+                l.override_stat.unwrap_or_default()
+            );
+        }
         let ns = if cfg.userxattr || sys::euid() != 0 || !sys::in_initial_userns() {
             XattrNs::User
         } else {

@@ -141,8 +141,12 @@ impl Overlay {
                 }
                 match sys::stat_at(dfd, name) {
                     Ok(st) if whiteout::is_whiteout(&st) => break,
-                    Ok(st) => {
+                    Ok(mut st) => {
                         let kind = Kind::from_mode(st.st_mode);
+                        if found.is_none() {
+                            // (the number stays the real object's)
+                            self.lower_stat(l, XTarget::At(dfd, name), &mut st);
+                        }
                         match &mut found {
                             None if kind != Kind::Dir => {
                                 let ino = self.map_ino(st.st_dev, st.st_ino);
@@ -285,12 +289,21 @@ impl Overlay {
         let (kind, upper, nlower) = self.with_node(ino, |n| (n.kind, n.upper, n.lower_dirs.len()))?;
         if kind == Kind::Dir {
             let fds = self.dir_fds(ino)?;
-            let st = rustix::fs::fstat(fds.top().ok_or(Errno::IO)?)?;
+            let top = fds.top().ok_or(Errno::IO)?;
+            let mut st = rustix::fs::fstat(top)?;
+            if !upper {
+                if let Some((l, _)) = fds.lowers.first() {
+                    self.lower_stat(*l, XTarget::Fd(top), &mut st);
+                }
+            }
             let merged = (upper && nlower > 0) || (!upper && nlower > 1);
             return Ok(self.attr_of(&st, ino, merged));
         }
         let loc = self.loc(ino)?;
-        let st = sys::stat_at(loc.dir()?, &loc.name)?;
+        let mut st = sys::stat_at(loc.dir()?, &loc.name)?;
+        if let (false, Some(l)) = (loc.upper, loc.lower) {
+            self.lower_stat(l, XTarget::At(loc.dir()?, &loc.name), &mut st);
+        }
         Ok(self.attr_of(&st, ino, false))
     }
 

@@ -240,6 +240,26 @@ impl Overlay {
         self.any_stale.store(true, Ordering::Release);
     }
 
+    /// The owner and mode a file or directory of lower layer `l` has there: from its
+    /// override_stat xattr when the layer keeps them so (`Layer::override_stat`).
+    pub(crate) fn lower_stat(&self, l: u16, t: sys::XTarget<'_>, st: &mut rustix::fs::Stat) {
+        let Some(name) = self.lowers.get(l as usize).and_then(|x| x.override_stat) else {
+            return;
+        };
+        let ft = st.st_mode & libc::S_IFMT;
+        if ft != libc::S_IFREG && ft != libc::S_IFDIR {
+            return;
+        }
+        if let Some((u, g, m)) = sys::getxattr(t, OsStr::new(name))
+            .ok()
+            .and_then(|v| layers::parse_override_stat(&v))
+        {
+            st.st_uid = u;
+            st.st_gid = g;
+            st.st_mode = ft | m;
+        }
+    }
+
     /// Is there a writable upper layer?
     pub fn writable(&self) -> bool {
         self.upper.is_some()
