@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod image;
 pub mod mounts;
 pub mod overlay;
+pub mod paths;
 pub mod registry;
 pub mod runtime;
 pub mod sys;

@@ -151,21 +151,9 @@ fn class(pat: &[u8], c: u8) -> Option<(bool, usize)> {
     Some((hit != neg, i + 1))
 }
 
-/// Clean a source path: relative to the root, `.` dropped, `..` refused above the root.
+/// Clean a source path by the one rule (`paths`): relative to the context root.
 fn clean_rel(p: &str) -> Result<String> {
-    let mut out: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if out.pop().is_none() {
-                    bail!("'{p}' is outside the build context");
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    Ok(out.join("/"))
+    crate::paths::clean(p).map_err(|_| anyhow::anyhow!("'{p}' is outside the build context"))
 }
 
 fn open_root(p: &Path) -> Result<OwnedFd> {

@@ -137,7 +137,7 @@ struct Extracted {
 
 impl Extracted {
     fn resolve(&self, p: &str) -> Result<PathBuf> {
-        let mut cur = clean(p).ok_or_else(|| anyhow!("archive path '{p}' leaves the archive"))?;
+        let mut cur = crate::paths::clean(p).map_err(|e| anyhow!("archive path '{p}': {e}"))?;
         for _ in 0..16 {
             match self.links.get(&cur) {
                 Some(t) => cur = t.clone(),
@@ -146,21 +146,6 @@ impl Extracted {
         }
         bail!("archive path '{p}': too many symlinks")
     }
-}
-
-/// Clean a relative archive path; None if it climbs out.
-fn clean(p: &str) -> Option<String> {
-    let mut out: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                out.pop()?;
-            }
-            c => out.push(c),
-        }
-    }
-    Some(out.join("/"))
 }
 
 fn extract_archive<R: Read>(r: R, dir: &Path) -> Result<Extracted> {
@@ -177,10 +162,8 @@ fn extract_archive<R: Read>(r: R, dir: &Path) -> Result<Extracted> {
         let raw = e.path_bytes().into_owned();
         let name = String::from_utf8(raw).map_err(|_| anyhow!("archive entry with a non-UTF-8 name"))?;
         let fail = |m: &str| anyhow!("archive entry '{name}': {m}");
-        if name.starts_with('/') || name.split('/').any(|c| c == "..") {
-            return Err(fail("path leaves the archive"));
-        }
-        let path = clean(&name).ok_or_else(|| fail("path leaves the archive"))?;
+        let path = crate::paths::entry(name.as_bytes()).map_err(|e| fail(&e.to_string()))?;
+        let path = crate::paths::join(&path).to_string_lossy().into_owned();
         if path.is_empty() {
             continue;
         }
@@ -225,7 +208,8 @@ fn extract_archive<R: Read>(r: R, dir: &Path) -> Result<Extracted> {
                 } else {
                     format!("{parent}/{t}")
                 };
-                let target = clean(&joined).ok_or_else(|| fail("symlink leaves the archive"))?;
+                let target =
+                    crate::paths::clean(&joined).map_err(|e| fail(&format!("symlink target: {e}")))?;
                 links.insert(path, target);
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}

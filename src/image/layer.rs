@@ -186,33 +186,6 @@ pub fn check_and_hash<R: Read>(r: R, what: &str) -> Result<String> {
     Ok(h.finish().0)
 }
 
-/// Split a tar path into clean components; refuse absolute paths and `..`.
-fn clean_path(raw: &[u8]) -> std::result::Result<Vec<OsString>, &'static str> {
-    if raw.first() == Some(&b'/') {
-        return Err("absolute path");
-    }
-    let mut out = Vec::new();
-    for c in raw.split(|b| *b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => return Err("path contains '..'"),
-            c => out.push(OsString::from_vec(c.to_vec())),
-        }
-    }
-    Ok(out)
-}
-
-fn join(c: &[OsString]) -> OsString {
-    let mut v = Vec::new();
-    for (i, p) in c.iter().enumerate() {
-        if i > 0 {
-            v.push(b'/');
-        }
-        v.extend_from_slice(p.as_bytes());
-    }
-    OsString::from_vec(v)
-}
-
 fn err_at(e: Errno) -> String {
     match e {
         Errno::LOOP | Errno::XDEV => "path goes through a symlink".into(),
@@ -277,7 +250,7 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let fail = |m: &dyn std::fmt::Display| anyhow!("layer entry '{shown}': {m}");
-        let comps = clean_path(&raw).map_err(|m| fail(&m))?;
+        let comps = crate::paths::entry(&raw).map_err(|m| fail(&m.to_string()))?;
         let hdr = entry.header().clone();
         let kind = hdr.entry_type();
         if matches!(kind, tar::EntryType::XGlobalHeader) {
@@ -311,7 +284,7 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
             }
             return Err(fail(&"the layer root must be a directory"));
         }
-        let path = join(&comps);
+        let path = crate::paths::join(&comps);
         if !explicit.insert(path.clone()) {
             return Err(fail(&"duplicate entry"));
         }
@@ -427,8 +400,9 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
                     .link_name_bytes()
                     .ok_or_else(|| fail(&"hard link without target"))?
                     .into_owned();
-                let tcomps = clean_path(&target).map_err(|m| fail(&format!("hard link target: {m}")))?;
-                let tpath = join(&tcomps);
+                let tcomps =
+                    crate::paths::entry(&target).map_err(|m| fail(&format!("hard link target: {m}")))?;
+                let tpath = crate::paths::join(&tcomps);
                 match kinds.get(&tpath) {
                     Some(false) => {}
                     Some(true) => return Err(fail(&"hard link to a directory")),
@@ -440,7 +414,8 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
                     }
                 }
                 let (tname, tparent) = tcomps.split_last().unwrap();
-                let tp = sys::open_dir_beneath(root, join(tparent)).map_err(|e| fail(&err_at(e)))?;
+                let tp =
+                    sys::open_dir_beneath(root, crate::paths::join(tparent)).map_err(|e| fail(&err_at(e)))?;
                 rustix::fs::linkat(&tp, tname.as_os_str(), p, name.as_os_str(), AtFlags::empty())
                     .map_err(exists)?;
                 kinds.insert(path, false);
@@ -497,8 +472,13 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
         let fd = if d.path.is_empty() {
             root_fd.try_clone()?
         } else {
-            sys::open_dir_beneath(root, join(&d.path))
-                .map_err(|e| anyhow!("directory '{}': {}", join(&d.path).to_string_lossy(), err_at(e)))?
+            sys::open_dir_beneath(root, crate::paths::join(&d.path)).map_err(|e| {
+                anyhow!(
+                    "directory '{}': {}",
+                    crate::paths::join(&d.path).to_string_lossy(),
+                    err_at(e)
+                )
+            })?
         };
         if privileged {
             rustix::fs::fchown(
@@ -929,17 +909,6 @@ mod tests {
         assert!(excluded(&o, "/tmp"));
         assert!(excluded(&o, "/tmp/sub/file"));
         assert!(!excluded(&o, "/tmpfile"));
-    }
-
-    #[test]
-    fn paths() {
-        assert_eq!(
-            clean_path(b"./a//b/").unwrap(),
-            vec![OsString::from("a"), OsString::from("b")]
-        );
-        assert!(clean_path(b"/etc/passwd").is_err());
-        assert!(clean_path(b"a/../../b").is_err());
-        assert!(clean_path(b"./").unwrap().is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::{RunSpec, Volume};
@@ -25,33 +25,29 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
+/// An O_PATH fd of `path` (cleaned) resolved inside the rootfs as the container sees it.
 fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> rustix::io::Result<OwnedFd> {
     let path = if path.as_os_str().is_empty() {
         Path::new(".")
     } else {
         path
     };
-    loop {
-        match rustix::fs::openat2(
-            root,
-            path,
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT,
-        ) {
-            Err(rustix::io::Errno::AGAIN) => continue,
-            r => return r,
-        }
-    }
+    crate::sys::open_in_root(root, path, OFlags::PATH, Mode::empty())
+}
+
+/// A target path given for the container (`-v`, `--tmpfs`, a runtime file), relative to its
+/// root by the one rule of `paths`.
+fn in_root(path: &Path) -> Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = crate::paths::components(path.as_os_str().as_bytes())
+        .map_err(|e| anyhow::anyhow!("'{}': {e}", path.display()))?;
+    Ok(PathBuf::from(crate::paths::join(&c)))
 }
 
 /// Resolve (creating if missing) a mount target inside the rootfs. Returns an O_PATH fd of
 /// it and the paths it had to create (stubs to remove after the run).
 fn target(root: BorrowedFd<'_>, path: &Path, stub: Stub) -> Result<(OwnedFd, Vec<PathBuf>)> {
-    let rel: PathBuf = path
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .collect();
+    let rel = in_root(path)?;
     if let Ok(fd) = open_in_root(root, &rel) {
         return Ok((fd, vec![]));
     }
@@ -83,21 +79,13 @@ fn target(root: BorrowedFd<'_>, path: &Path, stub: Stub) -> Result<(OwnedFd, Vec
         if last && stub == Stub::File {
             // Created through RESOLVE_IN_ROOT: a dangling symlink the image put there is
             // followed inside the root, never to a host path (we have not pivoted yet).
-            loop {
-                match rustix::fs::openat2(
-                    root,
-                    &cur,
-                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o644),
-                    ResolveFlags::IN_ROOT,
-                ) {
-                    Err(rustix::io::Errno::AGAIN) => continue,
-                    r => {
-                        r.with_context(|| format!("creating '{}' in the container", cur.display()))?;
-                        break;
-                    }
-                }
-            }
+            crate::sys::open_in_root(
+                root,
+                &cur,
+                OFlags::CREATE | OFlags::WRONLY,
+                Mode::from_raw_mode(0o644),
+            )
+            .with_context(|| format!("creating '{}' in the container", cur.display()))?;
         } else {
             rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755))
                 .with_context(|| format!("creating '{}' in the container", cur.display()))?;
@@ -133,10 +121,7 @@ fn bind(src: &Path, dst: &OwnedFd, what: &str) -> Result<()> {
 /// Make the bind mount now at `path` read-only. `path` is resolved again: an fd taken
 /// before the mount names the directory underneath it.
 fn remount_ro(root: BorrowedFd<'_>, path: &Path, what: &str) -> Result<()> {
-    let rel: PathBuf = path
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .collect();
+    let rel = in_root(path)?;
     let fd = open_in_root(root, &rel).with_context(|| format!("resolving {what}"))?;
     remount_ro_path(&fd_path(&fd)).with_context(|| format!("making {what} read-only"))?;
     // And every mount below it (a bind is recursive; the remount above is not).
