@@ -130,7 +130,8 @@ pub struct ProcessArgs {
     #[arg(long, default_value = "none", value_parser = ["none", "host"])]
     pub network: String,
     /// Security options: seccomp=unconfined (no seccomp filter; the default is docker's
-    /// default profile), no-new-privileges; repeatable.
+    /// default profile), seccomp=FILE (a docker seccomp profile in JSON),
+    /// no-new-privileges; repeatable.
     #[arg(long = "security-opt", value_name = "OPT")]
     pub security_opt: Vec<String>,
     /// Add a capability to docker's default set (e.g. NET_ADMIN, or ALL); repeatable.

@@ -1845,6 +1845,43 @@ fn run_seccomp_and_no_new_privileges() {
     let o = fx.sh_ok(&["--security-opt", "no-new-privileges"], script);
     let l = lines(&o);
     assert!(l.contains(&"NoNewPrivs:\t1"), "no-new-privileges: {l:?}");
+    // A docker profile file: everything allowed but mkdir (EACCES, its errnoRet) and the
+    // chmod calls (the action's default errno, EPERM); unshare -U works again.
+    let prof = fx.env.path().join("profile.json");
+    fs::write(
+        &prof,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+            {"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13},
+            {"names":["chmod","fchmod","fchmodat","fchmodat2"],"action":"SCMP_ACT_ERRNO"},
+            {"names":["no_such_call"],"action":"SCMP_ACT_KILL"}]}"#,
+    )
+    .unwrap();
+    let o = fx.sh_ok(
+        &["--security-opt", &format!("seccomp={}", prof.display())],
+        "grep '^Seccomp:' /proc/self/status; mkdir /tmp/d 2>&1; chmod 600 /etc/hello 2>&1; \
+         unshare -U true 2>/dev/null && echo userns-ok; echo done",
+    );
+    let l = lines(&o);
+    assert!(l.contains(&"Seccomp:\t2"), "profile: {l:?}");
+    assert!(
+        l.iter().any(|x| x.contains("Permission denied")),
+        "mkdir under the profile: {l:?}"
+    );
+    assert!(
+        l.iter().any(|x| x.contains("Operation not permitted")),
+        "chmod under the profile: {l:?}"
+    );
+    assert!(l.contains(&"userns-ok") && l.contains(&"done"), "profile: {l:?}");
+    let badprof = fx.env.path().join("bad-profile.json");
+    fs::write(&badprof, r#"{"defaultAction":"SCMP_ACT_NOTIFY"}"#).unwrap();
+    let out = fx.sh(
+        &["--security-opt", &format!("seccomp={}", badprof.display())],
+        "echo RAN",
+    );
+    assert!(
+        !out.ok() && !out.stdout.contains("RAN") && out.stderr.contains("bad-profile.json"),
+        "a bad profile must be refused naming the file: {out}"
+    );
     for bad in ["seccomp=/nonexistent.json", "apparmor=x"] {
         let out = fx.sh(&["--security-opt", bad], "echo RAN");
         assert!(

@@ -1093,6 +1093,7 @@ impl Builder<'_> {
                 host_network: network_host,
                 // BuildKit runs RUN steps under docker's default seccomp profile too.
                 seccomp: true,
+                seccomp_profile: None,
                 no_new_privs: false,
                 caps: crate::runtime::DEFAULT_CAPS.to_vec(),
                 read_only: false,

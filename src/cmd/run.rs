@@ -103,22 +103,28 @@ fn parse_volume(v: &str) -> Result<Volume> {
 /// What `--security-opt` asks for.
 struct Security {
     seccomp: bool,
+    /// `seccomp=FILE`: a docker seccomp profile.
+    profile: Option<PathBuf>,
     no_new_privs: bool,
 }
 
 fn security_opts(opts: &[String]) -> Result<Security> {
     let mut s = Security {
         seccomp: true,
+        profile: None,
         no_new_privs: false,
     };
     for o in opts {
         match o.as_str() {
             "seccomp=unconfined" | "seccomp:unconfined" => s.seccomp = false,
-            "no-new-privileges" | "no-new-privileges=true" | "no-new-privileges:true" => s.no_new_privs = true,
+            "no-new-privileges" | "no-new-privileges=true" | "no-new-privileges:true" => {
+                s.no_new_privs = true
+            }
             "no-new-privileges=false" | "no-new-privileges:false" => s.no_new_privs = false,
-            o if o.starts_with("seccomp=") || o.starts_with("seccomp:") => bail!(
-                "--security-opt {o}: seccomp profile files are not supported yet (only the default filter, or seccomp=unconfined)"
-            ),
+            o if o.starts_with("seccomp=") || o.starts_with("seccomp:") => {
+                s.seccomp = true;
+                s.profile = Some(PathBuf::from(&o["seccomp=".len()..]));
+            }
             o => bail!("--security-opt {o}: unknown option (seccomp=unconfined, no-new-privileges)"),
         }
     }
@@ -175,6 +181,27 @@ fn process_spec(
         .chars()
         .take(63)
         .collect();
+    let caps = if p.privileged {
+        (0..runtime::CAP_NAMES.len() as u32).collect()
+    } else {
+        runtime::capabilities(&p.cap_add, &p.cap_drop)?
+    };
+    // Compiled here, so a bad profile is an error before anything starts.
+    let seccomp_profile = match (&sec.profile, p.privileged) {
+        (Some(f), false) => {
+            let json = std::fs::read(f).with_context(|| format!("--security-opt seccomp={}", f.display()))?;
+            let names: Vec<String> = caps
+                .iter()
+                .filter_map(|c| runtime::CAP_NAMES.get(*c as usize))
+                .map(|n| format!("CAP_{n}"))
+                .collect();
+            Some(
+                runtime::seccomp::profile_filters(&json, &names)
+                    .with_context(|| format!("seccomp profile '{}'", f.display()))?,
+            )
+        }
+        _ => None,
+    };
     Ok(RunSpec {
         rootfs: c.rootfs(),
         rundir: c.rundir(),
@@ -193,12 +220,9 @@ fn process_spec(
         volumes: p.volume.iter().map(|v| parse_volume(v)).collect::<Result<_>>()?,
         host_network: p.network == "host",
         seccomp: sec.seccomp && !p.privileged,
+        seccomp_profile,
         no_new_privs: sec.no_new_privs,
-        caps: if p.privileged {
-            (0..runtime::CAP_NAMES.len() as u32).collect()
-        } else {
-            runtime::capabilities(&p.cap_add, &p.cap_drop)?
-        },
+        caps,
         read_only: p.read_only,
         limits: runtime::cgroup::Limits {
             memory: p

@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod rootfs;
 pub mod seccomp;
+pub mod syscalls;
 mod tty;
 
 use std::ffi::CString;
@@ -61,6 +62,9 @@ pub struct RunSpec {
     pub host_network: bool,
     /// Install the default seccomp filter (docker's default profile).
     pub seccomp: bool,
+    /// With `seccomp`: the filters of a profile (`--security-opt seccomp=FILE`, compiled by
+    /// `seccomp::profile_filters`) instead of the default one.
+    pub seccomp_profile: Option<Vec<seccompiler::BpfProgram>>,
     /// Set no_new_privs (setuid binaries and file capabilities grant nothing).
     pub no_new_privs: bool,
     /// Capabilities the command keeps (numbers; `DEFAULT_CAPS` unless changed).
@@ -482,7 +486,11 @@ fn exec(
     }
     // While CAP_SYS_ADMIN is still held, so no_new_privs is not required for it.
     if spec.seccomp {
-        if let Err(e) = seccomp::default_filters().and_then(|f| seccomp::install(&f)) {
+        let filters = match &spec.seccomp_profile {
+            Some(p) => Ok(p.clone()),
+            None => seccomp::default_filters(),
+        };
+        if let Err(e) = filters.and_then(|f| seccomp::install(&f)) {
             return fail(EXIT_RUNTIME, format!("{e:#}"));
         }
     }
