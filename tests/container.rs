@@ -1829,12 +1829,24 @@ fn dangling_symlink_mount_target_stays_inside() {
 #[test]
 fn run_seccomp_and_no_new_privileges() {
     let fx = Fixture::new("seccomp");
+    // /proc/1/environ and /proc/1/root need ptrace access to the init (the kernel's
+    // ptrace_may_access, as PTRACE_ATTACH does): refused, since the init keeps capabilities
+    // the command does not have.
     let script = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
                   unshare -U true 2>/dev/null && echo userns-ok || echo userns-denied; \
-                  mount -t tmpfs t /mnt 2>/dev/null && echo MOUNTED || echo mount-denied";
+                  mount -t tmpfs t /mnt 2>/dev/null && echo MOUNTED || echo mount-denied; \
+                  cat /proc/1/environ >/dev/null 2>&1 && echo INIT-READ || echo init-protected; \
+                  ls /proc/1/root/ >/dev/null 2>&1 && echo INIT-ROOT || echo init-root-protected";
     let o = fx.sh_ok(&[], script);
     let l = lines(&o);
-    for want in ["Seccomp:\t2", "NoNewPrivs:\t0", "userns-denied", "mount-denied"] {
+    for want in [
+        "Seccomp:\t2",
+        "NoNewPrivs:\t0",
+        "userns-denied",
+        "mount-denied",
+        "init-protected",
+        "init-root-protected",
+    ] {
         assert!(l.contains(&want), "default: missing {want:?} in {l:?}");
     }
     let o = fx.sh_ok(&["--security-opt", "seccomp=unconfined"], script);
