@@ -303,7 +303,7 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
         return r.with_context(|| format!("serving {}", mp.display()));
     }
     // CLOEXEC: neither end may leak into programs the daemon runs (fusermount3).
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let (rd, wr) = crate::sys::pipe_cloexec().context("pipe")?;
     // No other thread exists yet (the FUSE workers start in the child).
     match crate::sys::fork().context("fork")? {
         crate::sys::Forked::Parent(_) => {
@@ -333,22 +333,17 @@ fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file
     // Only here, in the daemon: the caller (e.g. `strata run`) keeps its umask.
     crate::sys::set_umask(0);
     let mut wr = std::fs::File::from(wr);
-    let _ = nix::unistd::setsid();
+    let _ = crate::sys::setsid();
     let devnull = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null");
     let log = log_file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
     if let Ok(n) = &devnull {
-        let _ = nix::unistd::dup2_stdin(n);
-        let _ = nix::unistd::dup2_stdout(n);
-        match &log {
-            Some(l) => {
-                let _ = nix::unistd::dup2_stderr(l);
-            }
-            None => {
-                let _ = nix::unistd::dup2_stderr(n);
-            }
+        use std::os::fd::AsFd;
+        let _ = crate::sys::dup_to_stdio(n.as_fd(), true, true, log.is_none());
+        if let Some(l) = &log {
+            let _ = crate::sys::dup_to_stdio(l.as_fd(), false, false, true);
         }
     }
     let _ = std::env::set_current_dir("/");

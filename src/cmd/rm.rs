@@ -26,14 +26,13 @@ pub fn remove(c: &Container, force: bool) -> Result<()> {
     if running {
         if let Some(pid) = c.state.pid {
             // The run forwards this to the command and cleans up after it.
-            let p = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+            let _ = crate::sys::kill(pid, libc::SIGTERM);
             let start = Instant::now();
             while c.running() && start.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if c.running() {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+                let _ = crate::sys::kill(pid, libc::SIGKILL);
             }
         }
     }

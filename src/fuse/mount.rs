@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
-use nix::sys::signal::{SigSet, Signal};
 
 use super::FuseFs;
 use crate::overlay::Overlay;
@@ -191,21 +190,14 @@ fn mount_fusermount(o: &MountOpts) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// Signals the serving thread waits for.
-fn signals() -> SigSet {
-    let mut s = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
-        s.add(sig);
-    }
-    s
-}
+const SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
 /// Mount `ov` and serve it until it is unmounted (by `strata umount`, umount(8)) or the
 /// process gets SIGINT/SIGTERM/SIGHUP, in which case it unmounts itself. `ready` is called
 /// once: with Ok when the mount is live, or with the error.
 pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), String>)) -> std::io::Result<()> {
     // Block the signals before any thread starts, so only sigwait below sees them.
-    let sigs = signals();
-    sigs.thread_block().map_err(std::io::Error::from)?;
+    let sigs = crate::sys::BlockedSignals::block(&SIGNALS)?;
     let cfg = fuser_config(o);
     crate::sys::limit_malloc_arenas();
     // One reference is never dropped: at exit the kernel closes the cached fds at once,
@@ -271,21 +263,21 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             Ok(())
         }
     };
-    let me = nix::unistd::getpid();
+    let me = crate::sys::getpid();
     let worker = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
             let r = session.run();
             // Wake the main thread: the filesystem was unmounted from outside.
-            let _ = nix::sys::signal::kill(me, Signal::SIGUSR1);
+            let _ = crate::sys::kill(me, libc::SIGUSR1);
             r
         })?;
     ready(Ok(()));
     loop {
         match sigs.wait() {
-            Ok(Signal::SIGUSR1) => break,
+            Ok(libc::SIGUSR1) => break,
             Ok(sig) => {
-                log::info!("{sig}: unmounting {}", o.mountpoint.display());
+                log::info!("signal {sig}: unmounting {}", o.mountpoint.display());
                 if let Err(e) = unmount() {
                     log::error!("unmount {}: {e}", o.mountpoint.display());
                 }

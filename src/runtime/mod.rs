@@ -18,9 +18,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use nix::sched::CloneFlags;
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
 
 use crate::sys::{self, Forked};
 
@@ -187,24 +184,12 @@ const FORWARDED: [i32; 6] = [
     libc::SIGUSR2,
 ];
 
-fn status_code(s: WaitStatus) -> Option<i32> {
-    match s {
-        WaitStatus::Exited(_, c) => Some(c),
-        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
-        _ => None,
-    }
-}
-
 /// Wait for `pid`, retrying when a signal interrupts; returns its exit code.
 fn wait_for(pid: i32) -> i32 {
     loop {
-        match waitpid(Pid::from_raw(pid), None) {
-            Ok(s) => {
-                if let Some(c) = status_code(s) {
-                    return c;
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => {}
+        match sys::wait_child(pid) {
+            Ok((_, Some(x))) => return x.code(),
+            Ok((_, None)) | Err(rustix::io::Errno::INTR) => {}
             Err(_) => return EXIT_RUNTIME,
         }
     }
@@ -282,10 +267,10 @@ pub fn run(spec: &RunSpec) -> Result<i32> {
 /// container with it (PID 1 dying ends the whole PID namespace) instead of leaving it running
 /// on a filesystem nobody serves.
 fn die_with_parent(parent: Option<i32>) {
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let _ = sys::kill_with_parent();
     // The parent may have died before the line above. (PID 1 of a new namespace sees no
     // parent at all: getppid() is 0 there, so it cannot check.)
-    if parent.is_some_and(|p| nix::unistd::getppid().as_raw() != p) {
+    if parent.is_some_and(|p| sys::getppid() != p) {
         std::process::exit(EXIT_RUNTIME);
     }
 }
@@ -303,24 +288,24 @@ fn stage_a(
     if let Some(g) = group {
         g.join()?;
     }
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWPID;
+    let mut flags = sys::Namespaces::CLONE_NEWNS
+        | sys::Namespaces::CLONE_NEWUTS
+        | sys::Namespaces::CLONE_NEWIPC
+        | sys::Namespaces::CLONE_NEWPID;
     if !spec.host_network {
-        flags |= CloneFlags::CLONE_NEWNET;
+        flags |= sys::Namespaces::CLONE_NEWNET;
     }
     if rootless {
         // The user namespace first: it grants the capabilities for the others.
-        nix::sched::unshare(CloneFlags::CLONE_NEWUSER).context("creating a user namespace")?;
+        sys::unshare(sys::Namespaces::CLONE_NEWUSER).context("creating a user namespace")?;
         std::fs::write("/proc/self/setgroups", "deny").context("setgroups deny")?;
         std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing uid_map")?;
         std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing gid_map")?;
     }
-    nix::sched::unshare(flags).context("creating namespaces")?;
+    sys::unshare(flags).context("creating namespaces")?;
     // Out of the terminal's process group: a Ctrl-C reaches P alone, which forwards it once
     // (otherwise A and B would each get it too and forward it again).
-    let _ = nix::unistd::setsid();
+    let _ = sys::setsid();
     match sys::fork().context("fork")? {
         Forked::Child => {
             die_with_parent(None);
@@ -359,7 +344,7 @@ fn stage_b(spec: &RunSpec, pty_sock: Option<&OwnedFd>, rootless: bool) -> Result
         }
         None => None,
     };
-    nix::unistd::sethostname(&spec.hostname).context("sethostname")?;
+    sys::sethostname(&spec.hostname).context("sethostname")?;
     if !spec.host_network {
         sys::loopback_up().context("bringing up the loopback interface")?;
     }
@@ -382,13 +367,9 @@ fn stage_b(spec: &RunSpec, pty_sock: Option<&OwnedFd>, rootless: bool) -> Result
             sys::set_forward_pid(c);
             // Reap everything; leave when the command itself is done.
             loop {
-                match waitpid(Pid::from_raw(-1), None) {
-                    Ok(s) if s.pid() == Some(Pid::from_raw(c)) => {
-                        if let Some(code) = status_code(s) {
-                            return Ok(code);
-                        }
-                    }
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                match sys::wait_child(-1) {
+                    Ok((who, Some(x))) if who == c => return Ok(x.code()),
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(_) => return Ok(EXIT_RUNTIME),
                 }
             }
@@ -469,18 +450,18 @@ fn exec(
         eprintln!("strata: {msg}");
         code
     };
-    let _ = nix::unistd::setsid();
+    let _ = sys::setsid();
     if let Some(p) = slave {
         if let Err(e) = tty::become_controlling(p) {
             return fail(EXIT_RUNTIME, format!("terminal: {e:#}"));
         }
     } else if !spec.interactive {
         if let Ok(n) = std::fs::File::open("/dev/null") {
-            let _ = nix::unistd::dup2_stdin(&n);
+            let _ = sys::dup_to_stdio(n.as_fd(), true, false, false);
         }
     }
     if spec.no_new_privs {
-        if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        if let Err(e) = sys::set_no_new_privs() {
             return fail(EXIT_RUNTIME, format!("no_new_privs: {e}"));
         }
     }
@@ -499,20 +480,10 @@ fn exec(
         return fail(EXIT_RUNTIME, format!("dropping capabilities: {e}"));
     }
     let (uid, gid, groups, home) = ids;
-    if !rootless {
-        let gs: Vec<nix::unistd::Gid> = std::iter::once(gid)
-            .chain(groups)
-            .map(nix::unistd::Gid::from_raw)
-            .collect();
-        if let Err(e) = nix::unistd::setgroups(&gs) {
-            return fail(EXIT_RUNTIME, format!("setgroups: {e}"));
-        }
-    }
-    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)) {
-        return fail(EXIT_RUNTIME, format!("setgid {gid}: {e}"));
-    }
-    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
-        return fail(EXIT_RUNTIME, format!("setuid {uid}: {e}"));
+    // A user namespace with setgroups denied (rootless) keeps the groups it has.
+    let gs: Vec<u32> = std::iter::once(gid).chain(groups).collect();
+    if let Err((what, e)) = sys::set_ids(uid, gid, (!rootless).then_some(&gs[..])) {
+        return fail(EXIT_RUNTIME, format!("{what} {uid}:{gid}: {e}"));
     }
     if let Err(e) = std::env::set_current_dir(&spec.cwd) {
         return fail(EXIT_CANNOT_EXEC, format!("working directory '{}': {e}", spec.cwd));
@@ -542,12 +513,14 @@ fn exec(
         Err(_) => return fail(EXIT_NOT_FOUND, "command path contains NUL".into()),
     };
     let cenv: Vec<CString> = env.iter().filter_map(|e| CString::new(e.as_str()).ok()).collect();
-    let err = nix::unistd::execve(&cpath, argv, &cenv).unwrap_err();
-    match err {
-        nix::errno::Errno::ENOENT => fail(
+    match sys::execve(&cpath, argv, &cenv) {
+        rustix::io::Errno::NOENT => fail(
             EXIT_NOT_FOUND,
             format!("exec: \"{cmd}\": no such file or directory"),
         ),
-        e => fail(EXIT_CANNOT_EXEC, format!("exec: \"{cmd}\": {}", e.desc())),
+        e => fail(
+            EXIT_CANNOT_EXEC,
+            format!("exec: \"{cmd}\": {}", std::io::Error::from(e)),
+        ),
     }
 }

@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use rustix::fs::{Mode, OFlags};
 
 use crate::sys;
@@ -46,9 +45,7 @@ pub fn open_in_container() -> Result<(OwnedFd, OwnedFd)> {
 /// standard input, output and error.
 pub fn become_controlling(slave: &OwnedFd) -> Result<()> {
     rustix::process::ioctl_tiocsctty(slave).context("TIOCSCTTY")?;
-    nix::unistd::dup2_stdin(slave)?;
-    nix::unistd::dup2_stdout(slave)?;
-    nix::unistd::dup2_stderr(slave)?;
+    sys::dup_to_stdio(slave.as_fd(), true, true, true).context("terminal as standard I/O")?;
     Ok(())
 }
 
@@ -88,18 +85,18 @@ fn pump(master: &OwnedFd, interactive: bool) -> Result<()> {
                 let _ = rustix::termios::tcsetwinsize(master, ws);
             }
         }
-        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![master.as_fd()];
         if stdin_open {
-            fds.push(PollFd::new(stdin(), PollFlags::POLLIN));
+            fds.push(stdin());
         }
-        match nix::poll::poll(&mut fds, PollTimeout::from(500u16)) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
+        let ready = match sys::poll_in(&fds, 500) {
+            Ok(r) => r,
+            Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
-        }
-        let m = fds[0].revents().unwrap_or(PollFlags::empty());
-        let s = fds.get(1).and_then(|f| f.revents()).unwrap_or(PollFlags::empty());
-        if m.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+        };
+        let m = ready[0];
+        let s = ready.get(1).copied().unwrap_or((false, false));
+        if m.0 || m.1 {
             match mf.read(&mut buf) {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
@@ -112,7 +109,7 @@ fn pump(master: &OwnedFd, interactive: bool) -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        if s.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+        if s.0 || s.1 {
             let n = match std::io::stdin().lock().read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -2,6 +2,9 @@
 
 #![allow(unsafe_code)]
 
+mod process;
+pub use process::*;
+
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
