@@ -20,7 +20,7 @@ pub struct MountRecord {
 
 /// Directory holding the daemons' pid files.
 pub fn runtime_dir() -> PathBuf {
-    if crate::sys::euid() == 0 {
+    if crate::sys::host_root() {
         PathBuf::from("/run/strata")
     } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
         PathBuf::from(x).join("strata")

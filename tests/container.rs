@@ -1556,22 +1556,61 @@ fn rootless_run() {
         "rootless run output; stderr:\n{}",
         out.stderr
     );
-    // Nothing in the store belongs to root.
+    // Several owners inside (the user's /etc/subuid range, through newuidmap): kept by a
+    // commit, and on the host they are the range's IDs, as with podman.
+    let sub = fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let (start, count): (u32, u32) = sub
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() == 3 && f[0] == user.name).then(|| (f[1].parse().unwrap(), f[2].parse().unwrap()))
+        })
+        .unwrap_or_else(|| panic!("useradd gave {} no /etc/subuid range:\n{sub}", user.name));
+    let owners = "chown 1000:1000 /f1000 && chown 65534:65534 /f65534 && ls -n /f1000 /f65534";
+    let out = as_user(&[
+        "run",
+        "--name",
+        "owners",
+        "busybox",
+        "sh",
+        "-c",
+        &format!("touch /f1000 /f65534 && {owners}"),
+    ]);
+    assert!(out.ok(), "rootless chown in a container: {out}");
+    let l = lines(&out.stdout);
+    assert!(l[0].contains(" 1000 ") && l[1].contains(" 65534 "), "{out}");
+    let out = as_user(&["commit", "owners", "owners:1"]);
+    assert!(out.ok(), "rootless commit: {out}");
+    let out = as_user(&["run", "--rm", "owners:1", "sh", "-c", "ls -n /f1000 /f65534"]);
+    let l = lines(&out.stdout);
+    assert!(
+        out.ok() && l[0].contains(" 1000 ") && l[1].contains(" 65534 "),
+        "{out}"
+    );
+    assert!(as_user(&["rm", "owners"]).ok());
+    // Nothing in the store belongs to root: the user, or IDs of its range.
+    let mut seen_sub = false;
     let mut stack = vec![store_root.clone()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let md = fs::symlink_metadata(e.path()).unwrap();
-            assert_eq!(
-                md.uid(),
-                uid,
-                "{} in the rootless store is not owned by the user",
-                e.path().display()
+            let ok = md.uid() == uid || (md.uid() >= start && md.uid() - start < count);
+            assert!(
+                ok,
+                "{} in the rootless store belongs to {}",
+                e.path().display(),
+                md.uid()
             );
+            if e.file_name() == "f1000" {
+                assert_eq!(md.uid(), start + 999, "{}", e.path().display());
+                seen_sub = true;
+            }
             if md.is_dir() {
                 stack.push(e.path());
             }
         }
     }
+    assert!(seen_sub, "the committed layer's f1000 was not found in the store");
     let m = mounts_under(&store_root);
     assert!(m.is_empty(), "rootless run left mounts: {m:?}");
     let ps = as_user(&["ps", "--format", "json"]);

@@ -116,6 +116,32 @@ pub fn main() -> i32 {
     };
     init_logging(cli.verbose);
     let root = cli.root.clone().unwrap_or_else(crate::image::store::default_root);
+    // Rootless: the commands that create, read or remove files of a container's users run
+    // as root of a user namespace with the user's subordinate IDs (see runtime::userns).
+    // mount/umount/ps stay outside, so a `strata mount` is seen by the user's shell.
+    let touches_owners = !matches!(
+        cli.command,
+        Command::Mount(_)
+            | Command::Umount(_)
+            | Command::Ps(_)
+            | Command::Login(_)
+            | Command::Logout(_)
+            | Command::Images(_)
+            | Command::History(_)
+            | Command::Inspect(_)
+            | Command::Tag(_)
+            | Command::Push(_)
+    );
+    if touches_owners {
+        match crate::runtime::userns::reexec_inside(&args, &root) {
+            Ok(Some(code)) => return code,
+            Ok(None) => {}
+            Err(e) => {
+                print_error(&e);
+                return exit::FAILURE;
+            }
+        }
+    }
     // run and shell pass the command's exit code on; their own failures exit 125.
     let r = match cli.command {
         Command::Run(a) => return finish(run::run(a, &root), crate::runtime::EXIT_RUNTIME),

@@ -241,6 +241,16 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
     .with_context(|| format!("opening {}", dest.display()))?;
     let root = root_fd.as_fd();
     let privileged = sys::euid() == 0;
+    // Root of a user namespace (rootless with subordinate IDs) can give only the IDs it
+    // maps: an owner outside them stays root's, as podman's unpack does.
+    let in_userns = privileged && !sys::in_initial_userns();
+    let owned = |r: rustix::io::Result<()>| match r {
+        Err(Errno::INVAL) if in_userns => {
+            log::warn!("an owner outside this user namespace's ID ranges: kept as root");
+            Ok(())
+        }
+        r => r,
+    };
     let mut ar = tar::Archive::new(r);
     let mut explicit: HashSet<OsString> = HashSet::new();
     let mut kinds: HashMap<OsString, bool> = HashMap::new(); // path -> is_dir
@@ -344,11 +354,11 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
                     return Err(fail(&format!("truncated: {n} of {want} bytes")));
                 }
                 if privileged {
-                    rustix::fs::fchown(
+                    owned(rustix::fs::fchown(
                         &file,
                         Some(rustix::fs::Uid::from_raw(uid)),
                         Some(rustix::fs::Gid::from_raw(gid)),
-                    )
+                    ))
                     .map_err(|e| fail(&io::Error::from(e)))?;
                 }
                 for (k, v) in &xattrs {
@@ -446,13 +456,13 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
         }
         // Symlinks and special files: owner, xattrs, times by name.
         if privileged {
-            rustix::fs::chownat(
+            owned(rustix::fs::chownat(
                 p,
                 name.as_os_str(),
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(gid)),
                 AtFlags::SYMLINK_NOFOLLOW,
-            )
+            ))
             .map_err(|e| fail(&io::Error::from(e)))?;
         }
         for (k, v) in &xattrs {
@@ -481,11 +491,11 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
             })?
         };
         if privileged {
-            rustix::fs::fchown(
+            owned(rustix::fs::fchown(
                 &fd,
                 Some(rustix::fs::Uid::from_raw(d.uid)),
                 Some(rustix::fs::Gid::from_raw(d.gid)),
-            )?;
+            ))?;
         }
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))?;
         rustix::fs::futimens(&fd, &times(d.mtime))?;

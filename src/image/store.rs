@@ -59,7 +59,7 @@ pub fn default_root() -> PathBuf {
     if let Some(r) = std::env::var_os("STRATA_ROOT") {
         return PathBuf::from(r);
     }
-    if crate::sys::euid() == 0 {
+    if crate::sys::host_root() {
         return PathBuf::from("/var/lib/strata");
     }
     match std::env::var_os("XDG_DATA_HOME") {

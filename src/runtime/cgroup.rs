@@ -59,7 +59,7 @@ fn write(p: &Path, v: &str) -> Result<()> {
 impl Group {
     /// Make the group(s) for `l` and set the limits.
     pub fn create(l: &Limits) -> Result<Group> {
-        if crate::sys::euid() != 0 {
+        if !crate::sys::host_root() {
             bail!(
                 "--memory, --pids-limit and --cpus need root (rootless cgroup delegation is not supported)"
             );

@@ -12,6 +12,7 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod syscalls;
 mod tty;
+pub mod userns;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};

@@ -396,6 +396,12 @@ pub fn in_initial_userns() -> bool {
     })
 }
 
+/// Root of the initial user namespace: the host's root, not a namespace's (not even the
+/// one a rootless strata runs in).
+pub fn host_root() -> bool {
+    euid() == 0 && in_initial_userns()
+}
+
 /// The calling process's effective uid.
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()

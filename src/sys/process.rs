@@ -167,3 +167,44 @@ pub fn poll_in(fds: &[BorrowedFd<'_>], ms: u16) -> SysResult<Vec<(bool, bool)>> 
         })
         .collect())
 }
+
+/// Ignore signal `sig` in this process.
+pub fn ignore_signal(sig: i32) {
+    if let Ok(s) = Signal::try_from(sig) {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) };
+    }
+}
+
+/// Make every mount of this (new) mount namespace private, so nothing mounted here shows
+/// in the namespace it was copied from (or the other way round).
+pub fn make_mounts_private() -> SysResult<()> {
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+    )
+}
+
+/// Execute `exe` with this process's arguments `args` (argv[0] included) and environment,
+/// plus `extra`; returns only on failure.
+pub fn exec_self(exe: &std::path::Path, args: &[std::ffi::OsString], extra: &[(&str, &str)]) -> Errno {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).map_err(|_| Errno::INVAL);
+    let run = || -> SysResult<Errno> {
+        let path = c(exe.as_os_str().as_bytes())?;
+        let argv: Vec<CString> = args.iter().map(|a| c(a.as_bytes())).collect::<SysResult<_>>()?;
+        let mut env: Vec<CString> = std::env::vars_os()
+            .map(|(k, v)| {
+                let mut b = k.as_bytes().to_vec();
+                b.push(b'=');
+                b.extend_from_slice(v.as_bytes());
+                c(&b)
+            })
+            .collect::<SysResult<_>>()?;
+        for (k, v) in extra {
+            env.push(c(format!("{k}={v}").as_bytes())?);
+        }
+        Ok(execve(&path, &argv, &env))
+    };
+    run().unwrap_or_else(|e| e)
+}

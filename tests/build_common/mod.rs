@@ -1072,7 +1072,18 @@ impl RootlessUser {
     }
 
     /// Paths under the store not owned by the user.
+    /// Files in the store owned by anyone but the user and its /etc/subuid range (which
+    /// the owners of a rootless container's files map to, as with podman).
     pub fn foreign_files_in_store(&self) -> Vec<String> {
+        let sub = fs::read_to_string("/etc/subuid").unwrap_or_default();
+        let range = sub.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() == 3 && f[0] == self.name).then(|| (f[1].parse::<u32>().ok(), f[2].parse::<u32>().ok()))
+        });
+        let in_range = |u: u32| match range {
+            Some((Some(s), Some(n))) => u >= s && u - s < n,
+            _ => false,
+        };
         let mut bad = Vec::new();
         let mut stack = vec![self.store.root.clone()];
         while let Some(d) = stack.pop() {
@@ -1080,7 +1091,7 @@ impl RootlessUser {
                 let Ok(md) = fs::symlink_metadata(e.path()) else {
                     continue;
                 };
-                if md.uid() != self.uid {
+                if md.uid() != self.uid && !in_range(md.uid()) {
                     bad.push(format!("{} (uid {})", e.path().display(), md.uid()));
                 }
                 if md.is_dir() {
