@@ -108,6 +108,24 @@ impl Pm {
         self.ok("podman", args)
     }
 
+    /// strata daemons serving a mount of this store (pid, command line).
+    fn daemons(&self) -> Vec<(u32, String)> {
+        let mut v = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&*strata_bin().to_string_lossy()) && cmd.contains(self.dir.to_str().unwrap()) {
+                v.push((pid, cmd));
+            }
+        }
+        v
+    }
+
     /// Remove what podman and buildah made, stop the rootless pause process, and check
     /// that no strata mount is left.
     fn teardown(&self) {
@@ -346,6 +364,35 @@ fn rootful_podman_and_buildah() {
         "cat /b; [ -e /etc/hello ] || echo gone",
     ]);
     assert_eq!(lines(&out), ["b", "gone"]);
+
+    // A container killed, then removed by force: its strata daemon and mount go with it.
+    pm.podman(&[
+        "run",
+        "-d",
+        "--name",
+        "k",
+        "--net",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "busybox sleep 300",
+    ]);
+    assert!(
+        !pm.daemons().is_empty(),
+        "no strata daemon serves the running container"
+    );
+    pm.podman(&["kill", "k"]);
+    pm.podman(&["rm", "-f", "k"]);
+    let start = std::time::Instant::now();
+    while !pm.daemons().is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        pm.daemons().is_empty(),
+        "strata daemons left after podman kill + rm -f: {:?}",
+        pm.daemons()
+    );
     pm.teardown();
 }
 
@@ -386,6 +433,23 @@ fn rootless_podman_keeps_owners() {
     assert!(l[0].contains(" 1000 ") && l[1].contains(" 65534 "), "{out}");
     assert!(l[2].contains(" 1000 "), "{out}");
     assert_eq!(&l[3..], ["x", "removed"], "{out}");
+
+    // Containers with their own ID ranges (containers/storage passes uidmapping= then).
+    for (opts, id) in [
+        (&["--uidmap", "0:1:5000", "--gidmap", "0:1:5000"][..], "1000"),
+        (&["--userns=auto"][..], "42"),
+    ] {
+        let mut args = vec!["run", "--rm", "--net", "none"];
+        args.extend_from_slice(opts);
+        let script = format!("echo x > /m; chown {id}:{id} /m; ls -n /m; cat /etc/hello");
+        args.extend_from_slice(&["busybox", "sh", "-c", &script]);
+        let out = pm.podman(&args);
+        let l = lines(&out);
+        assert!(
+            l[0].contains(&format!(" {id} ")) && l[1] == "hello",
+            "{opts:?}: {out}"
+        );
+    }
 
     // The owners are in the layer itself (what a push sends): read it from `podman save`.
     pm.podman(&["save", "-o", "rl.tar", "rl:1"]);
