@@ -8,6 +8,7 @@
 
 mod common;
 mod image_common;
+mod registry_common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -451,12 +452,34 @@ fn rootless_podman_keeps_owners() {
         );
     }
 
-    // The owners are in the layer itself (what a push sends): read it from `podman save`.
+    // The owners are in the layer itself: in `podman save`'s, and in the one `podman push`
+    // sends to a registry (a private one on 127.0.0.1, read back from its storage).
     pm.podman(&["save", "-o", "rl.tar", "rl:1"]);
     let owners = top_layer_owners(&pm.dir.join("rl.tar"));
     assert_eq!(owners.get("u1000"), Some(&(1000, 1000)), "{owners:?}");
     assert_eq!(owners.get("u65534"), Some(&(65534, 65534)), "{owners:?}");
     assert_eq!(owners.get("x"), Some(&(0, 0)), "{owners:?}");
+    let reg = registry_common::Registry::plain();
+    let dest = format!("docker://{}/rl:1", reg.addr());
+    pm.podman(&["push", "--tls-verify=false", "--format", "v2s2", "rl:1", &dest]);
+    let raw = registry_common::skopeo(
+        &env.dir("skopeo"),
+        &["inspect", "--raw", "--tls-verify=false", &dest],
+    );
+    let m: serde_json::Value = serde_json::from_str(&raw.stdout).expect("pushed manifest");
+    let top = m["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .expect("pushed layers")["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = fs::read(reg.blob_data_path(&top)).expect("pushed layer blob");
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar).expect("gzip layer");
+    let pushed = tar_owners(&tar);
+    assert_eq!(pushed.get("u1000"), Some(&(1000, 1000)), "pushed: {pushed:?}");
+    assert_eq!(pushed.get("u65534"), Some(&(65534, 65534)), "pushed: {pushed:?}");
 
     // A rootless build with a chown in a RUN.
     let ctx = pm.dir.join("ctx");
@@ -494,7 +517,12 @@ fn top_layer_owners(archive: &Path) -> BTreeMap<String, (u64, u64)> {
     let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let layers = m[0]["Layers"].as_array().expect("Layers");
     let blob = image_common::tar_member(archive, layers.last().unwrap().as_str().unwrap()).expect("layer");
-    let mut a = tar::Archive::new(&blob[..]);
+    tar_owners(&blob)
+}
+
+/// (uid, gid) of each entry of a layer tar.
+fn tar_owners(blob: &[u8]) -> BTreeMap<String, (u64, u64)> {
+    let mut a = tar::Archive::new(blob);
     let mut out = BTreeMap::new();
     for e in a.entries().unwrap() {
         let e = e.unwrap();
