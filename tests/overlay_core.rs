@@ -478,3 +478,36 @@ fn lookups_racing_renames_record_current_names() {
         &stale[..stale.len().min(5)]
     );
 }
+
+/// A redirect walked through an opaque directory of a lower layer: the search stops below
+/// it, unless an absolute redirect further down starts it afresh (the kernel's
+/// ovl_check_redirect).
+#[test]
+fn absolute_redirect_past_an_opaque_directory() {
+    let e = env();
+    fs::create_dir_all(e.l0.join("a/c")).unwrap();
+    fs::write(e.l0.join("a/c/top"), "t").unwrap();
+    fs::create_dir_all(e.l1.join("q")).unwrap();
+    fs::write(e.l1.join("q/below"), "b").unwrap();
+    fs::create_dir_all(e.l1.join("a/c")).unwrap();
+    fs::write(e.l1.join("a/c/hidden"), "h").unwrap();
+    fs::create_dir(e.upper.join("d")).unwrap();
+    let set = |p: &Path, n: &str, v: &[u8]| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(n).unwrap();
+        // SAFETY: valid C strings and a buffer of the given length.
+        let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        assert_eq!(r, 0, "setxattr {}", p.display());
+    };
+    set(&e.l0.join("a"), "trusted.overlay.opaque", b"y");
+    set(&e.upper.join("d"), "trusted.overlay.redirect", b"/a/c");
+    let o = ov(&e);
+    let d = o.lookup(ROOT, OsStr::new("d")).unwrap();
+    // Through the opaque /a of the top layer: its c, and nothing of the layer below.
+    assert_eq!(names(&o, d.ino), vec!["top"]);
+    drop(o);
+    set(&e.l0.join("a/c"), "trusted.overlay.redirect", b"/q");
+    let o = ov(&e);
+    let d = o.lookup(ROOT, OsStr::new("d")).unwrap();
+    assert_eq!(names(&o, d.ino), vec!["below", "top"]);
+}

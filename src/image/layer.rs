@@ -774,15 +774,11 @@ impl Pack<'_> {
     }
 }
 
-/// The redirect an upper directory carries, in either namespace (a renamed directory).
+/// The redirect an upper directory carries (a renamed directory), in the namespace a mount
+/// by this process writes: in the other one the name is a user's data.
 pub fn upper_redirect(t: XTarget<'_>, xnames: &[Vec<u8>]) -> Result<Option<Vec<u8>>> {
-    use crate::overlay::xattr::XattrNs;
-    for ns in [XattrNs::Trusted, XattrNs::User] {
-        if let Some(r) = whiteout::upper_redirect(t, xnames, ns)? {
-            return Ok(Some(r));
-        }
-    }
-    Ok(None)
+    let ns = crate::overlay::xattr::XattrNs::by_privilege();
+    Ok(whiteout::upper_redirect(t, xnames, ns)?)
 }
 
 fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &mut Pack<'_>) -> Result<()> {

@@ -229,10 +229,10 @@ impl Stack {
                 l.override_stat.unwrap_or_default()
             );
         }
-        let ns = if cfg.userxattr || sys::euid() != 0 || !sys::in_initial_userns() {
+        let ns = if cfg.userxattr {
             XattrNs::User
         } else {
-            XattrNs::Trusted
+            XattrNs::by_privilege()
         };
         let upper = match (&cfg.upper, &cfg.work) {
             (None, None) => None,

@@ -125,7 +125,7 @@ impl Overlay {
                 let Some(dfd) = pfds.lower(l) else { continue };
                 if let Some(f) = found.as_mut().filter(|f| known_dir && f.kind == Kind::Dir) {
                     let cfd = sys::open_dir_beneath(dfd, name)?;
-                    let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
+                    let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd(), self.ns)?;
                     f.lower_dirs.push(l);
                     if let Some(fds) = &mut f.fds {
                         fds.lowers.push((l, Arc::new(cfd)));
@@ -164,7 +164,7 @@ impl Overlay {
                             }
                             None => {
                                 let cfd = sys::open_dir_beneath(dfd, name)?;
-                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
+                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd(), self.ns)?;
                                 let ino = self.map_ino(st.st_dev, st.st_ino);
                                 let f = found.insert(Found {
                                     kind,
@@ -193,7 +193,7 @@ impl Overlay {
                                     break;
                                 }
                                 let cfd = sys::open_dir_beneath(dfd, name)?;
-                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd())?;
+                                let (opaque, redirect) = whiteout::lower_dir_marks(cfd.as_fd(), self.ns)?;
                                 f.lower_dirs.push(l);
                                 if let Some(fds) = &mut f.fds {
                                     fds.lowers.push((l, Arc::new(cfd)));
@@ -274,17 +274,24 @@ impl Overlay {
     /// Attributes of a node (through an open handle when given, which also works after the
     /// last name is gone).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        // A file still in a lower layer shows that layer's override_stat, also through a
+        // handle.
+        let through = |fd: &std::os::fd::OwnedFd| -> Result<Attr> {
+            let mut st = rustix::fs::fstat(fd)?;
+            if let Ok((false, Some(l))) = self.with_node(ino, |n| (n.upper, n.lower)) {
+                self.lower_stat(l, XTarget::Fd(fd.as_fd()), &mut st);
+            }
+            Ok(self.attr_of(&st, ino, false))
+        };
         if let Some(fh) = fh {
             if let Ok(fd) = self.file(fh) {
-                let st = rustix::fs::fstat(&fd)?;
-                return Ok(self.attr_of(&st, ino, false));
+                return through(&fd);
             }
         }
         // Unlinked but open: fstat comes without a handle.
         if self.with_node(ino, |n| n.orphan)? {
             let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
-            let st = rustix::fs::fstat(&fd)?;
-            return Ok(self.attr_of(&st, ino, false));
+            return through(&fd);
         }
         let (kind, upper, nlower) = self.with_node(ino, |n| (n.kind, n.upper, n.lower_dirs.len()))?;
         if kind == Kind::Dir {

@@ -143,12 +143,17 @@ impl Overlay {
                         let fd = sys::open_dir_beneath(dir, c)?;
                         // The bottom layer's marks matter to no layer below it.
                         if l != bottom {
-                            let (opaque, r) = whiteout::lower_dir_marks(fd.as_fd())?;
+                            let (opaque, r) = whiteout::lower_dir_marks(fd.as_fd(), self.ns)?;
                             if opaque {
                                 // An opaque directory on the way ends the search after
                                 // this layer, as the kernel's does.
                                 stop = true;
                             } else if let Some(r) = r {
+                                // An absolute redirect starts the search afresh, past an
+                                // opaque directory met before it (ovl_check_redirect).
+                                if r.starts_with(b"/") {
+                                    stop = false;
+                                }
                                 let t = next.as_ref().unwrap_or(&target);
                                 next = Some(t.redirected(comps.len() - k - 1, &r));
                             }

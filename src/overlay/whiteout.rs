@@ -126,9 +126,10 @@ pub fn set_redirect(t: XTarget<'_>, ns: XattrNs, v: &[u8]) -> Result<(), Errno> 
 }
 
 /// What a lower directory says about the layers below it: whether it is opaque (by any of
-/// the markers container tools use), and the redirect it carries (kernel format, in either
-/// namespace). One listxattr for the common directory that has neither.
-pub fn lower_dir_marks(dir: BorrowedFd<'_>) -> Result<(bool, Option<Vec<u8>>), Errno> {
+/// the markers container tools use), and the redirect it carries (kernel format, in the
+/// mount's namespace `ns` only, as the kernel reads it: in the other one it is user data).
+/// One listxattr for the common directory that has neither.
+pub fn lower_dir_marks(dir: BorrowedFd<'_>, ns: XattrNs) -> Result<(bool, Option<Vec<u8>>), Errno> {
     let t = XTarget::Fd(dir);
     let names = sys::listxattr(t).unwrap_or_default();
     if !names.is_empty() {
@@ -143,10 +144,8 @@ pub fn lower_dir_marks(dir: BorrowedFd<'_>) -> Result<(bool, Option<Vec<u8>>), E
         ) {
             return Ok((true, None));
         }
-        for ns in [XattrNs::Trusted, XattrNs::User] {
-            if let Some(r) = upper_redirect(t, &names, ns)? {
-                return Ok((false, Some(r)));
-            }
+        if let Some(r) = upper_redirect(t, &names, ns)? {
+            return Ok((false, Some(r)));
         }
     }
     Ok((sys::stat_at(dir, OsStr::new(OPAQUE_MARKER)).is_ok(), None))

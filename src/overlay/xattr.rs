@@ -46,6 +46,17 @@ pub fn is_private_xattr(name: &[u8]) -> bool {
 }
 
 impl XattrNs {
+    /// The namespace a mount made by this process uses without `userxattr`: trusted for
+    /// the host's root, user otherwise (also root of a user namespace, where trusted.* is
+    /// refused). Uppers strata wrote are read back by it (commit, diff).
+    pub fn by_privilege() -> XattrNs {
+        if crate::sys::host_root() {
+            XattrNs::Trusted
+        } else {
+            XattrNs::User
+        }
+    }
+
     /// Overlay bookkeeping of this namespace (escaped names are user data): what copy-up
     /// leaves behind, as the kernel does.
     pub fn is_private(self, name: &[u8]) -> bool {

@@ -135,7 +135,30 @@ pub fn default_filters() -> Result<Vec<BpfProgram>> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
-    Ok(vec![eperm.try_into()?, enosys.try_into()?])
+    let mut v: Vec<BpfProgram> = vec![eperm.try_into()?, enosys.try_into()?];
+    v.extend(x32_filter(arch)?);
+    Ok(v)
+}
+
+/// On x86_64: the x32 ABI's calls (number | 0x40000000) answer ENOSYS, so a call another
+/// filter refuses cannot be made through them where the kernel has x32 enabled
+/// (seccompiler compares the number alone). docker's profile allows x32, but no image strata
+/// runs needs it. None elsewhere.
+fn x32_filter(arch: TargetArch) -> Result<Option<BpfProgram>> {
+    if !cfg!(target_arch = "x86_64") {
+        return Ok(None);
+    }
+    const X32: i64 = 0x4000_0000;
+    // x32 numbers end below 548 (the x32 table's last entry is 547).
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = (0..548).map(|n| (X32 | n, vec![])).collect();
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| anyhow!("building the x32 filter: {e}"))?;
+    Ok(Some(f.try_into()?))
 }
 
 /// Install compiled filters in this thread (and what it execs). Not through seccompiler's
@@ -361,6 +384,7 @@ pub fn profile_filters(json: &[u8], caps: &[String]) -> Result<Vec<BpfProgram>> 
             .map_err(|e| anyhow!("building the filter: {e}"))?;
         out.push(f.try_into()?);
     }
+    out.extend(x32_filter(arch)?);
     Ok(out)
 }
 
@@ -376,10 +400,15 @@ mod tests {
             {"names":["clone3"],"action":"SCMP_ACT_ERRNO","errnoRet":38},
             {"names":["personality"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":8,"op":"SCMP_CMP_EQ"}]},
             {"names":["mount"],"action":"SCMP_ACT_ALLOW","includes":{"caps":["CAP_SYS_ADMIN"]}}]}"#;
-        // The default filter and the ENOSYS one.
-        assert_eq!(profile_filters(p, &caps).unwrap().len(), 2);
+        // The default filter and the ENOSYS one (and on x86_64 the x32 one).
+        let x32 = cfg!(target_arch = "x86_64") as usize;
+        assert_eq!(profile_filters(p, &caps).unwrap().len(), 2 + x32);
         let allow = br#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]}"#;
-        assert_eq!(profile_filters(allow, &caps).unwrap().len(), 1);
+        assert_eq!(profile_filters(allow, &caps).unwrap().len(), 1 + x32);
+        if x32 == 1 {
+            // Within the kernel's limit of 4096 instructions.
+            assert!(x32_filter(TargetArch::x86_64).unwrap().unwrap().len() < 4096);
+        }
         for bad in [
             &br#"{"syscalls":[]}"#[..],
             br#"{"defaultAction":"SCMP_ACT_NOTIFY"}"#,

@@ -88,8 +88,9 @@ pub fn reexec_inside(args: &[OsString], store: &Path) -> Result<Option<i32>> {
         Forked::Child => {
             drop((ready_r, go_w));
             let code = (|| -> Result<i32> {
-                // The caller's death takes this command with it, as a signal it can clean up on.
-                let _ = sys::kill_with_parent();
+                // The caller's death takes this command with it, as a signal it can clean up on
+                // (a run passes it to its container and unmounts).
+                let _ = sys::signal_with_parent(libc::SIGTERM);
                 sys::unshare(sys::Namespaces::CLONE_NEWUSER | sys::Namespaces::CLONE_NEWNS)
                     .context("creating a user namespace")?;
                 std::fs::File::from(ready_w).write_all(b"1")?;
@@ -152,7 +153,13 @@ pub fn reexec_inside(args: &[OsString], store: &Path) -> Result<Option<i32>> {
 /// Wait for the inner command, passing on the signals this process gets (but SIGINT, which
 /// the terminal sends the inner one as well).
 fn wait(child: i32) -> i32 {
-    sys::catch_signals(&[libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]);
+    sys::catch_signals(&[
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ]);
     sys::ignore_signal(libc::SIGINT);
     sys::set_forward_pid(child);
     let code = loop {

@@ -57,7 +57,12 @@ pub fn dup_to_stdio(fd: BorrowedFd<'_>, stdin: bool, stdout: bool, stderr: bool)
 
 /// SIGKILL this process when its parent dies.
 pub fn kill_with_parent() -> SysResult<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(e)
+    signal_with_parent(libc::SIGKILL)
+}
+
+/// Send this process `sig` when its parent dies.
+pub fn signal_with_parent(sig: i32) -> SysResult<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::try_from(sig).map_err(e)?).map_err(e)
 }
 
 /// Set no_new_privs: setuid binaries and file capabilities grant nothing from now on.
