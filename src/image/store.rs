@@ -78,18 +78,37 @@ fn sync_dir(p: &Path) -> io::Result<()> {
 
 /// Write `data` to `path` atomically (tmp + fsync + rename + fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// `write_atomic` creating the file with `mode` (before the umask), e.g. 0o600 for
+/// credentials. The one atomic-write helper: the store's files, index.json, container
+/// state and auth files go through it. A failure removes the temporary file.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("path without parent")?;
     let tmp = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
         TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    sync_dir(dir)?;
-    Ok(())
+    let r = (|| -> Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+        sync_dir(dir)?;
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 impl Store {

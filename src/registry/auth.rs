@@ -7,8 +7,7 @@
 //! the file is kept as it was. Files are written atomically with mode 0600.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -167,28 +166,10 @@ fn write_json(p: &Path, v: &Value) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating '{}'", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        p.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| -> Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing '{}'", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(v)?)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        fs::rename(&tmp, p).with_context(|| format!("writing auth file '{}'", p.display()))?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
+    let mut data = serde_json::to_vec_pretty(v)?;
+    data.push(b'\n');
+    crate::image::store::write_atomic_mode(p, &data, 0o600)
+        .with_context(|| format!("writing auth file '{}'", p.display()))
 }
 
 /// Store credentials for `host` in the auth file; returns the file.
