@@ -259,7 +259,13 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
         let mut entry = entry.context("reading layer entry")?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let fail = |m: &dyn std::fmt::Display| anyhow!("layer entry '{shown}': {m}");
+        let fail = |m: &dyn std::fmt::Display| -> anyhow::Error {
+            LayerError::Entry {
+                path: shown.to_string(),
+                reason: m.to_string(),
+            }
+            .into()
+        };
         let comps = crate::paths::entry(&raw).map_err(|m| fail(&m.to_string()))?;
         let hdr = entry.header().clone();
         let kind = hdr.entry_type();
@@ -513,6 +519,20 @@ fn set_xattr(t: XTarget<'_>, k: &OsStr, v: &[u8]) -> io::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A layer that cannot be unpacked (inside `anyhow::Error`, for callers that tell it
+/// apart: `e.downcast_ref::<LayerError>()`).
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// One entry is refused: its path (as it appears in the tar) and why.
+    #[error("layer entry '{path}': {reason}")]
+    Entry {
+        /// The entry's path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 // ----- packing ------------------------------------------------------------------------
@@ -915,6 +935,28 @@ mod tests {
         assert!(excluded(&o, "/tmp"));
         assert!(excluded(&o, "/tmp/sub/file"));
         assert!(!excluded(&o, "/tmpfile"));
+    }
+
+    #[test]
+    fn refused_entries_are_typed() {
+        // A ustar header naming "a/../b" (the tar crate refuses to write one itself).
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..6].copy_from_slice(b"a/../b");
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut data = h.as_bytes().to_vec();
+        data.extend_from_slice(&[0u8; 1024]);
+        let d = tempfile::tempdir().unwrap();
+        let e = unpack(&data[..], d.path()).unwrap_err();
+        match e.downcast_ref::<LayerError>() {
+            Some(LayerError::Entry { path, reason }) => {
+                assert_eq!(path, "a/../b");
+                assert!(reason.contains(".."), "{reason}");
+            }
+            None => panic!("not a LayerError: {e:#}"),
+        }
     }
 
     #[test]

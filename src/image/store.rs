@@ -71,6 +71,46 @@ pub fn default_root() -> PathBuf {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// What can go wrong with the store that a caller may want to tell apart (the library's
+/// functions return them inside `anyhow::Error`: `e.downcast_ref::<StoreError>()`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No image by that name, id or digest.
+    #[error("image '{name}' not found in store '{}'", store.display())]
+    NotFound {
+        /// As asked.
+        name: String,
+        /// The store's root.
+        store: PathBuf,
+    },
+    /// An id prefix that more than one image has.
+    #[error("image id '{id}' is ambiguous ({matches} images match)")]
+    Ambiguous {
+        /// As asked.
+        id: String,
+        /// How many images it matches.
+        matches: usize,
+    },
+    /// Neither a reference nor an id.
+    #[error("'{0}' is not a valid image reference or id")]
+    BadName(String),
+    /// A blob whose bytes do not hash to its name.
+    #[error("blob {0} is corrupt (its content does not match its digest)")]
+    CorruptBlob(String),
+    /// Bytes that do not match the descriptor they came with.
+    #[error("blob {digest}: content does not match its descriptor (got {got_size} bytes, {got_digest}; want {want_size} bytes)")]
+    Mismatch {
+        /// Expected digest.
+        digest: String,
+        /// What arrived.
+        got_size: u64,
+        /// Its digest.
+        got_digest: String,
+        /// Expected size.
+        want_size: u64,
+    },
+}
+
 /// fsync a directory so a rename into it survives a crash.
 fn sync_dir(p: &Path) -> io::Result<()> {
     File::open(p)?.sync_all()
@@ -219,9 +259,13 @@ impl Store {
         if let Some((ed, es)) = expect {
             if n != es || d != ed {
                 fs::remove_file(&tmp).ok();
-                bail!(
-                    "blob {ed}: content does not match its descriptor (got {n} bytes, {d}; want {es} bytes)"
-                );
+                return Err(StoreError::Mismatch {
+                    digest: ed.to_string(),
+                    got_size: n,
+                    got_digest: d,
+                    want_size: es,
+                }
+                .into());
             }
         }
         f.sync_all()?;
@@ -234,7 +278,7 @@ impl Store {
         let p = self.blob_path(digest)?;
         let data = fs::read(&p).with_context(|| format!("blob {digest} is missing from the store"))?;
         if digest::sha256_of(&data) != digest {
-            bail!("blob {digest} is corrupt (its content does not match its digest)");
+            return Err(StoreError::CorruptBlob(digest.to_string()).into());
         }
         Ok(data)
     }
@@ -324,7 +368,7 @@ impl Store {
             if let Some((_, d)) = list.iter().find(|(_, d)| d.digest().to_string() == dg) {
                 return self.load_image(d);
             }
-            bail!("image '{s}' not found in store '{}'", self.root.display());
+            return Err(self.not_found(s));
         }
         let hexs = s.strip_prefix("sha256:").unwrap_or(s);
         if hexs.len() >= 4 && hexs.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -342,14 +386,28 @@ impl Store {
             }
             match found.len() {
                 1 => return Ok(found.pop().unwrap()),
-                n if n > 1 => bail!("image id '{s}' is ambiguous ({n} images match)"),
+                n if n > 1 => {
+                    return Err(StoreError::Ambiguous {
+                        id: s.to_string(),
+                        matches: n,
+                    }
+                    .into())
+                }
                 _ => {}
             }
         }
         if Reference::parse(s).is_err() && !(hexs.len() >= 4 && hexs.bytes().all(|c| c.is_ascii_hexdigit())) {
-            bail!("'{s}' is not a valid image reference or id");
+            return Err(StoreError::BadName(s.to_string()).into());
         }
-        bail!("image '{s}' not found in store '{}'", self.root.display())
+        Err(self.not_found(s))
+    }
+
+    fn not_found(&self, name: &str) -> anyhow::Error {
+        StoreError::NotFound {
+            name: name.to_string(),
+            store: self.root.clone(),
+        }
+        .into()
     }
 
     /// Point `r` at a manifest (replacing what it named before).
@@ -662,4 +720,33 @@ pub fn refs_by_manifest(list: &[(String, Descriptor)]) -> BTreeMap<String, Vec<S
         m.entry(d.digest().to_string()).or_default().push(r.clone());
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(e: &anyhow::Error) -> &StoreError {
+        e.downcast_ref::<StoreError>()
+            .unwrap_or_else(|| panic!("not a StoreError: {e:#}"))
+    }
+
+    #[test]
+    fn typed_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Store::open(d.path(), true).unwrap();
+        let e = st.resolve("nope:1").unwrap_err();
+        assert!(matches!(kind(&e), StoreError::NotFound { name, .. } if name == "nope:1"));
+        assert!(matches!(
+            kind(&st.resolve("Not A Name!").unwrap_err()),
+            StoreError::BadName(_)
+        ));
+        let dg = st.put_blob(b"hello").unwrap();
+        assert_eq!(st.read_blob(&dg).unwrap(), b"hello");
+        fs::write(st.blob_path(&dg).unwrap(), b"HELLO").unwrap();
+        assert!(matches!(kind(&st.read_blob(&dg).unwrap_err()), StoreError::CorruptBlob(x) if *x == dg));
+        let want = digest::sha256_of(b"other");
+        let e = st.put_blob_reader(&b"bytes"[..], Some((&want, 5))).unwrap_err();
+        assert!(matches!(kind(&e), StoreError::Mismatch { got_size: 5, .. }));
+    }
 }
