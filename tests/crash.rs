@@ -138,6 +138,8 @@ fn sigkill_during_store_writes_leaves_a_sound_store() {
             ],
         ),
         ("rmi", vec!["rmi".into(), "imp:1".into()]),
+        // After an rmi (or a killed import), gc has unreferenced blobs and layers to remove.
+        ("gc", vec!["gc".into()]),
     ];
     let mut spans = Vec::new();
     for (name, args) in &ops {
