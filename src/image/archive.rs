@@ -128,6 +128,39 @@ pub fn save<W: Write>(
     Ok(b.into_inner()?)
 }
 
+/// Why an image archive (`load`) or a rootfs tar (`import`) is refused, for callers that
+/// tell the cases apart (inside `anyhow::Error`: `e.downcast_ref::<ArchiveError>()`).
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// One member is refused: its name and why.
+    #[error("archive entry '{name}': {reason}")]
+    Entry {
+        /// The member's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Neither an OCI layout nor a docker archive.
+    #[error("not an image archive: neither an OCI layout (index.json, oci-layout) nor a docker archive (manifest.json)")]
+    NotAnImageArchive,
+    /// An archive that names no image.
+    #[error("{0} lists no image")]
+    NoImage(&'static str),
+    /// A layer whose content is not what the config says.
+    #[error("layer '{layer}': its content is {got}, but the config says {want}")]
+    DiffIdMismatch {
+        /// The layer's member name.
+        layer: String,
+        /// Its DiffID as read.
+        got: String,
+        /// The config's.
+        want: String,
+    },
+    /// An empty input where a tar was expected.
+    #[error("the input is empty, not a tar archive")]
+    Empty,
+}
+
 /// An archive extracted into a staging directory of the store.
 struct Extracted {
     dir: PathBuf,
@@ -161,7 +194,13 @@ fn extract_archive<R: Read>(r: R, dir: &Path) -> Result<Extracted> {
         let mut e = e.context("reading archive entry")?;
         let raw = e.path_bytes().into_owned();
         let name = String::from_utf8(raw).map_err(|_| anyhow!("archive entry with a non-UTF-8 name"))?;
-        let fail = |m: &str| anyhow!("archive entry '{name}': {m}");
+        let fail = |m: &str| -> anyhow::Error {
+            ArchiveError::Entry {
+                name: name.clone(),
+                reason: m.to_string(),
+            }
+            .into()
+        };
         let path = crate::paths::entry(name.as_bytes()).map_err(|e| fail(&e.to_string()))?;
         let path = crate::paths::join(&path).to_string_lossy().into_owned();
         if path.is_empty() {
@@ -279,7 +318,7 @@ pub fn load<R: Read + 'static>(store: &Store, r: R, progress: &Progress) -> Resu
         } else if ex.resolve("manifest.json").map(|p| p.is_file()).unwrap_or(false) {
             load_docker(store, &ex, progress)
         } else {
-            bail!("not an image archive: neither an OCI layout (index.json, oci-layout) nor a docker archive (manifest.json)")
+            Err(ArchiveError::NotAnImageArchive.into())
         }
     })();
     let _ = store::make_writable_and_remove(&tmp);
@@ -366,7 +405,7 @@ fn load_oci(store: &Store, ex: &Extracted, progress: &Progress) -> Result<Loaded
         out.push((mdesc, name.into_iter().collect()));
     }
     if out.is_empty() {
-        bail!("the archive's index.json lists no image");
+        return Err(ArchiveError::NoImage("the archive's index.json").into());
     }
     name_loaded(store, out)
 }
@@ -421,7 +460,12 @@ fn load_docker(store: &Store, ex: &Extracted, progress: &Progress) -> Result<Loa
             let comp = Compression::sniff(&head[..n]);
             let got = layer::check_and_hash(layer::decompress(f)?, &format!("layer '{lp}'"))?;
             if got != *want {
-                bail!("layer '{lp}': its content is {got}, but the config says {want}");
+                return Err(ArchiveError::DiffIdMismatch {
+                    layer: lp.clone(),
+                    got,
+                    want: want.to_string(),
+                }
+                .into());
             }
             let (ld, size) = blob_from_file(store, &p, None, progress)?;
             descs.push(Descriptor::new(comp.media_type(), size, parse_digest(&ld)?));
@@ -453,7 +497,7 @@ fn load_docker(store: &Store, ex: &Extracted, progress: &Progress) -> Result<Loa
         out.push((mdesc, names));
     }
     if out.is_empty() {
-        bail!("manifest.json lists no image");
+        return Err(ArchiveError::NoImage("manifest.json").into());
     }
     name_loaded(store, out)
 }
@@ -476,7 +520,7 @@ pub fn import<R: Read>(
         f.sync_all()?;
         let (dg, size) = h.finish();
         if size == 0 {
-            bail!("the input is empty, not a tar archive");
+            return Err(ArchiveError::Empty.into());
         }
         let mut head = [0u8; 4];
         let n = File::open(&tmp)?.read(&mut head)?;
@@ -523,4 +567,43 @@ pub fn import<R: Read>(
         let _ = store.gc(&[]);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (n, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, n, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn typed_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Store::open(d.path(), true).unwrap();
+        let kind = |r: Result<Loaded>| match r {
+            Ok(_) => panic!("loaded"),
+            Err(e) => format!("{:?}", e.downcast_ref::<ArchiveError>().expect("an ArchiveError")),
+        };
+        let junk = tar_of(&[("hello.txt", b"hi")]);
+        assert_eq!(
+            kind(load(&st, std::io::Cursor::new(junk), &Progress::quiet())),
+            "NotAnImageArchive"
+        );
+        let none = tar_of(&[("manifest.json", b"[]")]);
+        assert_eq!(
+            kind(load(&st, std::io::Cursor::new(none), &Progress::quiet())),
+            "NoImage(\"manifest.json\")"
+        );
+        // Nothing stayed in the store.
+        assert!(st.list().unwrap().is_empty());
+    }
 }
