@@ -1312,14 +1312,16 @@ fn renamed_dirs_commit_save_load_run() {
         "busybox",
         "sh",
         "-c",
-        "set -e; mv /var/lib /var/lib2; echo n > /var/lib2/app/added; \
+        "set -e; ln /var/lib/app/data /datalink; mv /var/lib /var/lib2; \
+         echo n > /var/lib2/app/added; \
          mv /opt/old/sub /sub-moved; mv /usr/share/doc /doc; \
          mkdir /usr/share/doc; echo fresh > /usr/share/doc/new",
     ]);
     const CHECK: &str = "cat /doc/README /var/lib2/app/added; wc -c < /var/lib2/app/data; \
         ls /sub-moved; ls /usr/share/doc; ls /opt/old; \
         for p in /var/lib /opt/old/sub /usr/share/doc/README; do \
-        [ -e $p ] && echo STILL $p || echo gone $p; done";
+        [ -e $p ] && echo STILL $p || echo gone $p; done; \
+        [ /datalink -ef /var/lib2/app/data ] && echo linked || echo NOT-LINKED";
     let want = [
         "docs",
         "n",
@@ -1330,6 +1332,8 @@ fn renamed_dirs_commit_save_load_run() {
         "gone /var/lib",
         "gone /opt/old/sub",
         "gone /usr/share/doc/README",
+        // A hard link into the renamed directory stays one in the committed layer.
+        "linked",
     ];
 
     let diff = fx.ok(&["diff", &name]);

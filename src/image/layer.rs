@@ -869,8 +869,11 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
                     )?;
                 }
                 if redirect {
-                    p.merged()?
-                        .export_from(Some(&path), out, &|a| excluded(opts, a))
+                    p.merged()?;
+                    let (tree, links) = (p.merged.as_ref().expect("opened"), &mut p.links);
+                    // One link map with the rest of the upper: a hard link between the
+                    // renamed directory and elsewhere stays one.
+                    tree.export_from(Some(&path), out, &|a| excluded(opts, a), links)
                         .with_context(|| format!("writing the content of renamed directory '{abs}'"))?;
                 } else {
                     pack_dir(d.as_fd(), &format!("{path}/"), out, p)?;

@@ -162,17 +162,20 @@ impl Tree {
 
     /// `export`, leaving out every path (and subtree) for which `skip("/path")` holds.
     pub fn export_except<W: Write>(&self, out: &mut TarOut<W>, skip: &dyn Fn(&str) -> bool) -> Result<()> {
-        self.export_from(None, out, skip)
+        self.export_from(None, out, skip, &mut HashMap::new())
     }
 
     /// `export_except` of what is below the directory at `path` only (None: everything).
+    /// `links` maps the real (st_dev, st_ino) of multiply-linked files already written to
+    /// their first path, so a caller writing other parts of the same layer keeps hard links
+    /// across them.
     pub fn export_from<W: Write>(
         &self,
         path: Option<&str>,
         out: &mut TarOut<W>,
         skip: &dyn Fn(&str) -> bool,
+        links: &mut HashMap<(u64, u64), String>,
     ) -> Result<()> {
-        let mut links: HashMap<u64, String> = HashMap::new();
         let mut skipped: Vec<String> = Vec::new();
         let mut each = |n: &Node| -> Result<()> {
             if skipped.iter().any(|p| n.path.starts_with(&format!("{p}/"))) {
@@ -194,11 +197,12 @@ impl Tree {
                 Kind::Dir => out.append(&n.path, EntryKind::Dir, m, &xs, &mut io::empty()),
                 Kind::File => {
                     if a.nlink > 1 {
-                        if let Some(first) = links.get(&a.ino) {
+                        let id = self.ov.backing_id(a.ino)?;
+                        if let Some(first) = links.get(&id) {
                             let first = first.clone();
                             return out.append(&n.path, EntryKind::Link(&first), m, &[], &mut io::empty());
                         }
-                        links.insert(a.ino, n.path.clone());
+                        links.insert(id, n.path.clone());
                     }
                     let mut r = self.reader(a.ino)?;
                     out.append(&n.path, EntryKind::File(a.size), m, &xs, &mut r)

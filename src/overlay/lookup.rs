@@ -314,6 +314,14 @@ impl Overlay {
         Ok(self.attr_of(&st, ino, false))
     }
 
+    /// (st_dev, st_ino) of the real object a non-directory node is now: what tells hard
+    /// links apart across walks of different trees over the same layers.
+    pub fn backing_id(&self, ino: u64) -> Result<(u64, u64)> {
+        let loc = self.loc(ino)?;
+        let st = sys::stat_at(loc.dir()?, &loc.name)?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
     /// Target of a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let loc = self.loc(ino)?;
