@@ -855,6 +855,43 @@ fn directory_fds_over_budget_are_recycled() {
     m.umount().unwrap();
 }
 
+/// fuse-overlayfs (`fo`) or strata mounted on `ls` with its options and `extra`; `umount`
+/// undoes either.
+enum PeerMount {
+    FuseOverlayfs(std::path::PathBuf),
+    Strata(StrataMount),
+}
+
+impl PeerMount {
+    fn new(fo: bool, ls: &LayerSet, extra: &str) -> PeerMount {
+        let mut opts = ls.spec().options();
+        if !extra.is_empty() {
+            opts = format!("{opts},{extra}");
+        }
+        if fo {
+            let out = run_cmd(
+                Command::new("fuse-overlayfs").arg("-o").arg(&opts).arg(&ls.mnt),
+                Duration::from_secs(30),
+            );
+            assert!(out.ok(), "fuse-overlayfs: {out}");
+            PeerMount::FuseOverlayfs(ls.mnt.clone())
+        } else {
+            let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, ls.mnt.display().to_string()];
+            PeerMount::Strata(StrataMount::with_args(&ls.spec(), &args).unwrap())
+        }
+    }
+
+    fn umount(self) {
+        match self {
+            PeerMount::Strata(g) => g.umount().unwrap(),
+            PeerMount::FuseOverlayfs(m) => {
+                let out = run_cmd(Command::new("umount").arg(&m), Duration::from_secs(30));
+                assert!(out.ok(), "umount fuse-overlayfs: {out}");
+            }
+        }
+    }
+}
+
 /// `uidmapping=`/`gidmapping=` as containers/storage passes them for a container with its
 /// own ID range: the same owners shown, stored and created as fuse-overlayfs (the mount
 /// program strata replaces), and the values the mapping defines.
@@ -882,18 +919,7 @@ fn id_mapping_matches_fuse_overlayfs() {
     for fo in [true, false] {
         let ls = LayerSet::new(if fo { "idmap-fo" } else { "idmap-s" }, 1);
         build(&ls);
-        let opts = format!("{},{map}", ls.spec().options());
-        let guard = if fo {
-            let out = run_cmd(
-                Command::new("fuse-overlayfs").arg("-o").arg(&opts).arg(&ls.mnt),
-                Duration::from_secs(30),
-            );
-            assert!(out.ok(), "fuse-overlayfs: {out}");
-            None
-        } else {
-            let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, ls.mnt.display().to_string()];
-            Some(StrataMount::with_args(&ls.spec(), &args).unwrap())
-        };
+        let guard = PeerMount::new(fo, &ls, map);
         let m = ls.mnt.clone();
         let mut r: Vec<(String, String)> = Vec::new();
         for n in ["a", "b", "c", "d", "d/f"] {
@@ -915,13 +941,7 @@ fn id_mapping_matches_fuse_overlayfs() {
         for n in ["a", "b", "d/f", "new-by-root", "open/new-by-user"] {
             r.push((format!("shown after {n}"), format!("{:?}", owner(&m.join(n)))));
         }
-        match guard {
-            Some(g) => g.umount().unwrap(),
-            None => {
-                let out = run_cmd(Command::new("umount").arg(&m), Duration::from_secs(30));
-                assert!(out.ok(), "umount fuse-overlayfs: {out}");
-            }
-        }
+        guard.umount();
         for n in ["a", "b", "d/f", "new-by-root", "open/new-by-user"] {
             r.push((format!("stored {n}"), format!("{:?}", owner(&ls.upper.path(n)))));
         }
@@ -981,29 +1001,13 @@ fn override_stat_layers_match_fuse_overlayfs() {
     for fo in [true, false] {
         let ls = LayerSet::new(if fo { "ovst-fo" } else { "ovst-s" }, 1);
         build(&ls);
-        let opts = ls.spec().options();
-        let guard = if fo {
-            let out = run_cmd(
-                Command::new("fuse-overlayfs").arg("-o").arg(&opts).arg(&ls.mnt),
-                Duration::from_secs(30),
-            );
-            assert!(out.ok(), "fuse-overlayfs: {out}");
-            None
-        } else {
-            Some(StrataMount::new(&ls.spec()))
-        };
+        let guard = PeerMount::new(fo, &ls, "");
         let m = ls.mnt.clone();
         let r: Vec<String> = ["f", "d", "d/g", "l"].iter().map(|n| mode(&m.join(n))).collect();
         // A copy-up keeps what was shown.
         fs::OpenOptions::new().append(true).open(m.join("d/g")).unwrap();
         let after = mode(&m.join("d/g"));
-        match guard {
-            Some(g) => g.umount().unwrap(),
-            None => {
-                let out = run_cmd(Command::new("umount").arg(&m), Duration::from_secs(30));
-                assert!(out.ok(), "umount fuse-overlayfs: {out}");
-            }
-        }
+        guard.umount();
         if !fo {
             assert_eq!(after, "7:8:604", "d/g through strata after its copy-up");
             assert_eq!(mode(&ls.upper.path("d/g")), "7:8:604", "d/g in strata's upper");

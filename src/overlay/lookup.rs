@@ -278,8 +278,10 @@ impl Overlay {
         // handle.
         let through = |fd: &std::os::fd::OwnedFd| -> Result<Attr> {
             let mut st = rustix::fs::fstat(fd)?;
-            if let Ok((false, Some(l))) = self.with_node(ino, |n| (n.upper, n.lower)) {
-                self.lower_stat(l, XTarget::Fd(fd.as_fd()), &mut st);
+            if self.any_override_stat() {
+                if let Ok((false, Some(l))) = self.with_node(ino, |n| (n.upper, n.lower)) {
+                    self.lower_stat(l, XTarget::Fd(fd.as_fd()), &mut st);
+                }
             }
             Ok(self.attr_of(&st, ino, false))
         };

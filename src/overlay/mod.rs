@@ -106,6 +106,8 @@ pub struct Overlay {
     redirect_dir: RedirectDir,
     ids: idmap::IdMap,
     static_nlink: bool,
+    /// Some lower layer keeps owners and modes in an override_stat xattr.
+    override_stat: bool,
     nodes: RwLock<NodeTable>,
     /// Orders lookups (read: resolve + record) against renames and removals (write: the
     /// change on disk + the table's update), so a lookup racing a rename never records the
@@ -164,6 +166,7 @@ impl Overlay {
         let single_dev = if devs.len() == 1 { Some(devs[0]) } else { None };
         let limit = sys::raise_nofile() as i64;
         let lowers_len = lowers.len();
+        let override_stat = lowers.iter().any(|l| l.override_stat.is_some());
         let ov = Overlay {
             lowers,
             upper,
@@ -173,6 +176,7 @@ impl Overlay {
             redirect_dir: cfg.redirect_dir,
             ids: cfg.ids.clone(),
             static_nlink: cfg.static_nlink,
+            override_stat,
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
@@ -229,7 +233,8 @@ impl Overlay {
     /// Directories whose cached attributes went stale since the last call (see
     /// `stale_attrs`); cheap when there are none.
     pub fn take_stale_attrs(&self) -> Vec<u64> {
-        if !self.any_stale.swap(false, Ordering::AcqRel) {
+        // A load first: the common case (nothing stale) writes no shared cache line.
+        if !self.any_stale.load(Ordering::Acquire) || !self.any_stale.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         std::mem::take(&mut *self.stale_attrs.lock().unwrap())
@@ -238,6 +243,11 @@ impl Overlay {
     pub(crate) fn attrs_went_stale(&self, ino: u64) {
         self.stale_attrs.lock().unwrap().push(ino);
         self.any_stale.store(true, Ordering::Release);
+    }
+
+    /// Does some lower layer keep owners and modes in an override_stat xattr?
+    pub(crate) fn any_override_stat(&self) -> bool {
+        self.override_stat
     }
 
     /// The owner and mode a file or directory of lower layer `l` has there: from its

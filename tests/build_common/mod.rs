@@ -1111,23 +1111,7 @@ impl Drop for RootlessUser {
         for m in mounts_under(&self.base).into_iter().rev() {
             let _ = run_cmd(Command::new("umount").arg("-l").arg(&m), Duration::from_secs(20));
         }
-        for _ in 0..3 {
-            let mut any = false;
-            for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if fs::metadata(e.path()).is_ok_and(|m| m.uid() == self.uid) {
-                    any = true;
-                    // SAFETY: kill(2) of a process of the test's own throwaway user.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            if !any {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        common::kill_user_processes(self.uid);
         let out = run_cmd(
             Command::new("userdel").args(["-r", &self.name]),
             Duration::from_secs(60),

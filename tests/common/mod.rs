@@ -1907,28 +1907,31 @@ impl TestUser {
     }
 }
 
+/// SIGKILL every process of `uid` (a throwaway user a test made: all of them are the
+/// test's), a few times over for the ones forked meanwhile.
+pub fn kill_user_processes(uid: u32) {
+    for _ in 0..3 {
+        let mut any = false;
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if fs::metadata(e.path()).is_ok_and(|m| m.uid() == uid) {
+                any = true;
+                // SAFETY: kill(2) of a process of the test's own throwaway user.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if !any {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
-        // Every process of this throwaway user was started by this test.
-        for _ in 0..3 {
-            let mut any = false;
-            if let Ok(rd) = fs::read_dir("/proc") {
-                for e in rd.flatten() {
-                    let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                        continue;
-                    };
-                    if fs::metadata(e.path()).is_ok_and(|m| m.uid() == self.uid) {
-                        any = true;
-                        // SAFETY: kill(2) of a process of the test's own user.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            if !any {
-                break;
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
+        kill_user_processes(self.uid);
         let out = run_cmd(
             Command::new("userdel").args(["-r", &self.name]),
             Duration::from_secs(60),
