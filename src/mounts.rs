@@ -14,8 +14,10 @@ pub struct MountRecord {
     pub mountpoint: PathBuf,
     /// Canonical upper directory, if writable.
     pub upper: Option<PathBuf>,
-    /// Image reference the lowers come from, if any.
+    /// Image id the lowers come from, if any.
     pub image: Option<String>,
+    /// The lower layer directories (top first), so `gc` keeps what a live mount reads.
+    pub lowers: Vec<PathBuf>,
 }
 
 /// Directory holding the daemons' pid files.
@@ -54,7 +56,11 @@ pub fn write_pid_file(r: &MountRecord) -> anyhow::Result<PathBuf> {
             .map(|u| u.display().to_string())
             .unwrap_or_default(),
         r.image.clone().unwrap_or_default()
-    );
+    ) + &r
+        .lowers
+        .iter()
+        .map(|l| format!("{}\n", l.display()))
+        .collect::<String>();
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut fh = std::fs::OpenOptions::new()
@@ -95,12 +101,14 @@ pub fn active() -> Vec<MountRecord> {
         let mountpoint = PathBuf::from(l.next().unwrap_or(""));
         let upper = l.next().filter(|x| !x.is_empty()).map(PathBuf::from);
         let image = l.next().filter(|x| !x.is_empty()).map(String::from);
+        let lowers = l.filter(|x| !x.is_empty()).map(PathBuf::from).collect();
         if pid_alive(pid) {
             out.push(MountRecord {
                 pid,
                 mountpoint,
                 upper,
                 image,
+                lowers,
             });
         }
     }

@@ -6,6 +6,8 @@
 //! The same for `pull` and `push` against a registry on 127.0.0.1, and for `build` (whose
 //! mounts and scratch directories the next build must reclaim).
 //!
+//! `rmi -f` killed while a mount reads the image must leave the mount whole.
+//!
 //! STRATA_CRASH_ITERS=N sets the number of kills (default 40, spread over the commands).
 
 mod common;
@@ -195,6 +197,74 @@ fn sigkill_during_store_writes_leaves_a_sound_store() {
         "staging files left: {:?}",
         tmp.iter().map(|e| e.path()).collect::<Vec<_>>()
     );
+}
+
+/// `rmi -f` (and the `gc` it runs) killed at random points while a mount reads the image:
+/// the mount keeps every file whole, the store stays sound, the image stays (untagged once
+/// the rmi got that far) while it is mounted, and after the umount it can be removed and
+/// its layers reclaimed.
+#[test]
+fn sigkill_of_rmi_while_the_image_is_mounted() {
+    require_fuse();
+    let iters: u64 = std::env::var("STRATA_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|n| (n / 4).max(4))
+        .unwrap_or(10);
+    let env = TestEnv::new("crash-rmi");
+    let st = Store::in_env(&env, "store");
+    let tar = env.path().join("base.tar");
+    rootfs_tar(&tar, 12, 256, 11);
+    let want: Vec<Vec<u8>> = {
+        let dir = env.dir("want");
+        extract_tar(&tar, &dir);
+        (0..12)
+            .map(|i| fs::read(dir.join(format!("data/f{i}"))).unwrap())
+            .collect()
+    };
+    let mut r = Lcg(99);
+    let mut killed = 0;
+    for i in 0..iters {
+        assert!(st.import(&tar, "inuse:1").ok());
+        let id = st.image_id("inuse:1");
+        let m = st.mount_image("inuse:1", &env.fresh_dir("m"));
+        let t = Instant::now();
+        let out = st.run(&["rmi", "inuse:1"]);
+        assert!(!out.ok(), "rmi without -f of a mounted image succeeded: {out}");
+        let span = t.elapsed().max(Duration::from_millis(5)) * 3;
+        let delay = Duration::from_micros(r.next() % (span.as_micros() as u64 + 1));
+        let ctx = format!("iteration {i}: rmi -f killed after {delay:?}");
+        if kill_after(&st, &["rmi", "-f", "inuse:1"], delay) {
+            killed += 1;
+        }
+        assert_sound(&st, &ctx);
+        // Finish the job, then collect garbage: the mounted image must survive both.
+        let out = st.run(&["rmi", "-f", "inuse:1"]);
+        let gone_name = !st.images().iter().any(|(_, n)| n.iter().any(|x| x == "inuse:1"));
+        assert!(out.ok() || gone_name, "{ctx}: rmi -f after the kill: {out}");
+        assert!(gone_name, "{ctx}: the name survived rmi -f");
+        assert!(st.run(&["gc"]).ok());
+        for (k, w) in want.iter().enumerate() {
+            let got = fs::read(m.root().join(format!("data/f{k}")))
+                .unwrap_or_else(|e| panic!("{ctx}: data/f{k} in the mount: {e}"));
+            assert!(&got == w, "{ctx}: data/f{k} changed under the mount");
+        }
+        assert!(
+            st.images()
+                .iter()
+                .any(|(i2, _)| id.contains(i2.as_str()) || i2.contains(&id)),
+            "{ctx}: the mounted image {id} is not listed (untagged) any more:\n{}",
+            st.images_text()
+        );
+        assert_sound(&st, &ctx);
+        m.umount().unwrap_or_else(|e| panic!("{ctx}: umount: {e}"));
+        let out = st.run(&["rmi", &id]);
+        assert!(out.ok(), "{ctx}: rmi of the unmounted image: {out}");
+        assert!(st.images().is_empty(), "{ctx}: {}", st.images_text());
+        let layers = fs::read_dir(st.root.join("layers")).unwrap().count();
+        assert_eq!(layers, 0, "{ctx}: unpacked layers left after the last rmi");
+    }
+    assert!(killed > 0, "no rmi -f was killed before it ended");
 }
 
 /// Two commands on one store at once (commit + gc, load + rmi, import + gc): no

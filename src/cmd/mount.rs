@@ -212,6 +212,12 @@ fn record(spec: &MountSpec) -> MountRecord {
             .as_ref()
             .and_then(|u| std::fs::canonicalize(u).ok()),
         image: spec.image.clone(),
+        lowers: spec
+            .overlay
+            .lowers
+            .iter()
+            .map(|l| std::fs::canonicalize(l).unwrap_or_else(|_| l.clone()))
+            .collect(),
     }
 }
 

@@ -33,20 +33,31 @@ pub fn run(a: RmiArgs, root: &Path) -> Result<()> {
             .map(|r| r.to_string())
             .filter(|r| img.refs.contains(r));
         let last = by_name.is_none() || img.refs.len() <= 1;
-        if last && !a.force {
-            let u = users(root, &img.id);
-            if !u.is_empty() {
-                bail!(
-                    "image '{name}' ({}) is in use by {}; stop those or use -f",
-                    short_id(&img.id),
-                    u.join(", ")
-                );
-            }
+        let u = if last { users(root, &img.id) } else { vec![] };
+        if !u.is_empty() && !a.force {
+            bail!(
+                "image '{name}' ({}) is in use by {}; stop those or use -f",
+                short_id(&img.id),
+                u.join(", ")
+            );
         }
         match by_name {
             Some(r) if img.refs.len() > 1 => {
                 store.remove_tag(&r)?;
                 super::say!("Untagged: {r}");
+            }
+            // -f on an image in use: its names go, the image stays (untagged) until its
+            // users are gone, as docker keeps a running container's layers.
+            _ if !u.is_empty() => {
+                store.untag_all(&img.manifest_digest)?;
+                for r in &img.refs {
+                    super::say!("Untagged: {r}");
+                }
+                log::warn!(
+                    "image {} kept untagged: in use by {}",
+                    short_id(&img.id),
+                    u.join(", ")
+                );
             }
             _ => {
                 for r in &img.refs {

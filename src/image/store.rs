@@ -472,6 +472,28 @@ impl Store {
         Ok(changed)
     }
 
+    /// Drop every name of a manifest but keep it in the index, untagged (docker's
+    /// `<none>`), so what uses it keeps its layers.
+    pub fn untag_all(&self, manifest_digest: &str) -> Result<()> {
+        let mut idx = self.index()?;
+        let mut kept: Option<Descriptor> = None;
+        let mut ms: Vec<Descriptor> = Vec::new();
+        for d in idx.manifests() {
+            if d.digest().to_string() != manifest_digest {
+                ms.push(d.clone());
+            } else if kept.is_none() {
+                let mut u = d.clone();
+                let mut a = u.annotations().clone().unwrap_or_default();
+                a.remove(REF_NAME);
+                u.set_annotations((!a.is_empty()).then_some(a));
+                kept = Some(u);
+            }
+        }
+        ms.extend(kept);
+        idx.set_manifests(ms);
+        self.write_index(&idx)
+    }
+
     /// Remove every index entry of a manifest (untagged ones included).
     pub fn remove_manifest(&self, manifest_digest: &str) -> Result<()> {
         let mut idx = self.index()?;
@@ -625,6 +647,19 @@ impl Store {
                 diff_ids.extend(img.config.rootfs().diff_ids().iter().cloned());
             }
         }
+        // What a container or a live mount uses stays, even when no name reaches it any
+        // more (an image removed from the index by an older strata, or by hand).
+        let (in_use_ids, in_use_layers) = self.in_use();
+        for id in in_use_ids {
+            if let Ok(cfg) = self
+                .read_blob(&id)
+                .and_then(|b| Ok(serde_json::from_slice::<ImageConfiguration>(&b)?))
+            {
+                diff_ids.extend(cfg.rootfs().diff_ids().iter().cloned());
+            }
+            blobs.insert(id);
+        }
+        diff_ids.extend(in_use_layers);
         // A running build's blobs and layers are named only when its steps finish: keep
         // everything written since the oldest live build started.
         let since = self.live_builds_since();
@@ -651,6 +686,33 @@ impl Store {
     }
 
     /// When the oldest build still running on this store started (`build/<pid>-<secs>`).
+    /// Image ids of this store's containers and of live mounts, and the store layers
+    /// (as `sha256:HEX` diff ids) that live mounts have as lowers.
+    fn in_use(&self) -> (Vec<String>, Vec<String>) {
+        let mut ids: Vec<String> = fs::read_dir(self.root.join("containers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("state.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v.get("image_id")?.as_str().map(String::from))
+            .collect();
+        let layers_dir =
+            fs::canonicalize(self.root.join("layers")).unwrap_or_else(|_| self.root.join("layers"));
+        let mut layers = Vec::new();
+        for m in crate::mounts::active() {
+            ids.extend(m.image);
+            for l in m.lowers {
+                if let Ok(rest) = l.strip_prefix(&layers_dir) {
+                    if let Some(hex) = rest.iter().next() {
+                        layers.push(format!("sha256:{}", hex.to_string_lossy()));
+                    }
+                }
+            }
+        }
+        (ids, layers)
+    }
+
     fn live_builds_since(&self) -> Option<std::time::SystemTime> {
         fs::read_dir(self.root.join("build"))
             .ok()?
