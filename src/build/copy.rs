@@ -7,6 +7,7 @@
 //! Destinations are resolved the same way against the mounted root: an absolute symlink in an
 //! image leads to the image's own path, never the host's.
 
+use super::BuildError;
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -153,7 +154,7 @@ fn class(pat: &[u8], c: u8) -> Option<(bool, usize)> {
 
 /// Clean a source path by the one rule (`paths`): relative to the context root.
 fn clean_rel(p: &str) -> Result<String> {
-    crate::paths::clean(p).map_err(|_| anyhow::anyhow!("'{p}' is outside the build context"))
+    crate::paths::clean(p).map_err(|_| BuildError::OutsideContext(p.to_string()).into())
 }
 
 fn open_root(p: &Path) -> Result<OwnedFd> {
@@ -297,22 +298,22 @@ pub fn plan(
                     continue;
                 }
                 let Some(rfd) = rootfd.as_ref() else {
-                    bail!("'{p}': there is no build context (the Dockerfile came from standard input)");
+                    return Err(BuildError::NoContext(p.to_string()).into());
                 };
                 let rel = clean_rel(&p)?;
                 let rels = if has_glob(&rel) {
                     let m = glob(rfd.as_fd(), &rel, ignore)?;
                     if m.is_empty() {
-                        bail!("no file in the context matches '{p}'");
+                        return Err(BuildError::NoMatch(p.to_string()).into());
                     }
                     m
                 } else {
                     if ignore.is_some_and(|ig| !rel.is_empty() && ig.excluded(&rel)) {
-                        bail!("'{p}' is excluded by .dockerignore");
+                        return Err(BuildError::Excluded(p.to_string()).into());
                     }
                     resolve(rfd.as_fd(), &rel).map_err(|e| match e {
                         rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR => {
-                            anyhow!("'{p}' not found in the build context")
+                            BuildError::SourceNotFound(p.to_string()).into()
                         }
                         e => anyhow!("'{p}': {e}"),
                     })?;

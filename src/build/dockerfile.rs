@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Result};
+use super::BuildError;
+use anyhow::{bail, Result};
 use parse_dockerfile::{Command, HealthcheckArguments, Instruction, JsonOrStringArray, Source};
 
 /// A command in exec (JSON) or shell form.
@@ -492,8 +493,12 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
     let (rewritten, line_map, originals) = rewrite_run_heredocs(text, escape);
     let orig_line = |l: usize| line_map.get(l.wrapping_sub(1)).copied().unwrap_or(l);
     let text = rewritten.as_str();
-    let df = parse_dockerfile::parse(text)
-        .map_err(|e| anyhow!("{file}:{}:{}: {e}", orig_line(e.line()), e.column()))?;
+    let df = parse_dockerfile::parse(text).map_err(|e| BuildError::Syntax {
+        file: file.to_string(),
+        line: orig_line(e.line()),
+        column: Some(e.column()),
+        reason: e.to_string(),
+    })?;
     let escape = df
         .parser_directives
         .escape
@@ -512,7 +517,12 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
         let start = start_of(ins);
         let new_line = line_of(text, start);
         let line = orig_line(new_line);
-        let kind = convert(ins, text, escape, start).map_err(|e| anyhow!("{file}:{line}: {e}"))?;
+        let kind = convert(ins, text, escape, start).map_err(|e| BuildError::Syntax {
+            file: file.to_string(),
+            line,
+            column: None,
+            reason: format!("{e:#}"),
+        })?;
         let step = Step {
             line,
             text: originals
@@ -525,14 +535,25 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
             (Kind::From { .. }, _) => stages.push(vec![step]),
             (Kind::Arg(_), None) => global_args.push(step),
             (_, Some(st)) => st.push(step),
-            (_, None) => bail!(
-                "{file}:{line}: `{}` before the first FROM (only ARG may come first)",
-                step.text
-            ),
+            (_, None) => {
+                return Err(BuildError::Syntax {
+                    file: file.to_string(),
+                    line,
+                    column: None,
+                    reason: format!("`{}` before the first FROM (only ARG may come first)", step.text),
+                }
+                .into())
+            }
         }
     }
     if stages.is_empty() {
-        bail!("{file}: no FROM instruction");
+        return Err(BuildError::Syntax {
+            file: file.to_string(),
+            line: 0,
+            column: None,
+            reason: "no FROM instruction".into(),
+        }
+        .into());
     }
     Ok(Dockerfile {
         escape,

@@ -13,6 +13,7 @@
 pub mod cache;
 mod copy;
 pub mod dockerfile;
+mod error;
 pub mod expand;
 pub mod ignore;
 
@@ -66,10 +67,7 @@ pub struct Options {
     pub registry: crate::registry::Options,
 }
 
-/// The build stopped because of a signal (the CLI exits 128 + the signal, as a shell does).
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted by signal {0}")]
-pub struct Interrupted(pub i32);
+pub use error::BuildError;
 
 /// Mounting is the CLI's business (it owns the FUSE adapter); the builder asks for it.
 pub trait Mounter {
@@ -444,8 +442,18 @@ impl Builder<'_> {
         }
     }
 
+    /// `step`'s line as the context of an error that has no type of its own.
     fn err_at(&self, step: &Step, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}:{}: {}: {e}", self.o.dockerfile_name, step.line, step.text)
+        self.err_in(step, BuildError::Invalid(e.to_string()).into())
+    }
+
+    /// `step`'s line as the context of `e` (whose own type stays reachable).
+    fn err_in(&self, step: &Step, e: anyhow::Error) -> anyhow::Error {
+        e.context(BuildError::At {
+            file: self.o.dockerfile_name.clone(),
+            line: step.line,
+            text: step.text.clone(),
+        })
     }
 
     /// `--squash`: the merged tree as the image's one layer (podman's `--squash-all`; docker
@@ -480,7 +488,7 @@ impl Builder<'_> {
 
     fn interrupted(&self) -> Result<()> {
         if let Some(s) = crate::sys::take_signal() {
-            return Err(Interrupted(s).into());
+            return Err(BuildError::Interrupted(s).into());
         }
         Ok(())
     }
@@ -541,10 +549,8 @@ impl Builder<'_> {
             Some(t) => (0..self.df.stages.len())
                 .find(|i| self.stage_name(*i).as_deref() == Some(&t.to_lowercase()))
                 .ok_or_else(|| {
-                    anyhow!(
-                        "--target '{t}': no stage of that name in {}",
-                        self.o.dockerfile_name
-                    )
+                    anyhow::Error::from(BuildError::NoStage(t.clone()))
+                        .context(format!("--target '{t}' in {}", self.o.dockerfile_name))
                 }),
         }
     }
@@ -619,8 +625,7 @@ impl Builder<'_> {
             s.args.clear();
             s
         } else {
-            self.image_state(&img)
-                .map_err(|e| self.err_at(from, format!("{e:#}")))?
+            self.image_state(&img).map_err(|e| self.err_in(from, e))?
         };
         // BuildKit gives every image a PATH (FROM scratch included).
         if !st.env().iter().any(|e| e.starts_with("PATH=")) {
@@ -783,8 +788,7 @@ impl Builder<'_> {
                 };
                 let abs = clean_abs(&abs);
                 cfg(&mut st.config).insert("WorkingDir".into(), json!(abs));
-                self.workdir(st, &abs)
-                    .map_err(|e| self.err_at(s, format!("{e:#}")))?;
+                self.workdir(st, &abs).map_err(|e| self.err_in(s, e))?;
             }
             Kind::Stopsignal(sig) => {
                 let sig = self.expand(st, s, sig)?;
@@ -990,7 +994,12 @@ impl Builder<'_> {
             match (k.as_str(), v.as_deref()) {
                 ("network", Some("host")) => network_host = true,
                 ("network", Some("none" | "default")) => network_host = false,
-                ("mount", _) => return Err(self.err_at(s, "RUN --mount is not supported")),
+                ("mount", _) => {
+                    return Err(self.err_in(
+                        s,
+                        BuildError::Unsupported("RUN --mount is not supported".into()).into(),
+                    ))
+                }
                 ("security", Some("sandbox")) => {}
                 (k, _) => return Err(self.err_at(s, format!("unknown flag --{k}"))),
             }
@@ -1111,7 +1120,7 @@ impl Builder<'_> {
         };
         self.interrupted()?;
         if code != 0 {
-            bail!(self.err_at(s, format!("the command returned a non-zero code: {code}")));
+            return Err(self.err_in(s, BuildError::RunFailed { code }.into()));
         }
         log::info!("RUN: command and unmount took {:?}", t_run.elapsed());
         drop_fresh(&u);
@@ -1145,7 +1154,12 @@ impl Builder<'_> {
                 ("chmod", Some(v)) => chmod = Some(v),
                 ("checksum", Some(v)) if add => checksum = Some(v),
                 ("link", _) | ("parents", _) | ("keep-git-dir", _) => {}
-                ("exclude", _) => return Err(self.err_at(s, "--exclude is not supported")),
+                ("exclude", _) => {
+                    return Err(self.err_in(
+                        s,
+                        BuildError::Unsupported("--exclude is not supported".into()).into(),
+                    ))
+                }
                 (k, _) => return Err(self.err_at(s, format!("unknown or incomplete flag --{k}"))),
             }
         }
@@ -1180,7 +1194,7 @@ impl Builder<'_> {
                         .with_context(|| format!("stage {j} was not built"))?,
                     None => self
                         .image_state(f)
-                        .map_err(|e| self.err_at(s, format!("--from={f}: {e:#}")))?,
+                        .map_err(|e| self.err_in(s, e.context(format!("--from={f}"))))?,
                 };
                 let lowers = self.lowers(&fst)?;
                 let (_, _, m, _) = self.mount_dirs()?;
@@ -1197,7 +1211,7 @@ impl Builder<'_> {
             &|t: &str| expand::expand_word(t, &vars, self.df.escape),
             &|t: &str| expand::expand_heredoc(t, &vars),
         )
-        .map_err(|e| self.err_at(s, format!("{e:#}")))?;
+        .map_err(|e| self.err_in(s, e))?;
         if plan.items.len() > 1 && !dir_dest {
             return Err(self.err_at(
                 s,
@@ -1220,11 +1234,11 @@ impl Builder<'_> {
         {
             let _g = self.mounter.mount(lowers, Some((&u, &w)), &m)?;
             let owner = match &chown {
-                Some(c) => Some(copy::resolve_owner(&m, c).map_err(|e| self.err_at(s, format!("{e:#}")))?),
+                Some(c) => Some(copy::resolve_owner(&m, c).map_err(|e| self.err_in(s, e))?),
                 None => None,
             };
             copy::execute(&plan, &m, &dest_abs, dir_dest, owner, mode, checksum.as_deref())
-                .map_err(|e| self.err_at(s, format!("{e:#}")))?;
+                .map_err(|e| self.err_in(s, e))?;
         }
         drop(guard);
         self.commit(st, &u, &created_by)
@@ -1265,7 +1279,13 @@ fn healthcheck(h: &Option<(dockerfile::Flags, Cmd)>) -> std::result::Result<Valu
 /// What docker refuses before running anything: flags no instruction knows, bad
 /// HEALTHCHECK values, an empty SHELL.
 fn validate(df: &Dockerfile, file: &str) -> Result<()> {
-    let at = |s: &Step, e: String| anyhow!("{file}:{}: {}: {e}", s.line, s.text);
+    let at = |s: &Step, e: String| {
+        anyhow::Error::from(BuildError::Invalid(e)).context(BuildError::At {
+            file: file.to_string(),
+            line: s.line,
+            text: s.text.clone(),
+        })
+    };
     for s in df.stages.iter().flatten() {
         match &s.kind {
             Kind::Healthcheck(h) => {
@@ -1435,6 +1455,102 @@ fn flat(m: &BTreeMap<String, Option<String>>) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Builds that must fail before anything is mounted.
+    struct NoMount;
+    impl Mounter for NoMount {
+        fn mount(
+            &self,
+            _: Vec<PathBuf>,
+            _: Option<(&Path, &Path)>,
+            m: &Path,
+        ) -> Result<Box<dyn std::any::Any>> {
+            panic!("mounted {}", m.display())
+        }
+        fn unmount(&self, _: &Path) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn try_build(ctx: Option<PathBuf>, dockerfile: &str, target: Option<&str>) -> anyhow::Error {
+        let root = std::env::temp_dir().join(format!(
+            "strata-build-unit-{}-{}",
+            std::process::id(),
+            sha(dockerfile)
+        ));
+        let o = Options {
+            context: ctx,
+            dockerfile: dockerfile.into(),
+            dockerfile_name: "Dockerfile".into(),
+            tags: vec![],
+            build_args: BTreeMap::new(),
+            target: target.map(String::from),
+            no_cache: true,
+            pull: false,
+            network_host: false,
+            labels: vec![],
+            quiet: true,
+            squash: false,
+            compress: Compression::default(),
+            registry: Default::default(),
+        };
+        let e = build(&root, &o, &NoMount).expect_err("the build should fail");
+        let _ = std::fs::remove_dir_all(&root);
+        e
+    }
+
+    #[test]
+    fn typed_errors() {
+        let e = try_build(None, "RUN true\n", None);
+        assert!(
+            matches!(BuildError::cause_of(&e), Some(BuildError::Syntax { line: 1, .. })),
+            "{e:#}"
+        );
+        let e = try_build(None, "FROM scratch AS a\nLABEL x=1\n", Some("nope"));
+        assert!(
+            matches!(BuildError::cause_of(&e), Some(BuildError::NoStage(s)) if s == "nope"),
+            "{e:#}"
+        );
+        let e = try_build(None, "FROM scratch\nRUN --bogus true\n", None);
+        assert!(
+            matches!(BuildError::cause_of(&e), Some(BuildError::Invalid(_))),
+            "{e:#}"
+        );
+        assert!(
+            matches!(
+                e.downcast_ref::<BuildError>(),
+                Some(BuildError::At { line: 2, .. })
+            ),
+            "{e:#}"
+        );
+        assert_eq!(
+            format!("{e:#}"),
+            "Dockerfile:2: RUN --bogus true: unknown flag --bogus"
+        );
+        let ctx = std::env::temp_dir().join(format!("strata-build-unit-ctx-{}", std::process::id()));
+        std::fs::create_dir_all(&ctx).unwrap();
+        for (src, want) in [
+            ("../x", "outside"),
+            ("nothere", "notfound"),
+            ("*.none", "nomatch"),
+        ] {
+            let e = try_build(Some(ctx.clone()), &format!("FROM scratch\nCOPY {src} /\n"), None);
+            let got = match BuildError::cause_of(&e) {
+                Some(BuildError::OutsideContext(_)) => "outside",
+                Some(BuildError::SourceNotFound(_)) => "notfound",
+                Some(BuildError::NoMatch(_)) => "nomatch",
+                _ => "other",
+            };
+            assert_eq!(got, want, "COPY {src}: {e:#}");
+            assert!(format!("{e:#}").starts_with("Dockerfile:2: COPY "), "{e:#}");
+        }
+        let e = try_build(None, "FROM scratch\nCOPY a /\n", None);
+        assert!(
+            matches!(BuildError::cause_of(&e), Some(BuildError::NoContext(_))),
+            "{e:#}"
+        );
+        let _ = std::fs::remove_dir_all(&ctx);
+    }
 
     #[test]
     fn durations_and_paths() {

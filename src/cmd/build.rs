@@ -77,12 +77,12 @@ fn kv(s: &str, what: &str) -> Result<(String, String)> {
 /// `strata build CONTEXT`: exit code 0, or 128 + N when signal N stopped it.
 pub fn run(a: BuildArgs, root: &Path) -> Result<i32> {
     match build(a, root) {
-        Err(e) => match e.downcast_ref::<build::Interrupted>() {
-            Some(build::Interrupted(sig)) => {
+        Err(e) => match build::BuildError::cause_of(&e) {
+            Some(build::BuildError::Interrupted(sig)) => {
                 super::print_error(&e);
                 Ok(128 + sig)
             }
-            None => Err(e),
+            _ => Err(e),
         },
         Ok(()) => Ok(0),
     }

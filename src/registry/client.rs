@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
@@ -16,6 +16,7 @@ use oci_client::{Client, RegistryOperation};
 
 use super::auth::{self, Credentials};
 use super::Options;
+use super::RegistryError;
 
 /// Blobs up to this size are uploaded in one streamed request, larger ones in chunks of
 /// oci-client's 4 MiB (some fronting proxies cap a request body near 100 MB).
@@ -87,11 +88,14 @@ fn load_certs(dir: &Path) -> Result<Vec<Certificate>> {
                     data,
                 });
             }
-            Some("cert") | Some("key") => bail!(
-                "'{}': client certificates are not supported by strata's registry client (oci-client \
-                 takes no client identity); only CA certificates (*.crt) are",
-                p.display()
-            ),
+            Some("cert") | Some("key") => {
+                return Err(RegistryError::Unsupported(format!(
+                    "'{}': client certificates are not supported by strata's registry client (oci-client \
+                     takes no client identity); only CA certificates (*.crt) are",
+                    p.display()
+                ))
+                .into())
+            }
             _ => {}
         }
     }
@@ -289,16 +293,26 @@ impl Session {
                 if let Some((u, p)) = self.basic() {
                     t = t.basic_auth(u, Some(p));
                 }
-                let resp = t
-                    .send()
-                    .await
-                    .map_err(|e| anyhow!("{}: token service: {}", self.domain, root_cause(&e)))?;
-                if !resp.status().is_success() {
-                    bail!(
-                        "{}: the token service answered HTTP {}",
-                        self.domain,
-                        resp.status().as_u16()
-                    );
+                let resp = t.send().await.map_err(|e| RegistryError::Other {
+                    what: self.domain.clone(),
+                    detail: format!("token service: {}", root_cause(&e)),
+                })?;
+                match resp.status().as_u16() {
+                    c if (200..300).contains(&c) => {}
+                    401 | 403 => {
+                        return Err(RegistryError::Unauthorized {
+                            what: "token service".into(),
+                            domain: self.domain.clone(),
+                        }
+                        .into())
+                    }
+                    c => {
+                        return Err(RegistryError::Other {
+                            what: self.domain.clone(),
+                            detail: format!("the token service answered HTTP {c}"),
+                        }
+                        .into())
+                    }
                 }
                 let v: serde_json::Value = resp.json().await.context("token service answer")?;
                 let tok = v
@@ -331,27 +345,32 @@ async fn probe(http: &reqwest::Client, domain: &str, plain_ok: bool) -> Result<(
         Err(e) if plain_ok && !e.is_timeout() => {
             match http.get(format!("http://{domain}/v2/")).send().await {
                 // A TLS server answers plain HTTP with 400: its certificate was the problem.
-                Ok(r) if r.status().as_u16() == 400 => bail!(
-                    "cannot reach registry {domain} over HTTPS: {} (trust its CA with --cert-dir DIR \
-                     holding ca.crt, or skip verification with --tls-verify=false)",
-                    root_cause(&e)
-                ),
+                Ok(r) if r.status().as_u16() == 400 => Err(RegistryError::Certificate {
+                    domain: domain.into(),
+                    reason: root_cause(&e),
+                }
+                .into()),
                 Ok(r) => {
                     log::debug!("{domain}: no TLS ({}); using plain HTTP", root_cause(&e));
                     Ok(("http", answer(r)))
                 }
-                Err(e2) => bail!(
-                    "cannot reach registry {domain}: over HTTPS: {}; over HTTP: {}",
-                    root_cause(&e),
-                    root_cause(&e2)
-                ),
+                Err(e2) => Err(RegistryError::Unreachable {
+                    domain: domain.into(),
+                    detail: format!(": over HTTPS: {}; over HTTP: {}", root_cause(&e), root_cause(&e2)),
+                }
+                .into()),
             }
         }
-        Err(e) if e.is_timeout() => bail!(
-            "cannot reach registry {domain}: no answer within {:?} (STRATA_REGISTRY_TIMEOUT)",
-            timeout()
-        ),
-        Err(e) => bail!("cannot reach registry {domain} over HTTPS: {}", root_cause(&e)),
+        Err(e) if e.is_timeout() => Err(RegistryError::Unreachable {
+            domain: domain.into(),
+            detail: format!(": no answer within {:?} (STRATA_REGISTRY_TIMEOUT)", timeout()),
+        }
+        .into()),
+        Err(e) => Err(RegistryError::Unreachable {
+            domain: domain.into(),
+            detail: format!(" over HTTPS: {}", root_cause(&e)),
+        }
+        .into()),
     }
 }
 
@@ -427,11 +446,17 @@ where
 
 /// A registry error in words, naming the reference or host.
 pub fn explain(e: OciDistributionError, what: &str, domain: &str) -> anyhow::Error {
-    let msg = match &e {
+    let what_s = what.to_string();
+    let err = match &e {
         OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
-            format!("{what}: {domain} requires authentication or refused the credentials (run `strata login {domain}`)")
+            RegistryError::Unauthorized {
+                what: what_s,
+                domain: domain.into(),
+            }
         }
         OciDistributionError::RegistryError { envelope, .. } => {
+            let mut unknown = true;
+            let mut denied = false;
             let codes: Vec<String> = envelope
                 .errors
                 .iter()
@@ -443,29 +468,46 @@ pub fn explain(e: OciDistributionError, what: &str, domain: &str) -> anyhow::Err
                             " (the registry does not have a blob the manifest names)"
                         }
                         OciErrorCode::Unauthorized | OciErrorCode::Denied => {
+                            denied = true;
                             " (check `strata login` and the repository name)"
                         }
                         _ => "",
                     };
+                    unknown &= matches!(
+                        x.code,
+                        OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::BlobUnknown
+                    );
                     format!("{}{hint}", x.message)
                 })
                 .collect();
-            format!("{what}: {domain} answered: {}", codes.join("; "))
+            let detail = format!("{domain} answered: {}", codes.join("; "));
+            if denied {
+                RegistryError::Denied { what: what_s, detail }
+            } else if unknown && !codes.is_empty() {
+                RegistryError::NotFound { what: what_s, detail }
+            } else {
+                RegistryError::Other { what: what_s, detail }
+            }
         }
-        OciDistributionError::ImageManifestNotFoundError(_) => {
-            format!("{what}: manifest unknown (no such tag or digest)")
-        }
-        OciDistributionError::ServerError { code, message, .. } => {
-            let m: String = message.chars().take(200).collect();
-            format!("{what}: {domain} answered HTTP {code}: {}", m.trim())
-        }
-        OciDistributionError::RequestError(r) if r.is_timeout() => {
-            format!(
-                "{what}: {domain} did not answer within {:?} (STRATA_REGISTRY_TIMEOUT)",
-                timeout()
-            )
-        }
-        _ => format!("{what}: {}", chain(&e)),
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+            what: what_s,
+            detail: "manifest unknown (no such tag or digest)".into(),
+        },
+        OciDistributionError::ServerError { code, message, .. } => RegistryError::Http {
+            what: what_s,
+            domain: domain.into(),
+            code: *code,
+            message: message.chars().take(200).collect::<String>().trim().to_string(),
+        },
+        OciDistributionError::RequestError(r) if r.is_timeout() => RegistryError::Timeout {
+            what: what_s,
+            domain: domain.into(),
+            after: timeout(),
+        },
+        _ => RegistryError::Other {
+            what: what_s,
+            detail: chain(&e),
+        },
     };
-    anyhow!(msg)
+    err.into()
 }

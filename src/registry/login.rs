@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use super::auth::{self, Credentials};
 use super::client::{chain, Session};
-use super::Options;
+use super::{Options, RegistryError};
 
 /// The registry host of a `login` argument: `https://host:port/...` -> `host:port`;
 /// Docker Hub's spellings -> `docker.io`.
@@ -66,8 +66,11 @@ pub fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
 pub fn login(registry: &str, creds: Credentials, opts: &Options) -> Result<PathBuf> {
     let domain = registry_host(registry)?;
     let (s, probe) = Session::open(&domain, &domain, opts, Some(creds.clone()))?;
-    let denied =
-        || anyhow::anyhow!("login to {domain}: wrong user name or password (the registry refused them)");
+    let denied = || {
+        anyhow::Error::from(RegistryError::LoginRefused {
+            domain: domain.clone(),
+        })
+    };
     s.rt.block_on(async {
         match probe.status {
             200 => {
@@ -106,7 +109,12 @@ pub fn login(registry: &str, creds: Credentials, opts: &Options) -> Result<PathB
                                 anyhow::anyhow!("login to {domain}: token service {realm}: {}", chain(&e))
                             })?
                     }
-                    other => bail!("{domain} asks for '{other}' authentication, which strata does not speak"),
+                    other => {
+                        return Err(RegistryError::Unsupported(format!(
+                            "{domain} asks for '{other}' authentication, which strata does not speak"
+                        ))
+                        .into())
+                    }
                 };
                 match resp.status().as_u16() {
                     200 => {
@@ -139,7 +147,7 @@ pub fn logout(registry: &str, authfile: Option<&std::path::Path>) -> Result<Stri
     let domain = registry_host(registry)?;
     let changed = auth::remove(&domain, authfile)?;
     if changed.is_empty() {
-        bail!("not logged in to {domain}");
+        return Err(RegistryError::NotLoggedIn(domain).into());
     }
     Ok(domain)
 }

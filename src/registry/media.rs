@@ -3,6 +3,8 @@
 use anyhow::{bail, Result};
 use oci_spec::image::{ImageManifest, MediaType};
 
+use super::RegistryError;
+
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
@@ -21,12 +23,15 @@ const MAX_CONFIG: u64 = 64 << 20;
 pub fn kind(bytes: &[u8]) -> Result<&'static str> {
     let v: serde_json::Value = serde_json::from_slice(bytes)?;
     if v.get("schemaVersion").and_then(|x| x.as_i64()) == Some(1) {
-        bail!("docker schema 1 manifests are not supported (deprecated since 2017)");
+        return Err(RegistryError::Unsupported(
+            "docker schema 1 manifests are not supported (deprecated since 2017)".into(),
+        )
+        .into());
     }
     match v.get("mediaType").and_then(|x| x.as_str()) {
         Some(t) => match MANIFESTS.iter().find(|m| **m == t) {
             Some(m) => Ok(m),
-            None => bail!("unsupported manifest media type '{t}'"),
+            None => Err(RegistryError::Unsupported(format!("unsupported manifest media type '{t}'")).into()),
         },
         None if v.get("manifests").is_some() => Ok(OCI_INDEX),
         None if v.get("layers").is_some() => Ok(OCI_MANIFEST),
@@ -40,7 +45,12 @@ pub fn check_manifest(m: &ImageManifest) -> Result<()> {
     match c.media_type() {
         MediaType::ImageConfig => {}
         MediaType::Other(t) if t == "application/vnd.docker.container.image.v1+json" => {}
-        t => bail!("not a container image: its config has media type '{t}'"),
+        t => {
+            return Err(RegistryError::Unsupported(format!(
+                "not a container image: its config has media type '{t}'"
+            ))
+            .into())
+        }
     }
     if c.size() > MAX_CONFIG {
         bail!(
@@ -56,10 +66,11 @@ pub fn check_manifest(m: &ImageManifest) -> Result<()> {
         ) || t == "application/vnd.docker.image.rootfs.diff.tar.gzip"
             || t == "application/vnd.docker.image.rootfs.diff.tar";
         if !ok {
-            bail!(
+            return Err(RegistryError::Unsupported(format!(
                 "layer {} has media type '{t}', which strata cannot unpack",
                 l.digest()
-            );
+            ))
+            .into());
         }
     }
     Ok(())

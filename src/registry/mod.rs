@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod client;
+mod error;
 mod login;
 mod media;
 mod pull;
@@ -24,6 +25,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use oci_spec::image::{Arch, ImageIndex, Os};
 
 pub use client::is_loopback;
+pub use error::RegistryError;
 pub use login::{login, logout};
 pub use pull::{pull, Pulled};
 pub use push::{push, Pushed};
@@ -229,6 +231,60 @@ impl Bar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_errors() {
+        use oci_client::errors::OciDistributionError as O;
+        let e = client::explain(O::UnauthorizedError { url: "u".into() }, "h/r:1", "h");
+        assert!(
+            matches!(e.downcast_ref::<RegistryError>(), Some(RegistryError::Unauthorized { domain, .. }) if domain == "h"),
+            "{e:#}"
+        );
+        assert!(format!("{e}").contains("strata login h"), "{e}");
+        let e = client::explain(O::ImageManifestNotFoundError("x".into()), "h/r:1", "h");
+        assert!(
+            matches!(
+                e.downcast_ref::<RegistryError>(),
+                Some(RegistryError::NotFound { .. })
+            ),
+            "{e:#}"
+        );
+        let e = client::explain(
+            O::ServerError {
+                code: 502,
+                url: "u".into(),
+                message: "bad gateway".into(),
+            },
+            "h/r:1",
+            "h",
+        );
+        assert!(
+            matches!(
+                e.downcast_ref::<RegistryError>(),
+                Some(RegistryError::Http { code: 502, .. })
+            ),
+            "{e:#}"
+        );
+        assert_eq!(format!("{e}"), "h/r:1: h answered HTTP 502: bad gateway");
+        let e = media::kind(br#"{"schemaVersion": 1}"#).unwrap_err();
+        assert!(
+            matches!(
+                e.downcast_ref::<RegistryError>(),
+                Some(RegistryError::Unsupported(_))
+            ),
+            "{e:#}"
+        );
+        let dir = std::env::temp_dir().join(format!("strata-reg-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("auth.json");
+        std::fs::write(&file, "{}").unwrap();
+        let e = logout("example.com", Some(&file)).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<RegistryError>(), Some(RegistryError::NotLoggedIn(d)) if d == "example.com"),
+            "{e:#}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn index(entries: &[(&str, &str, Option<&str>, char)]) -> ImageIndex {
         let ms: Vec<serde_json::Value> = entries

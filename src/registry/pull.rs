@@ -15,7 +15,7 @@ use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest,
 use sha2::{Digest as _, Sha256};
 
 use super::client::{self, chain, explain, retry, Session};
-use super::{media, sources, Bar, Bars, Options, Platform};
+use super::{media, sources, Bar, Bars, Options, Platform, RegistryError};
 use crate::image::digest;
 use crate::image::reference::RemoteRef;
 use crate::image::store::{parse_digest, Store};
@@ -110,31 +110,42 @@ async fn fetch_manifest(
                     .unwrap_or_default();
                 let again = status == 429 || status >= 500;
                 let e = match status {
-                    401 | 403 => anyhow!(
-                        "{r}: {} requires authentication or refused the credentials (run `strata login {}`)",
-                        s.domain,
-                        s.domain
-                    ),
-                    404 => anyhow!(
-                        "{r}: {} answered: manifest unknown (no such repository, tag or digest){}",
-                        s.domain,
-                        if msg.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {msg}")
-                        }
-                    ),
-                    c => anyhow!("{r}: {} answered HTTP {c} {msg}", s.domain),
+                    401 | 403 => RegistryError::Unauthorized {
+                        what: r.to_string(),
+                        domain: s.domain.clone(),
+                    },
+                    404 => RegistryError::NotFound {
+                        what: r.to_string(),
+                        detail: format!(
+                            "{} answered: manifest unknown (no such repository, tag or digest){}",
+                            s.domain,
+                            if msg.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {msg}")
+                            }
+                        ),
+                    },
+                    code => RegistryError::Http {
+                        what: r.to_string(),
+                        domain: s.domain.clone(),
+                        code,
+                        message: msg,
+                    },
                 };
-                return Err((again, e));
+                return Err((again, e.into()));
             }
             if resp.content_length().is_some_and(|n| n > MAX_MANIFEST as u64) {
                 return Err((
                     false,
-                    anyhow!(
-                        "{r}: the manifest is {} bytes, more than the {MAX_MANIFEST} accepted",
-                        resp.content_length().unwrap_or(0)
-                    ),
+                    RegistryError::TooLarge {
+                        what: r.to_string(),
+                        detail: format!(
+                            "the manifest is {} bytes, more than the {MAX_MANIFEST} accepted",
+                            resp.content_length().unwrap_or(0)
+                        ),
+                    }
+                    .into(),
                 ));
             }
             let mut out = Vec::new();
@@ -144,7 +155,11 @@ async fn fetch_manifest(
                 if out.len() + chunk.len() > MAX_MANIFEST {
                     return Err((
                         false,
-                        anyhow!("{r}: the manifest is more than the {MAX_MANIFEST} bytes accepted"),
+                        RegistryError::TooLarge {
+                            what: r.to_string(),
+                            detail: format!("the manifest is more than the {MAX_MANIFEST} bytes accepted"),
+                        }
+                        .into(),
                     ));
                 }
                 out.extend_from_slice(&chunk);
@@ -165,7 +180,11 @@ async fn fetch_manifest(
     let d = digest::sha256_of(&bytes);
     if let Some(w) = want {
         if d != w {
-            bail!("{r}: the registry served a manifest whose digest is {d}, not {w}");
+            return Err(RegistryError::DigestMismatch {
+                what: r.to_string(),
+                detail: format!("the registry served a manifest whose digest is {d}, not {w}"),
+            }
+            .into());
         }
     }
     Ok((bytes, d))
@@ -195,10 +214,11 @@ pub fn pull(store: &Store, r: &RemoteRef, platform: Option<&Platform>, opts: &Op
                     .filter_map(|m| m.platform().as_ref())
                     .map(|p| Platform::of(p).to_string())
                     .collect();
-                anyhow!(
-                    "{r}: no image for platform {platform} (the index has: {})",
-                    have.join(", ")
-                )
+                RegistryError::NoPlatform {
+                    what: r.to_string(),
+                    platform: platform.to_string(),
+                    have: have.join(", "),
+                }
             })?;
             let (b, d) = fetch_manifest(&s, r, &pick, auth.as_ref(), Some(&pick)).await?;
             bytes = b;
@@ -365,7 +385,12 @@ async fn fetch_blob(s: &Session, store: &Store, r: &RemoteRef, d: &Descriptor, b
                 // A clean end of stream before the size: a truncated response.
                 failures += 1;
                 if failures > 3 {
-                    bail!("{what}: the registry sent {n} of {size} bytes");
+                    return Err(RegistryError::Truncated {
+                        what,
+                        got: n,
+                        want: size,
+                    }
+                    .into());
                 }
                 log::info!("{what}: short read ({n} of {size} bytes); resuming");
             }
@@ -380,7 +405,11 @@ async fn fetch_blob(s: &Session, store: &Store, r: &RemoteRef, d: &Descriptor, b
     let got = format!("sha256:{}", digest::hex(&h.finalize()));
     if got != dg {
         bar.fail("digest mismatch");
-        bail!("{what}: the content does not match its digest (got {got}); nothing was stored");
+        return Err(RegistryError::DigestMismatch {
+            what,
+            detail: format!("the content does not match its digest (got {got}); nothing was stored"),
+        }
+        .into());
     }
     f.sync_all()?;
     drop(f);

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// What to limit (None: no limit).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,7 +40,12 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         .parse()
         .with_context(|| format!("--memory '{s}': want a size such as 512m or 1g"))?;
     if n.is_nan() || n <= 0.0 {
-        bail!("--memory '{s}': must be more than 0");
+        return Err(super::RuntimeError::BadOption {
+            option: "--memory".into(),
+            value: s.into(),
+            reason: "must be more than 0".into(),
+        }
+        .into());
     }
     Ok((n * mult as f64) as u64)
 }
@@ -60,9 +65,11 @@ impl Group {
     /// Make the group(s) for `l` and set the limits.
     pub fn create(l: &Limits) -> Result<Group> {
         if !crate::sys::host_root() {
-            bail!(
+            return Err(super::RuntimeError::Cgroup(
                 "--memory, --pids-limit and --cpus need root (rootless cgroup delegation is not supported)"
-            );
+                    .into(),
+            )
+            .into());
         }
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!(
@@ -86,7 +93,10 @@ impl Group {
             let avail = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
             for c in &wanted {
                 if !avail.split_whitespace().any(|a| a == *c) {
-                    bail!("cgroup v2: the {c} controller is not available");
+                    return Err(super::RuntimeError::Cgroup(format!(
+                        "cgroup v2: the {c} controller is not available"
+                    ))
+                    .into());
                 }
                 let _ = write(&root.join("cgroup.subtree_control"), &format!("+{c}"));
             }
@@ -108,10 +118,11 @@ impl Group {
             let mut v1 = |ctrl: &str, files: &[(&str, String)]| -> Result<()> {
                 let base = root.join(ctrl);
                 if !base.join("cgroup.procs").exists() {
-                    bail!(
+                    return Err(super::RuntimeError::Cgroup(format!(
                         "cgroup v1: the {ctrl} controller is not mounted at {}",
                         base.display()
-                    );
+                    ))
+                    .into());
                 }
                 let d = base.join(&name);
                 std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -197,5 +208,31 @@ mod tests {
         assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("0").is_err());
+    }
+
+    #[test]
+    fn typed_errors() {
+        use super::super::RuntimeError;
+        let e = parse_bytes("0").unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<RuntimeError>(), Some(RuntimeError::BadOption { option, .. }) if option == "--memory"),
+            "{e:#}"
+        );
+        assert_eq!(e.to_string(), "--memory '0': must be more than 0");
+        let e = super::super::capabilities(&["NOT_A_CAP".into()], &[]).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<RuntimeError>(), Some(RuntimeError::UnknownCapability(c)) if c == "NOT_A_CAP"),
+            "{e:#}"
+        );
+        let e = super::super::seccomp::profile_filters(
+            br#"{"defaultAction": "SCMP_ACT_NOPE", "syscalls": []}"#,
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.chain()
+                .any(|c| matches!(c.downcast_ref::<RuntimeError>(), Some(RuntimeError::Seccomp(_)))),
+            "{e:#}"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! pass that status on. With `-t`, C runs on a pseudo-terminal whose master P relays.
 
 pub mod cgroup;
+mod error;
 pub mod rootfs;
 pub mod seccomp;
 pub mod syscalls;
@@ -18,9 +19,10 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::sys::{self, Forked};
+pub use error::RuntimeError;
 
 /// A host path bind-mounted into the container.
 #[derive(Debug, Clone)]
@@ -129,7 +131,7 @@ pub fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<u32>> {
         }
         match CAP_NAMES.iter().position(|c| *c == u) {
             Some(i) => Ok(Some(i as u32)),
-            None => bail!("unknown capability '{n}'"),
+            None => Err(RuntimeError::UnknownCapability(n.to_string()).into()),
         }
     };
     let mut caps: Vec<u32> = DEFAULT_CAPS.to_vec();
@@ -200,7 +202,11 @@ fn wait_for(pid: i32) -> i32 {
 pub fn run(spec: &RunSpec) -> Result<i32> {
     rootfs::write_injected(&spec.rundir, &spec.hostname, spec.host_network)?;
     if std::path::Path::new(&spec.cwd).is_relative() {
-        bail!("working directory '{}' must be absolute", spec.cwd);
+        return Err(RuntimeError::NotAbsolute {
+            what: "working directory",
+            path: spec.cwd.clone(),
+        }
+        .into());
     }
     // With -t, PID 1 sends the pty master back over this socket.
     let pty = if spec.tty {
@@ -355,7 +361,7 @@ fn stage_b(spec: &RunSpec, pty_sock: Option<&OwnedFd>, rootless: bool) -> Result
         .map(|a| CString::new(a.as_str()))
         .collect::<Result<_, _>>()?;
     if argv.is_empty() {
-        bail!("no command to run");
+        return Err(RuntimeError::NoCommand.into());
     }
     let ids = resolve_user(&spec.user)?;
     match sys::fork().context("fork")? {
@@ -396,7 +402,7 @@ fn resolve_user(user: &str) -> Result<(u32, u32, Vec<u32>, Option<String>)> {
     let uid: u32 = match (u.parse(), &pw) {
         (Ok(n), _) => n,
         (Err(_), Some(f)) => f[2].parse().context("/etc/passwd: bad uid")?,
-        (Err(_), None) => bail!("unable to find user {u}: no matching entries in /etc/passwd"),
+        (Err(_), None) => return Err(RuntimeError::UnknownUser(u.to_string()).into()),
     };
     let gid: u32 = match g {
         Some(g) => match g.parse() {

@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
@@ -320,10 +320,11 @@ pub fn setup(spec: &RunSpec) -> Result<()> {
 fn add_volume(v: &Volume, t: &mut dyn FnMut(&str, Stub) -> Result<OwnedFd>) -> Result<()> {
     let md = std::fs::metadata(&v.host).with_context(|| format!("volume source '{}'", v.host.display()))?;
     if !v.container.is_absolute() {
-        bail!(
-            "volume target '{}' must be an absolute path",
-            v.container.display()
-        );
+        return Err(super::RuntimeError::NotAbsolute {
+            what: "volume target",
+            path: v.container.display().to_string(),
+        }
+        .into());
     }
     let stub = if md.is_dir() { Stub::Dir } else { Stub::File };
     let ctr = v.container.to_string_lossy().into_owned();

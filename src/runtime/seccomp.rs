@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     TargetArch,
@@ -87,7 +87,10 @@ fn arch() -> Result<TargetArch> {
     } else if cfg!(target_arch = "riscv64") {
         TargetArch::riscv64
     } else {
-        anyhow::bail!("seccomp: no filter for this architecture (use --security-opt seccomp=unconfined)")
+        return Err(super::RuntimeError::Seccomp(
+            "seccomp: no filter for this architecture (use --security-opt seccomp=unconfined)".into(),
+        )
+        .into());
     })
 }
 
@@ -181,7 +184,10 @@ fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction> {
         "SCMP_ACT_LOG" => SeccompAction::Log,
         "SCMP_ACT_TRACE" => SeccompAction::Trace(errno.unwrap_or(0)),
         other => {
-            bail!("action '{other}' is not supported (ALLOW, ERRNO, KILL, KILL_PROCESS, TRAP, LOG, TRACE)")
+            return Err(super::RuntimeError::Seccomp(format!(
+                "action '{other}' is not supported (ALLOW, ERRNO, KILL, KILL_PROCESS, TRAP, LOG, TRACE)"
+            ))
+            .into())
         }
     })
 }
@@ -272,7 +278,7 @@ fn conditions(rule: &Value) -> Result<Vec<SeccompCondition>> {
             "SCMP_CMP_GE" => (SeccompCmpOp::Ge, value),
             // libseccomp: (arg & value) == valueTwo.
             "SCMP_CMP_MASKED_EQ" => (SeccompCmpOp::MaskedEq(value), two),
-            o => bail!("unknown comparison '{o}'"),
+            o => return Err(super::RuntimeError::Seccomp(format!("unknown comparison '{o}'")).into()),
         };
         let index = u8::try_from(index)
             .ok()

@@ -96,7 +96,9 @@ pub fn reexec_inside(args: &[OsString], store: &Path) -> Result<Option<i32>> {
                 std::fs::File::from(ready_w).write_all(b"1")?;
                 let mut b = [0u8; 1];
                 if std::fs::File::from(go_r).read(&mut b)? != 1 {
-                    bail!("the ID mapping was not set up");
+                    return Err(
+                        super::RuntimeError::UserNamespace("the ID mapping was not set up".into()).into(),
+                    );
                 }
                 // Mounts made in here stay in here.
                 sys::make_mounts_private().context("making mounts private")?;
