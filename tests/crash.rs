@@ -8,7 +8,8 @@
 //!
 //! `rmi -f` killed while a mount reads the image must leave the mount whole.
 //!
-//! STRATA_CRASH_ITERS=N sets the number of kills (default 40, spread over the commands).
+//! STRATA_CRASH_ITERS=N sets the number of kills of the store commands (default 200, spread over
+//! the commands; the daemon and rmi-while-mounted tests kill N/4, default 10).
 
 mod common;
 mod image_common;
@@ -94,7 +95,7 @@ fn sigkill_during_store_writes_leaves_a_sound_store() {
     let iters: u64 = std::env::var("STRATA_CRASH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(200);
     let env = TestEnv::new("crash");
     let st = Store::in_env(&env, "store");
     let big = env.path().join("big.tar");
