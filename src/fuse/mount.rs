@@ -196,6 +196,9 @@ const SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGU
 /// process gets SIGINT/SIGTERM/SIGHUP, in which case it unmounts itself. `ready` is called
 /// once: with Ok when the mount is live, or with the error.
 pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), String>)) -> std::io::Result<()> {
+    // The fds the table will hold (layers, cached directories, open files), capped: beyond
+    // 32k slots (256 KiB) growing later is rare enough.
+    crate::sys::reserve_fd_table(crate::sys::raise_nofile().min(1 << 15) as u32);
     // Block the signals before any thread starts, so only sigwait below sees them.
     let sigs = crate::sys::BlockedSignals::block(&SIGNALS)?;
     let cfg = fuser_config(o);

@@ -387,6 +387,21 @@ pub fn raise_nofile() -> u64 {
     rl.rlim_cur
 }
 
+/// Grow this process's fd table to `n` slots now. The kernel doubles the table as fds
+/// are opened, and once the process has threads every doubling waits for an RCU grace
+/// period (about 10 ms on this kind of VM): the first lookup in a 200-layer directory paid
+/// that when its fds passed 256, and a big walk pays it at every power of two up to its fd
+/// budget. Called before the daemon starts its threads, when growing is cheap.
+pub fn reserve_fd_table(n: u32) {
+    let Ok(root) = rustix::fs::open("/", OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) else {
+        return;
+    };
+    if n > 1 {
+        // The lowest free fd >= n-1 makes the table at least n long; closing it keeps the size.
+        drop(rustix::io::fcntl_dupfd_cloexec(&root, (n - 1) as i32));
+    }
+}
+
 /// Is this process in the initial user namespace (the whole uid range mapped onto itself)?
 /// Root in any other one (podman's rootless namespace) may not set `trusted.*` xattrs.
 pub fn in_initial_userns() -> bool {
