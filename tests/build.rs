@@ -151,14 +151,22 @@ impl Case {
     /// Build with strata (the parent first), check the build left nothing behind and
     /// that the printed id is the tagged image's, and return the image.
     fn build_strata(&self, fx: &BuildFx, ctx: &Layer) -> Built {
+        self.build_strata_with(fx, ctx, "strata", &[])
+    }
+
+    /// The same with `extra` build arguments (for the parent too), tagged for `who`.
+    fn build_strata_with(&self, fx: &BuildFx, ctx: &Layer, who: &str, extra: &[&str]) -> Built {
         let env: Vec<(&str, &str)> = self.env.clone();
         if let Some(p) = &self.parent {
             let f = s(&ctx.path("Dockerfile.parent"));
-            fx.build_ok_env(&ctx.root, &["-t", p.tag, "-f", &f], &env);
+            let mut a = vec!["-t", p.tag, "-f", &f];
+            a.extend_from_slice(extra);
+            fx.build_ok_env(&ctx.root, &a, &env);
             (p.check)(&fx.built(p.tag));
         }
-        let tag = self.tag("strata");
+        let tag = self.tag(who);
         let mut args = vec!["-t", tag.as_str()];
+        args.extend_from_slice(extra);
         args.extend(self.args.iter().copied());
         let out = fx.build_ok_env(&ctx.root, &args, &env);
         fx.assert_clean(&format!("after building case {}", self.name));
@@ -1883,6 +1891,45 @@ fn differential_against_docker_build() {
         failures.join("\n")
     );
     drop(dkb);
+}
+
+/// `--overlay kernel`: every case of the table also builds on the kernel's overlayfs, meets
+/// its own expectations there, and gives the image strata's FUSE mount gives (trees,
+/// config, layer count); no mount is left either way.
+#[test]
+fn kernel_overlay_builds_match_fuse() {
+    let fx = BuildFx::new("kernel-overlay");
+    let mut failures: Vec<String> = Vec::new();
+    let mut compared = Vec::new();
+    for c in cases() {
+        let ctx = c.make_ctx(&fx);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let fuse = c.build_strata(&fx, &ctx);
+            (c.check)(&fuse);
+            let kernel = c.build_strata_with(&fx, &ctx, "kernel", &["--overlay", "kernel"]);
+            (c.check)(&kernel);
+            compare_images(&kernel, &fuse).0
+        }));
+        match r {
+            Ok(diffs) if diffs.is_empty() => compared.push(c.name),
+            Ok(diffs) => failures.push(common::format_diffs(
+                &format!("[{}] --overlay kernel vs fuse", c.name),
+                &diffs,
+            )),
+            Err(e) => failures.push(format!("[{}]: {}", c.name, panic_msg(&e))),
+        }
+    }
+    eprintln!("kernel overlay matched FUSE on: {compared:?}");
+    assert!(
+        failures.is_empty(),
+        "{} cases differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // Refused where the kernel's overlayfs cannot be mounted: not root in the first user
+    // namespace is checked by the CLI before anything runs.
+    let out = fx.store.run(&["build", "--overlay", "bogus", "."]);
+    assert!(!out.ok() && out.stderr.contains("--overlay"), "{out}");
 }
 
 fn panic_msg(e: &Box<dyn std::any::Any + Send>) -> String {

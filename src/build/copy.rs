@@ -708,7 +708,7 @@ impl Copier<'_> {
         )
         .with_context(|| format!("creating '{}'", name.to_string_lossy()))?;
         let mut f = std::fs::File::from(fd);
-        std::io::copy(r, &mut f)?;
+        crate::image::layer::copy_data(r, &mut f, st.map(|s| s.st_size as u64))?;
         f.flush()?;
         self.own(f.as_fd())?;
         rustix::fs::fchmod(&f, Mode::from_raw_mode(self.mode.unwrap_or(mode)))?;
@@ -831,7 +831,8 @@ impl Copier<'_> {
                         Mode::from_raw_mode(0o600),
                     )?;
                     let mut f = std::fs::File::from(fd);
-                    std::io::copy(&mut e, &mut f)?;
+                    let size = e.header().size().ok();
+                    crate::image::layer::copy_data(&mut e, &mut f, size)?;
                     rustix::fs::fchown(&f, ids.0, ids.1)?;
                     rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))?;
                     if let Ok(m) = e.header().mtime() {

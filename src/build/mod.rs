@@ -1240,6 +1240,8 @@ impl Builder<'_> {
             copy::execute(&plan, &m, &dest_abs, dir_dest, owner, mode, checksum.as_deref())
                 .map_err(|e| self.err_in(s, e))?;
         }
+        // The plan holds a directory fd in the source mount: close it before unmounting.
+        drop(plan);
         drop(guard);
         self.commit(st, &u, &created_by)
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::build::{self, Mounter};
-use crate::cli::BuildArgs;
+use crate::cli::{BuildArgs, BuildOverlay};
 use crate::fuse::mount::{MountOpts, Passthrough};
 use crate::image::reference::Reference;
 use crate::overlay::OverlayConfig;
@@ -67,6 +67,60 @@ impl Mounter for FuseMounter {
     }
 }
 
+/// The kernel's overlayfs over the same layers (`--overlay kernel`).
+struct KernelMounter;
+
+/// A kernel overlay mount, unmounted when dropped.
+struct KernelMounted(PathBuf);
+
+impl Drop for KernelMounted {
+    fn drop(&mut self) {
+        // A container that just exited may still hold the mount for a moment (its mount
+        // namespace goes with its last process): retry briefly, then detach it.
+        for _ in 0..20 {
+            match crate::sys::overlayfs::unmount(&self.0) {
+                Err(rustix::io::Errno::BUSY) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                _ => return,
+            }
+        }
+        if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
+            eprintln!("strata: error: unmounting '{}': {e}", self.0.display());
+        }
+    }
+}
+
+impl Mounter for KernelMounter {
+    fn mount(
+        &self,
+        lowers: Vec<PathBuf>,
+        rw: Option<(&Path, &Path)>,
+        mnt: &Path,
+    ) -> Result<Box<dyn std::any::Any>> {
+        let ls: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+        // volatile: the step's layer is the fsynced blob; the upper that becomes its unpacked
+        // copy is not synced, like every unpacked layer (docs/design.md).
+        crate::sys::overlayfs::mount(&ls, rw, mnt, true).map_err(|e| {
+            anyhow::anyhow!(
+                "--overlay kernel: mounting overlayfs of {} layers on '{}': {e}{}",
+                ls.len(),
+                mnt.display(),
+                if e == rustix::io::Errno::TOOBIG {
+                    " (too many layers for one mount's options on this kernel; use --overlay fuse)"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        Ok(Box::new(KernelMounted(mnt.to_path_buf())))
+    }
+
+    fn unmount(&self, mnt: &Path) -> Result<()> {
+        crate::sys::overlayfs::unmount(mnt)
+            .or_else(|_| rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH))
+            .with_context(|| format!("unmounting '{}'", mnt.display()))
+    }
+}
+
 fn kv(s: &str, what: &str) -> Result<(String, String)> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -89,6 +143,14 @@ pub fn run(a: BuildArgs, root: &Path) -> Result<i32> {
 }
 
 fn build(a: BuildArgs, root: &Path) -> Result<()> {
+    if a.overlay == BuildOverlay::Kernel {
+        if !crate::sys::host_root() {
+            bail!("--overlay kernel needs root in the initial user namespace; use --overlay fuse");
+        }
+        if !crate::sys::overlayfs::available() {
+            bail!("--overlay kernel: this kernel has no overlayfs; use --overlay fuse");
+        }
+    }
     crate::sys::catch_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     if let Some(p) = &a.platform {
         let want = crate::registry::Platform::parse(p)?;
@@ -175,7 +237,10 @@ fn build(a: BuildArgs, root: &Path) -> Result<()> {
         },
         registry: super::push::options(&a.registry, a.quiet),
     };
-    let id = build::build(root, &o, &FuseMounter)?;
+    let id = match a.overlay {
+        BuildOverlay::Fuse => build::build(root, &o, &FuseMounter)?,
+        BuildOverlay::Kernel => build::build(root, &o, &KernelMounter)?,
+    };
     if let Some(f) = &a.iidfile {
         std::fs::write(f, &id).with_context(|| format!("--iidfile '{}'", f.display()))?;
     }

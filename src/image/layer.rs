@@ -706,6 +706,25 @@ impl<W: Write> TarOut<W> {
     }
 }
 
+/// Copy `r` to `w` in chunks of up to 1 MiB (`size`: what `r` holds, when known). The
+/// generic copy goes 8 KiB at a time, which through a FUSE mount is one WRITE request per
+/// 8 KiB (a 48 MiB COPY step made 6000 of them).
+pub fn copy_data(r: &mut dyn Read, w: &mut dyn Write, size: Option<u64>) -> io::Result<u64> {
+    let cap = size.map_or(1 << 20, |s| s.clamp(4096, 1 << 20) as usize);
+    let mut buf = vec![0u8; cap];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+}
+
 /// A tiny glob: `*` (not across `/`), `**` (across), `?`, literal otherwise.
 pub fn glob_match(pat: &str, s: &str) -> bool {
     fn rec(p: &[u8], s: &[u8]) -> bool {
@@ -890,8 +909,11 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
                 }
                 let f = sys::open_beneath(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())?;
                 let xs = user_xattrs(XTarget::Fd(f.as_fd()));
-                let mut file = File::from(f);
-                out.append(&path, EntryKind::File(st.st_size as u64), m, &xs, &mut file)?;
+                // Read in big chunks: the tar writer copies 8 KiB at a time.
+                let size = st.st_size as u64;
+                let mut file =
+                    io::BufReader::with_capacity(size.clamp(4096, 1 << 20) as usize, File::from(f));
+                out.append(&path, EntryKind::File(size), m, &xs, &mut file)?;
             }
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(dir, name, Vec::new())?;

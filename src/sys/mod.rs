@@ -2,6 +2,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod overlayfs;
 mod process;
 pub use process::*;
 
