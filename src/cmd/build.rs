@@ -97,8 +97,8 @@ impl Mounter for KernelMounter {
         mnt: &Path,
     ) -> Result<Box<dyn std::any::Any>> {
         let ls: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-        // volatile: the step's layer is the fsynced blob; the upper that becomes its unpacked
-        // copy is not synced, like every unpacked layer (docs/design.md).
+        // volatile: the mount's own sync at unmount is redundant; the step's blob is fsynced and
+        // the upper is synced when it is adopted as the unpacked layer (docs/design.md).
         crate::sys::overlayfs::mount(&ls, rw, mnt, true).map_err(|e| {
             anyhow::anyhow!(
                 "--overlay kernel: mounting overlayfs of {} layers on '{}': {e}{}",
