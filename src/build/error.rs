@@ -56,9 +56,14 @@ pub enum BuildError {
     /// A context source when the Dockerfile came from standard input.
     #[error("'{0}': there is no build context (the Dockerfile came from standard input)")]
     NoContext(String),
-    /// `--target` or `--from` names no stage of the Dockerfile.
-    #[error("no stage named '{0}'")]
-    NoStage(String),
+    /// `--target` names no stage of the Dockerfile.
+    #[error("--target '{name}': no stage of that name in {file}")]
+    NoStage {
+        /// As given.
+        name: String,
+        /// The Dockerfile's name as given.
+        file: String,
+    },
     /// Stopped by a signal (Ctrl-C); what the build made is cleaned up.
     #[error("interrupted by signal {0}")]
     Interrupted(i32),

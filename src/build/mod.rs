@@ -549,8 +549,11 @@ impl Builder<'_> {
             Some(t) => (0..self.df.stages.len())
                 .find(|i| self.stage_name(*i).as_deref() == Some(&t.to_lowercase()))
                 .ok_or_else(|| {
-                    anyhow::Error::from(BuildError::NoStage(t.clone()))
-                        .context(format!("--target '{t}' in {}", self.o.dockerfile_name))
+                    BuildError::NoStage {
+                        name: t.clone(),
+                        file: self.o.dockerfile_name.clone(),
+                    }
+                    .into()
                 }),
         }
     }
@@ -1510,8 +1513,12 @@ mod tests {
         );
         let e = try_build(None, "FROM scratch AS a\nLABEL x=1\n", Some("nope"));
         assert!(
-            matches!(BuildError::cause_of(&e), Some(BuildError::NoStage(s)) if s == "nope"),
+            matches!(BuildError::cause_of(&e), Some(BuildError::NoStage { name, .. }) if name == "nope"),
             "{e:#}"
+        );
+        assert_eq!(
+            format!("{e:#}"),
+            "--target 'nope': no stage of that name in Dockerfile"
         );
         let e = try_build(None, "FROM scratch\nRUN --bogus true\n", None);
         assert!(

@@ -57,6 +57,7 @@ impl Mounter for FuseMounter {
                 acl: true,
             },
             image: None,
+            hold: None,
         };
         super::mount::mount_spec(&mut spec, false, None)?;
         Ok(Box::new(Mounted(spec.opts.mountpoint)))
@@ -80,7 +81,11 @@ impl Drop for KernelMounted {
         for _ in 0..20 {
             match crate::sys::overlayfs::unmount(&self.0) {
                 Err(rustix::io::Errno::BUSY) => std::thread::sleep(std::time::Duration::from_millis(5)),
-                _ => return,
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("strata: error: unmounting '{}': {e}", self.0.display());
+                    return;
+                }
             }
         }
         if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
@@ -97,17 +102,21 @@ impl Mounter for KernelMounter {
         mnt: &Path,
     ) -> Result<Box<dyn std::any::Any>> {
         let ls: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+        // Below a single read-only layer (overlayfs wants two lowers without an upper).
+        let empty = mnt.with_file_name("empty-lower");
+        std::fs::create_dir_all(&empty).with_context(|| format!("creating {}", empty.display()))?;
         // volatile: the mount's own sync at unmount is redundant; the step's blob is fsynced and
         // the upper is synced when it is adopted as the unpacked layer (docs/design.md).
-        crate::sys::overlayfs::mount(&ls, rw, mnt, true).map_err(|e| {
+        crate::sys::overlayfs::mount(&ls, rw, mnt, true, &empty).map_err(|e| {
             anyhow::anyhow!(
                 "--overlay kernel: mounting overlayfs of {} layers on '{}': {e}{}",
                 ls.len(),
                 mnt.display(),
-                if e == rustix::io::Errno::TOOBIG {
-                    " (too many layers for one mount's options on this kernel; use --overlay fuse)"
-                } else {
-                    ""
+                match e {
+                    rustix::io::Errno::TOOBIG =>
+                        " (too many layers for one mount's options on this kernel; use --overlay fuse)",
+                    rustix::io::Errno::INVAL => " (a path with a backslash, or a file system overlayfs cannot use; use --overlay fuse)",
+                    _ => "",
                 }
             )
         })?;

@@ -22,6 +22,9 @@ pub struct MountSpec {
     pub opts: MountOpts,
     /// The image whose layers are the lowers, if mounted by image name.
     pub image: Option<String>,
+    /// The store's lock, held from unpacking the image's layers until the mount record
+    /// naming them exists, so no `gc` can remove them in between.
+    pub hold: Option<Arc<std::fs::File>>,
 }
 
 /// Split a `lowerdir=` value on ':' where `\:` is a literal colon (and `\\` a backslash).
@@ -178,6 +181,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             acl: true,
         },
         image: None,
+        hold: None,
     };
     for o in &a.options {
         apply_options(&mut spec, o)?;
@@ -198,6 +202,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
         }
         spec.overlay.lowers.extend(layers);
         spec.image = Some(img.id.clone());
+        spec.hold = Some(Arc::new(store.into_lock()));
     }
     Ok(spec)
 }
@@ -262,6 +267,7 @@ pub fn mount_container(
             acl: true,
         },
         image: Some(c.state.image_id.clone()),
+        hold: None,
     };
     mount_spec(&mut spec, false, None)?;
     Ok(spec.opts.mountpoint)
@@ -294,12 +300,19 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
         spec.overlay.upper =
             Some(std::fs::canonicalize(u).with_context(|| format!("upperdir '{}'", u.display()))?);
     }
+    // Absolute too, so the mount record names them as `gc` sees them.
+    for l in spec.overlay.lowers.iter_mut() {
+        if let Ok(c) = std::fs::canonicalize(&*l) {
+            *l = c;
+        }
+    }
     let ov = Arc::new(Overlay::new(&spec.overlay)?);
     let mp = spec.opts.mountpoint.clone();
     if foreground {
         // The daemon creates objects with exactly the mode the caller asked for.
         crate::sys::set_umask(0);
         let pf = write_pid_file(&record(spec))?;
+        drop(spec.hold.take());
         let mut failed = None;
         let r = serve(ov, &spec.opts, |r| failed = r.err());
         let _ = std::fs::remove_file(pf);
@@ -314,6 +327,8 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
     match crate::sys::fork().context("fork")? {
         crate::sys::Forked::Parent(_) => {
             drop(wr);
+            // The daemon's copy of the lock stays until it has written the mount record.
+            drop(spec.hold.take());
             let mut msg = String::new();
             std::fs::File::from(rd).read_to_string(&mut msg).ok();
             if msg == "ok" {
@@ -335,7 +350,7 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
     }
 }
 
-fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file: Option<&Path>) -> i32 {
+fn daemon(ov: Arc<Overlay>, spec: &mut MountSpec, wr: std::os::fd::OwnedFd, log_file: Option<&Path>) -> i32 {
     // Only here, in the daemon: the caller (e.g. `strata run`) keeps its umask.
     crate::sys::set_umask(0);
     let mut wr = std::fs::File::from(wr);
@@ -361,6 +376,8 @@ fn daemon(ov: Arc<Overlay>, spec: &MountSpec, wr: std::os::fd::OwnedFd, log_file
             return 1;
         }
     };
+    // The record names the layers now: `gc` may run again.
+    drop(spec.hold.take());
     let r = serve(ov, &spec.opts, move |res| {
         let mut wr = wr;
         let _ = match res {

@@ -46,8 +46,9 @@ pub fn run(a: RmiArgs, root: &Path) -> Result<()> {
                 store.remove_tag(&r)?;
                 super::say!("Untagged: {r}");
             }
-            // -f on an image in use: its names go, the image stays (untagged) until its
-            // users are gone, as docker keeps a running container's layers.
+            // -f on an image in use: its names go and the image stays, untagged (`<none>`),
+            // as docker keeps a running container's layers; `rmi ID` removes it once
+            // nothing uses it.
             _ if !u.is_empty() => {
                 store.untag_all(&img.manifest_digest)?;
                 for r in &img.refs {

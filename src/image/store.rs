@@ -685,7 +685,12 @@ impl Store {
         Ok((nb, nl))
     }
 
-    /// When the oldest build still running on this store started (`build/<pid>-<secs>`).
+    /// Give up the store but keep its lock (shared or exclusive, as opened) in the file
+    /// returned: the lock lasts until every copy of that fd is closed, across fork too.
+    pub fn into_lock(self) -> File {
+        self._lock
+    }
+
     /// Image ids of this store's containers and of live mounts, and the store layers
     /// (as `sha256:HEX` diff ids) that live mounts have as lowers.
     fn in_use(&self) -> (Vec<String>, Vec<String>) {
@@ -713,6 +718,7 @@ impl Store {
         (ids, layers)
     }
 
+    /// When the oldest build still running on this store started (`build/<pid>-<secs>`).
     fn live_builds_since(&self) -> Option<std::time::SystemTime> {
         fs::read_dir(self.root.join("build"))
             .ok()?

@@ -297,22 +297,13 @@ impl Session {
                     what: self.domain.clone(),
                     detail: format!("token service: {}", root_cause(&e)),
                 })?;
-                match resp.status().as_u16() {
-                    c if (200..300).contains(&c) => {}
-                    401 | 403 => {
-                        return Err(RegistryError::Unauthorized {
-                            what: "token service".into(),
-                            domain: self.domain.clone(),
-                        }
-                        .into())
+                let code = resp.status().as_u16();
+                if !(200..300).contains(&code) {
+                    return Err(RegistryError::TokenService {
+                        domain: self.domain.clone(),
+                        code,
                     }
-                    c => {
-                        return Err(RegistryError::Other {
-                            what: self.domain.clone(),
-                            detail: format!("the token service answered HTTP {c}"),
-                        }
-                        .into())
-                    }
+                    .into());
                 }
                 let v: serde_json::Value = resp.json().await.context("token service answer")?;
                 let tok = v

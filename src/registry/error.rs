@@ -42,6 +42,14 @@ pub enum RegistryError {
         /// The registry's words.
         detail: String,
     },
+    /// The bearer token service refused or failed (401/403: the credentials).
+    #[error("{domain}: the token service answered HTTP {code}")]
+    TokenService {
+        /// The registry host.
+        domain: String,
+        /// The status.
+        code: u16,
+    },
     /// `login` with a wrong user name or password.
     #[error("login to {domain}: wrong user name or password (the registry refused them)")]
     LoginRefused {

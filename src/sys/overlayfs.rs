@@ -18,26 +18,45 @@ pub fn available() -> bool {
 
 /// Mount overlayfs at `mnt`: `lowers` top first, `rw` = (upper, work) or read-only. No
 /// index, metacopy or redirects (what strata's commit reads, and what docker's overlay2
-/// writes); `volatile` skips the sync of the upper at unmount.
-pub fn mount(lowers: &[&Path], rw: Option<(&Path, &Path)>, mnt: &Path, volatile: bool) -> Result<(), Errno> {
-    // overlayfs wants two lowers without an upper: one layer read-only is a bind mount.
-    if let ([one], None) = (lowers, rw) {
-        rustix::mount::mount_bind(*one, mnt)?;
-        return rustix::mount::mount_remount(
-            mnt,
-            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NODEV,
-            "",
-        )
-        .inspect_err(|_| {
-            let _ = unmount(mnt);
-        });
+/// writes); `volatile` skips the sync of the upper at unmount. `empty` is an empty directory
+/// the caller owns: overlayfs wants two lowers without an upper, so a single read-only layer
+/// gets it below (a bind mount would show the layer's raw whiteouts, and would be writable
+/// until it is remounted).
+pub fn mount(
+    lowers: &[&Path],
+    rw: Option<(&Path, &Path)>,
+    mnt: &Path,
+    volatile: bool,
+    empty: &Path,
+) -> Result<(), Errno> {
+    // A layer may come twice (every unchanged build step is the same empty layer), which
+    // the kernel refuses (ELOOP). The lower copy adds nothing the upper copy does not show.
+    let mut ls: Vec<&Path> = Vec::new();
+    for l in lowers {
+        if !ls.contains(l) {
+            ls.push(l);
+        }
     }
-    // The new mount API takes one lower per `lowerdir+` (kernel 6.8+): no length limit and
-    // no escaping. Older kernels get the one-string form.
-    match mount_fsconfig(lowers, rw, mnt, volatile) {
-        Err(Errno::INVAL) | Err(Errno::NOSYS) => mount_string(lowers, rw, mnt, volatile),
-        r => r,
+    if ls.len() == 1 && rw.is_none() {
+        ls.push(empty);
     }
+    // overlayfs unescapes `\` in some of its path options and not in others: refuse it
+    // rather than guess (strata's store paths have none).
+    let all = ls.iter().copied().chain(rw.into_iter().flat_map(|(u, w)| [u, w]));
+    if all
+        .clone()
+        .any(|p| p.as_os_str().as_encoded_bytes().contains(&b'\\'))
+    {
+        return Err(Errno::INVAL);
+    }
+    // The new mount API takes one lower per `lowerdir+` (kernel 6.8+): no length limit.
+    // Older kernels refuse that key, and get the one-string form.
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    match fsconfig_set_string(&fs, "lowerdir+", ls[0]) {
+        Err(Errno::INVAL) => return mount_string(&ls, rw, mnt, volatile),
+        r => r?,
+    }
+    mount_fsconfig(fs, &ls[1..], rw, mnt, volatile)
 }
 
 fn options(volatile: bool, rw: bool) -> Vec<(&'static str, &'static str)> {
@@ -48,13 +67,14 @@ fn options(volatile: bool, rw: bool) -> Vec<(&'static str, &'static str)> {
     o
 }
 
+/// The rest of the configuration of `fs`, whose first lower is set.
 fn mount_fsconfig(
+    fs: std::os::fd::OwnedFd,
     lowers: &[&Path],
     rw: Option<(&Path, &Path)>,
     mnt: &Path,
     volatile: bool,
 ) -> Result<(), Errno> {
-    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
     fsconfig_set_string(&fs, "source", "strata")?;
     for l in lowers {
         fsconfig_set_string(&fs, "lowerdir+", *l)?;
