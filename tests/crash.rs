@@ -4,7 +4,8 @@
 //! the interrupted command must then succeed, and `gc` must leave nothing unreferenced.
 //!
 //! The same for `pull` and `push` against a registry on 127.0.0.1, and for `build` (whose
-//! mounts and scratch directories the next build must reclaim).
+//! mounts, FUSE or the kernel's overlayfs, and scratch directories the next build must
+//! reclaim).
 //!
 //! `rmi -f` killed while a mount reads the image must leave the mount whole.
 //!
@@ -440,10 +441,15 @@ fn sigkill_during_build() {
     )
     .unwrap();
     let c = ctx.display().to_string();
-    let t = Instant::now();
-    let out = st.run(&["build", "--no-cache", "-t", "built:1", &c]);
-    assert!(out.ok(), "build alone: {out}");
-    let span = t.elapsed().max(Duration::from_millis(5));
+    // Half the kills hit a build on the kernel's overlayfs (`--overlay kernel`), and the
+    // next build, on the other kind of mount, must clean up after it.
+    let mut spans = Vec::new();
+    for overlay in ["fuse", "kernel"] {
+        let t = Instant::now();
+        let out = st.run(&["build", "--overlay", overlay, "--no-cache", "-t", "built:1", &c]);
+        assert!(out.ok(), "build alone (--overlay {overlay}): {out}");
+        spans.push(t.elapsed().max(Duration::from_millis(5)));
+    }
     let mounts = || -> usize {
         fs::read_to_string("/proc/mounts")
             .unwrap_or_default()
@@ -453,13 +459,24 @@ fn sigkill_during_build() {
     };
     let mut killed = 0;
     for i in 0..8 {
+        let (overlay, next) = if i % 2 == 0 {
+            ("fuse", "kernel")
+        } else {
+            ("kernel", "fuse")
+        };
+        let span = spans[i % 2];
         let delay = Duration::from_micros(r.next() % (span.as_micros() as u64 + 1));
-        let ctxs = format!("build {i} killed after {delay:?}");
-        if kill_after(&st, &["build", "--no-cache", "-t", &format!("b{i}:1"), &c], delay) {
+        let ctxs = format!("build {i} (--overlay {overlay}) killed after {delay:?}");
+        let tag = format!("b{i}:1");
+        if kill_after(
+            &st,
+            &["build", "--overlay", overlay, "--no-cache", "-t", &tag, &c],
+            delay,
+        ) {
             killed += 1;
         }
         assert_sound(&st, &ctxs);
-        let out = st.run(&["build", "-t", &format!("b{i}:1"), &c]);
+        let out = st.run(&["build", "--overlay", next, "-t", &tag, &c]);
         assert!(out.ok(), "{ctxs}: the next build: {out}");
         assert_eq!(
             mounts(),
