@@ -37,16 +37,16 @@ pub fn mount(
             ls.push(l);
         }
     }
+    if ls.is_empty() {
+        return Err(Errno::INVAL);
+    }
     if ls.len() == 1 && rw.is_none() {
         ls.push(empty);
     }
     // overlayfs unescapes `\` in some of its path options and not in others: refuse it
     // rather than guess (strata's store paths have none).
-    let all = ls.iter().copied().chain(rw.into_iter().flat_map(|(u, w)| [u, w]));
-    if all
-        .clone()
-        .any(|p| p.as_os_str().as_encoded_bytes().contains(&b'\\'))
-    {
+    let mut all = ls.iter().copied().chain(rw.into_iter().flat_map(|(u, w)| [u, w]));
+    if all.any(|p| p.as_os_str().as_encoded_bytes().contains(&b'\\')) {
         return Err(Errno::INVAL);
     }
     // The new mount API takes one lower per `lowerdir+` (kernel 6.8+): no length limit.
