@@ -51,6 +51,16 @@ fn rootfs_tar(path: &Path, files: usize, kib: usize, seed: u64) {
     fs::write(path, t.finish()).unwrap();
 }
 
+/// Kills for the slower tests (a mount per kill): STRATA_CRASH_ITERS/4, at least 4; 10 by
+/// default.
+fn quarter_iters() -> u64 {
+    std::env::var("STRATA_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|n| (n / 4).max(4))
+        .unwrap_or(10)
+}
+
 /// Run `args`, SIGKILL it after `delay` unless it finished first; true if it was killed.
 fn kill_after(st: &Store, args: &[&str], delay: Duration) -> bool {
     kill_cmd(st.cmd().args(args), delay)
@@ -208,11 +218,7 @@ fn sigkill_during_store_writes_leaves_a_sound_store() {
 #[test]
 fn sigkill_of_rmi_while_the_image_is_mounted() {
     require_fuse();
-    let iters: u64 = std::env::var("STRATA_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|n| (n / 4).max(4))
-        .unwrap_or(10);
+    let iters = quarter_iters();
     let env = TestEnv::new("crash-rmi");
     let st = Store::in_env(&env, "store");
     let tar = env.path().join("base.tar");
@@ -501,11 +507,7 @@ fn sigkill_during_build() {
 #[test]
 fn sigkill_of_the_filesystem_daemon_leaves_a_consistent_upper() {
     require_fuse();
-    let iters: u64 = std::env::var("STRATA_CRASH_ITERS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|n| (n / 4).max(4))
-        .unwrap_or(10);
+    let iters = quarter_iters();
     let big: String = (0..(16 << 20)).map(|k| (b'a' + (k % 26) as u8) as char).collect();
     let mut r = Lcg(77);
     let mut killed_mid = 0;
