@@ -42,6 +42,9 @@ impl Mounter for FuseMounter {
                 lowers,
                 upper: rw.map(|(u, _)| u.to_path_buf()),
                 work: rw.map(|(_, w)| w.to_path_buf()),
+                // No fsync per copy-up: a step's upper is synced once, when it is adopted as
+                // the step's unpacked layer, and a build that dies is discarded whole.
+                volatile: rw.is_some(),
                 ..Default::default()
             },
             opts: MountOpts {
