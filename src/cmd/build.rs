@@ -12,7 +12,7 @@ use crate::fuse::mount::{MountOpts, Passthrough};
 use crate::image::reference::Reference;
 use crate::overlay::OverlayConfig;
 
-/// A strata mount that is unmounted when dropped.
+/// A mount (strata's or the kernel's overlayfs) that is unmounted when dropped.
 struct Mounted(PathBuf);
 
 impl Drop for Mounted {
@@ -74,29 +74,6 @@ impl Mounter for FuseMounter {
 /// The kernel's overlayfs over the same layers (`--overlay kernel`).
 struct KernelMounter;
 
-/// A kernel overlay mount, unmounted when dropped.
-struct KernelMounted(PathBuf);
-
-impl Drop for KernelMounted {
-    fn drop(&mut self) {
-        // A container that just exited may still hold the mount for a moment (its mount
-        // namespace goes with its last process): retry briefly, then detach it.
-        for _ in 0..20 {
-            match crate::sys::overlayfs::unmount(&self.0) {
-                Err(rustix::io::Errno::BUSY) => std::thread::sleep(std::time::Duration::from_millis(5)),
-                Ok(()) => return,
-                Err(e) => {
-                    eprintln!("strata: error: unmounting '{}': {e}", self.0.display());
-                    return;
-                }
-            }
-        }
-        if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
-            eprintln!("strata: error: unmounting '{}': {e}", self.0.display());
-        }
-    }
-}
-
 impl Mounter for KernelMounter {
     fn mount(
         &self,
@@ -123,13 +100,12 @@ impl Mounter for KernelMounter {
                 }
             )
         })?;
-        Ok(Box::new(KernelMounted(mnt.to_path_buf())))
+        // Unmounted as a FUSE mount is: `strata umount` takes any mount point.
+        Ok(Box::new(Mounted(mnt.to_path_buf())))
     }
 
     fn unmount(&self, mnt: &Path) -> Result<()> {
-        crate::sys::overlayfs::unmount(mnt)
-            .or_else(|_| rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH))
-            .with_context(|| format!("unmounting '{}'", mnt.display()))
+        FuseMounter.unmount(mnt)
     }
 }
 

@@ -143,8 +143,3 @@ fn mount_string(
     let c = std::ffi::CString::new(data).map_err(|_| Errno::INVAL)?;
     rustix::mount::mount("strata", mnt, "overlay", flags, Some(c.as_c_str()))
 }
-
-/// Unmount what `mount` mounted.
-pub fn unmount(mnt: &Path) -> Result<(), Errno> {
-    rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::empty())
-}
