@@ -208,6 +208,9 @@ pub enum Format {
 /// Who serves the mounts of `strata build`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BuildOverlay {
+    /// The kernel's overlayfs where strata may mount it (root), strata's FUSE overlay
+    /// otherwise (rootless, or when the kernel refuses the mount).
+    Auto,
     /// strata's FUSE overlay.
     Fuse,
     /// The kernel's overlayfs (root in the initial user namespace).
@@ -410,10 +413,10 @@ pub struct BuildArgs {
     /// for images meant for a registry).
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
-    /// What mounts the layers for RUN, COPY and ADD: strata's FUSE overlay, or the kernel's
-    /// overlayfs over the same layers (root only; layers and uppers share one format, and the
-    /// kernel creates files several times faster than any FUSE filesystem).
-    #[arg(long, value_enum, default_value = "fuse")]
+    /// What mounts the layers for RUN, COPY and ADD: the kernel's overlayfs over strata's
+    /// layers (root only; layers and uppers share one format, and the kernel creates files
+    /// several times faster than any FUSE file system), or strata's FUSE overlay.
+    #[arg(long, value_enum, default_value = "auto")]
     pub overlay: BuildOverlay,
     /// Platform (only this machine's is built).
     #[arg(long, value_name = "OS/ARCH")]

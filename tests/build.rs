@@ -1585,15 +1585,18 @@ fn rootless_build() {
         r#"CMD ["/bin/sh"]"#,
     ]);
     let ctx = fx.ctx("rootless");
+    // Rootless, the default `--overlay auto` is strata's FUSE overlay (recorded in the RUN).
     ctx.file(
         "Dockerfile",
-        "FROM busybox\n\
-         RUN echo built-rootless > /built && id -u > /uid-in-run && mkdir -p /made/sub\n\
-         COPY a.txt /copied/a.txt\n\
-         COPY dir/ /copied/dir/\n\
-         ENV ROOTLESS=yes\n\
-         WORKDIR /work\n\
-         CMD [\"cat\", \"/built\"]\n",
+        format!(
+            "FROM busybox\n\
+             RUN echo built-rootless > /built && id -u > /uid-in-run && mkdir -p /made/sub && {ROOT_FSTYPE_CMD}\n\
+             COPY a.txt /copied/a.txt\n\
+             COPY dir/ /copied/dir/\n\
+             ENV ROOTLESS=yes\n\
+             WORKDIR /work\n\
+             CMD [\"cat\", \"/built\"]\n"
+        ),
     );
     bb_file(&ctx, "a.txt", "a\n");
     ctx.file_mode("dir/priv", "p\n", 0o600);
@@ -1625,6 +1628,7 @@ fn rootless_build() {
     let img = fx.built("rl:1");
     img.assert_file("built", "built-rootless\n", 0o644, (0, 0));
     img.assert_file("uid-in-run", "0\n", 0o644, (0, 0));
+    img.assert_file("root-fstype", "fuse.strata\n", 0o644, (0, 0));
     img.assert_dir("made/sub", 0o755, (0, 0));
     img.assert_file("copied/a.txt", "a\n", 0o644, (0, 0));
     img.assert_file("copied/dir/priv", "p\n", 0o600, (0, 0));
@@ -1901,9 +1905,10 @@ fn differential_against_docker_build() {
     drop(dkb);
 }
 
-/// `--overlay kernel`: every case of the table also builds on the kernel's overlayfs, meets
-/// its own expectations there, and gives the image strata's FUSE mount gives (trees,
-/// config, layer count); no mount is left either way.
+/// The two mounts a build can use: every case of the table builds on strata's FUSE overlay
+/// (`--overlay fuse`) and on the kernel's overlayfs (`--overlay kernel`), meets its own
+/// expectations on both, and both give the same image (trees, config, layer count); no
+/// mount is left either way. (The other table tests build with the default, `auto`.)
 #[test]
 fn kernel_overlay_builds_match_fuse() {
     let fx = BuildFx::new("kernel-overlay");
@@ -1912,7 +1917,7 @@ fn kernel_overlay_builds_match_fuse() {
     for c in cases() {
         let ctx = c.make_ctx(&fx);
         let r = catch_unwind(AssertUnwindSafe(|| {
-            let fuse = c.build_strata(&fx, &ctx);
+            let fuse = c.build_strata_with(&fx, &ctx, "fuse", &["--overlay", "fuse"]);
             (c.check)(&fuse);
             let kernel = c.build_strata_with(&fx, &ctx, "kernel", &["--overlay", "kernel"]);
             (c.check)(&kernel);
@@ -1937,6 +1942,94 @@ fn kernel_overlay_builds_match_fuse() {
     // A value clap does not know is refused, naming the option.
     let out = fx.store.run(&["build", "--overlay", "bogus", "."]);
     assert!(!out.ok() && out.stderr.contains("--overlay"), "{out}");
+}
+
+/// A command that records the type of the file system a RUN step's root is on.
+const ROOT_FSTYPE_CMD: &str = r#"awk '$5 == "/" { for (i = 7; i <= NF; i++) if ($i == "-") { print $(i + 1); exit } }' /proc/self/mountinfo > /root-fstype"#;
+
+/// The default `--overlay auto`: as root the steps run on the kernel's overlayfs; where the
+/// kernel refuses the mount (a store inside an overlayfs, which overlayfs cannot take as its
+/// upper) the build says so once and goes on with strata's FUSE overlay, to the same image.
+#[test]
+fn default_overlay_is_the_kernels_with_a_fuse_fallback() {
+    let fx = BuildFx::new("auto-overlay");
+    let ctx = fx.ctx("auto");
+    ctx.file(
+        "Dockerfile",
+        format!("FROM busybox\nRUN {ROOT_FSTYPE_CMD}\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt\n"),
+    );
+    bb_file(&ctx, "a.txt", "a\n");
+    let fstype = |st: &Store, tag: &str| {
+        let out = st.ok(&["run", "--rm", tag, "cat", "/root-fstype"]);
+        out.stdout.trim().to_string()
+    };
+    for (args, want) in [
+        (&[][..], "overlay"),
+        (&["--overlay", "auto"][..], "overlay"),
+        (&["--overlay", "kernel"][..], "overlay"),
+        (&["--overlay", "fuse"][..], "fuse.strata"),
+    ] {
+        let mut a = vec!["--no-cache", "-t", "auto:1"];
+        a.extend_from_slice(args);
+        let out = fx.build_ok(&ctx.root, &a);
+        assert!(
+            !out.out.stderr.contains("warning"),
+            "{args:?}: {}",
+            out.out.stderr
+        );
+        assert_eq!(
+            fstype(&fx.store, "auto:1"),
+            want,
+            "root of the RUN steps with {args:?}"
+        );
+        let img = fx.built("auto:1");
+        img.assert_file("b.txt", "a\n", 0o644, (0, 0));
+        assert_eq!(img.new_layers(), 3, "RUN, COPY, RUN with {args:?}");
+    }
+
+    // A store inside the kernel's overlayfs: overlayfs refuses it as an upper.
+    let base = fx.env.dir("nested");
+    let spec = common::MountSpec {
+        lowers: vec![fx.env.dir("nested/lower")],
+        upper: fx.env.dir("nested/upper"),
+        work: fx.env.dir("nested/work"),
+        mnt: fx.env.dir("nested/mnt"),
+    };
+    let outer = common::KernelMount::new(&spec);
+    let st = Store::at(&spec.mnt.join("store"), &base.join("tmp"));
+    st.ok(&["import", &s(&fx.busybox_tar), "busybox:latest"]);
+    let out = st.ok(&["build", "-t", "auto:2", &s(&ctx.root)]);
+    assert_eq!(
+        out.stderr
+            .matches("this build goes on with strata's FUSE overlay")
+            .count(),
+        1,
+        "one warning when the kernel refuses: {out}"
+    );
+    assert!(out.stderr.contains("overlayfs"), "{out}");
+    assert_eq!(fstype(&st, "auto:2"), "fuse.strata", "after the fallback");
+    assert_eq!(st.ok(&["run", "--rm", "auto:2", "cat", "/b.txt"]).stdout, "a\n");
+    // --overlay kernel does not fall back: it fails, naming the option to use.
+    let out = st.run(&[
+        "build",
+        "--overlay",
+        "kernel",
+        "--no-cache",
+        "-t",
+        "auto:3",
+        &s(&ctx.root),
+    ]);
+    assert!(!out.ok() && out.stderr.contains("--overlay fuse"), "{out}");
+    assert!(
+        !st.ok(&["images"]).stdout.contains("auto:3") && !st.ok(&["images"]).stdout.contains(" 3 "),
+        "nothing tagged by the failed build"
+    );
+    let left: Vec<_> = fs::read_dir(spec.mnt.join("store/build"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "build scratch left behind: {left:?}");
+    drop(st);
+    outer.umount().unwrap();
 }
 
 fn panic_msg(e: &Box<dyn std::any::Any + Send>) -> String {

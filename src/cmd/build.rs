@@ -71,8 +71,11 @@ impl Mounter for FuseMounter {
     }
 }
 
-/// The kernel's overlayfs over the same layers (`--overlay kernel`).
-struct KernelMounter;
+/// The kernel's overlayfs over the same layers (`--overlay kernel`; `auto` tries it first).
+struct KernelMounter {
+    /// Asked for by name: errors suggest `--overlay fuse`.
+    explicit: bool,
+}
 
 impl Mounter for KernelMounter {
     fn mount(
@@ -89,19 +92,63 @@ impl Mounter for KernelMounter {
         // the upper is synced when it is adopted as the unpacked layer (docs/design.md).
         crate::sys::overlayfs::mount(&ls, rw, mnt, true, &empty).map_err(|e| {
             anyhow::anyhow!(
-                "--overlay kernel: mounting overlayfs of {} layers on '{}': {e}{}",
+                "mounting the kernel's overlayfs of {} layers on '{}': {e}{}",
                 ls.len(),
                 mnt.display(),
-                match e {
-                    rustix::io::Errno::TOOBIG =>
+                match (e, self.explicit) {
+                    (rustix::io::Errno::TOOBIG, true) =>
                         " (too many layers for one mount's options on this kernel; use --overlay fuse)",
-                    rustix::io::Errno::INVAL => " (a path with a backslash, or a file system overlayfs cannot use; use --overlay fuse)",
+                    (rustix::io::Errno::INVAL, true) => " (a path with a backslash, or a file system overlayfs cannot use; use --overlay fuse)",
+                    (rustix::io::Errno::TOOBIG, false) => " (too many layers for one mount's options on this kernel)",
+                    (rustix::io::Errno::INVAL, false) => " (a path with a backslash, or a file system overlayfs cannot use)",
                     _ => "",
                 }
             )
         })?;
         // Unmounted as a FUSE mount is: `strata umount` takes any mount point.
         Ok(Box::new(Mounted(mnt.to_path_buf())))
+    }
+
+    fn unmount(&self, mnt: &Path) -> Result<()> {
+        FuseMounter.unmount(mnt)
+    }
+}
+
+/// The default (`--overlay auto`): the kernel's overlayfs where strata may mount it (root in
+/// the initial user namespace, overlayfs in the kernel), strata's FUSE overlay otherwise and
+/// for the rest of a build once the kernel refuses a mount (say, a store on a file system
+/// overlayfs cannot use as its upper).
+struct AutoMounter {
+    kernel: std::sync::atomic::AtomicBool,
+}
+
+impl AutoMounter {
+    fn new() -> Self {
+        let kernel = crate::sys::host_root() && crate::sys::overlayfs::available();
+        AutoMounter {
+            kernel: kernel.into(),
+        }
+    }
+}
+
+impl Mounter for AutoMounter {
+    fn mount(
+        &self,
+        lowers: Vec<PathBuf>,
+        rw: Option<(&Path, &Path)>,
+        mnt: &Path,
+    ) -> Result<Box<dyn std::any::Any>> {
+        use std::sync::atomic::Ordering;
+        if self.kernel.load(Ordering::Relaxed) {
+            match (KernelMounter { explicit: false }).mount(lowers.clone(), rw, mnt) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    self.kernel.store(false, Ordering::Relaxed);
+                    eprintln!("strata: warning: {e:#}; this build goes on with strata's FUSE overlay");
+                }
+            }
+        }
+        FuseMounter.mount(lowers, rw, mnt)
     }
 
     fn unmount(&self, mnt: &Path) -> Result<()> {
@@ -227,7 +274,8 @@ fn build(a: BuildArgs, root: &Path) -> Result<()> {
     };
     let id = match a.overlay {
         BuildOverlay::Fuse => build::build(root, &o, &FuseMounter)?,
-        BuildOverlay::Kernel => build::build(root, &o, &KernelMounter)?,
+        BuildOverlay::Kernel => build::build(root, &o, &KernelMounter { explicit: true })?,
+        BuildOverlay::Auto => build::build(root, &o, &AutoMounter::new())?,
     };
     if let Some(f) = &a.iidfile {
         std::fs::write(f, &id).with_context(|| format!("--iidfile '{}'", f.display()))?;
