@@ -102,6 +102,32 @@ fn file_ops_and_copy_up() {
         .unwrap()
         .iter()
         .all(|n| !n.contains("overlay")));
+    // Without SELinux on the host, a label a file lacks is EOPNOTSUPP (so `ls -l` asks once
+    // per device, not once per file); a label a file carries is returned. With SELinux on,
+    // the LSM answers, and the kernel's ENODATA stays.
+    let selinux = Path::new("/sys/fs/selinux/enforce").exists();
+    let x = r.join("d/x");
+    for p in [&x, &r.join("a"), &r.join("d")] {
+        assert_eq!(
+            errno_of(get_xattr(p, "security.selinux", false)),
+            if selinux { libc::ENODATA } else { libc::EOPNOTSUPP },
+            "security.selinux of {}",
+            p.display()
+        );
+    }
+    if !selinux {
+        let label = b"system_u:object_r:etc_t:s0";
+        set_xattr(&x, "security.selinux", label, false).unwrap();
+        assert_eq!(get_xattr(&x, "security.selinux", false).unwrap(), label);
+        assert!(list_xattr(&x, false)
+            .unwrap()
+            .contains(&"security.selinux".to_string()));
+        remove_xattr(&x, "security.selinux", false).unwrap();
+        assert_eq!(
+            errno_of(get_xattr(&x, "security.selinux", false)),
+            libc::EOPNOTSUPP
+        );
+    }
     // As the kernel: private names read as absent; setting one stores it escaped.
     assert_eq!(
         errno_of(get_xattr(&r.join("a"), "trusted.overlay.origin", false)),

@@ -306,6 +306,7 @@ pub fn mount_spec(spec: &mut MountSpec, foreground: bool, log_file: Option<&Path
             *l = c;
         }
     }
+    spec.overlay.no_selinux = !crate::sys::selinux_enabled();
     let ov = Arc::new(Overlay::new(&spec.overlay)?);
     let mp = spec.opts.mountpoint.clone();
     if foreground {

@@ -36,6 +36,9 @@ pub struct OverlayConfig {
     pub ids: super::idmap::IdMap,
     /// Directories report one link (fuse-overlayfs's `static_nlink`).
     pub static_nlink: bool,
+    /// The host has no SELinux: a `security.selinux` a file does not have is EOPNOTSUPP
+    /// ("no labels on this file system") instead of ENODATA (see `Overlay::getxattr`).
+    pub no_selinux: bool,
 }
 
 /// The kernel's `redirect_dir=` option.

@@ -106,6 +106,7 @@ pub struct Overlay {
     redirect_dir: RedirectDir,
     ids: idmap::IdMap,
     static_nlink: bool,
+    no_selinux: bool,
     /// Some lower layer keeps owners and modes in an override_stat xattr.
     override_stat: bool,
     nodes: RwLock<NodeTable>,
@@ -176,6 +177,7 @@ impl Overlay {
             redirect_dir: cfg.redirect_dir,
             ids: cfg.ids.clone(),
             static_nlink: cfg.static_nlink,
+            no_selinux: cfg.no_selinux,
             override_stat,
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),

@@ -98,6 +98,21 @@ impl Overlay {
     /// getxattr. A miss lists the names once, so later misses on an object without xattrs
     /// (the common case) cost no syscall.
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        let r = self.getxattr_stored(ino, name);
+        // Without SELinux on the host, `ls -l` and friends ask every file for its label, and
+        // FUSE caches no xattr: one round trip per file. EOPNOTSUPP is what a file system
+        // without labels answers, and they stop asking for the whole device (coreutils
+        // remembers it per st_dev). A label a file does carry is still returned. With
+        // SELinux on, the LSM answers for security.selinux itself, and ENODATA is kept.
+        match r {
+            Err(Errno::NODATA) if self.no_selinux && name.as_bytes() == b"security.selinux" => {
+                Err(Errno::OPNOTSUPP)
+            }
+            r => r,
+        }
+    }
+
+    fn getxattr_stored(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
         if self.with_node(ino, |n| n.no_xattrs)? {
             return Err(Errno::NODATA);
         }

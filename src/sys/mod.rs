@@ -418,6 +418,11 @@ pub fn host_root() -> bool {
     euid() == 0 && in_initial_userns()
 }
 
+/// SELinux is on: its file system is mounted (libselinux's test).
+pub fn selinux_enabled() -> bool {
+    rustix::fs::statfs("/sys/fs/selinux").is_ok_and(|s| s.f_type as i64 == 0xf97c_ff8c)
+}
+
 /// The calling process's effective uid.
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
