@@ -420,7 +420,7 @@ pub fn host_root() -> bool {
 
 /// SELinux is on: its file system is mounted (libselinux's test).
 pub fn selinux_enabled() -> bool {
-    rustix::fs::statfs("/sys/fs/selinux").is_ok_and(|s| s.f_type as i64 == 0xf97c_ff8c)
+    rustix::fs::statfs("/sys/fs/selinux").is_ok_and(|s| s.f_type == 0xf97c_ff8c)
 }
 
 /// The calling process's effective uid.
