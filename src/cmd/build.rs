@@ -55,7 +55,7 @@ impl Mounter for FuseMounter {
                 exec: true,
                 ro: rw.is_none(),
                 fsname: "strata:build".into(),
-                threads: 4,
+                threads: crate::fuse::mount::default_threads(),
                 passthrough: Passthrough::On,
                 acl: true,
             },

@@ -49,6 +49,16 @@ pub struct MountOpts {
     pub acl: bool,
 }
 
+/// Worker threads when not asked: one per CPU, at least 2 (a slow request must not stall the
+/// mount) and at most 4. A request is a round trip between the caller and a worker, and on a
+/// 2-CPU machine more workers than CPUs made them slower: the median `getxattr` round trip
+/// took 5.7 us with 2 workers and 9 us with 4, `rm -rf` of 10k files 0.68 s against 0.88 s.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(2, 4)
+}
+
 fn fuser_config(o: &MountOpts) -> Config {
     let mut opts = vec![
         MountOption::FSName(o.fsname.clone()),
