@@ -213,7 +213,7 @@ impl Overlay {
         &self,
         ino: u64,
         fds: &DirFds,
-        lower_dirs: &Arc<[u16]>,
+        lower_dirs: &super::node::LowerSet,
         build: bool,
     ) -> Result<Option<Arc<LowerIndex>>> {
         if lower_dirs.is_empty() {
@@ -246,7 +246,7 @@ impl Overlay {
         &self,
         parent: u64,
         fds: &DirFds,
-        lower_dirs: &Arc<[u16]>,
+        lower_dirs: &super::node::LowerSet,
     ) -> Result<Option<Arc<LowerIndex>>> {
         if lower_dirs.is_empty() {
             return Ok(None);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::node::{DirFds, Links, Node, NodeTable};
+use super::node::{DirFds, Links, LowerSet, Node, NodeTable};
 use super::*;
 use crate::sys::XTarget;
 
@@ -19,13 +19,13 @@ impl Overlay {
 
     /// A node's set of lower directories, sharing the two common ones (none, and every
     /// layer) instead of allocating one per node.
-    pub(crate) fn lower_set(&self, v: Vec<u16>) -> Arc<[u16]> {
+    pub(crate) fn lower_set(&self, v: Vec<u16>) -> LowerSet {
         if v.is_empty() {
             self.no_lowers.clone()
-        } else if *v == *self.all_lowers {
+        } else if *v == **self.all_lowers {
             self.all_lowers.clone()
         } else {
-            v.into()
+            Arc::new(v.into_boxed_slice())
         }
     }
 

@@ -136,8 +136,8 @@ pub struct Overlay {
     /// Per lower layer: inode -> paths, for files with several links (built on demand).
     link_index: Mutex<HashMap<u16, Arc<LinkIndex>>>,
     /// The shared lower-directory sets of `lower_set`.
-    no_lowers: Arc<[u16]>,
-    all_lowers: Arc<[u16]>,
+    no_lowers: node::LowerSet,
+    all_lowers: node::LowerSet,
     /// Lower indexes of merged directories.
     indexes: Mutex<index::IndexCache>,
     /// Directories whose attributes changed without a request about them (a copy-up
@@ -200,8 +200,8 @@ impl Overlay {
             indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
             stale_attrs: Mutex::new(Vec::new()),
             any_stale: std::sync::atomic::AtomicBool::new(false),
-            no_lowers: Arc::new([]),
-            all_lowers: (0..lowers_len as u16).collect::<Vec<_>>().into(),
+            no_lowers: Arc::new(Box::new([])),
+            all_lowers: Arc::new((0..lowers_len as u16).collect()),
         };
         // The root's fds are the layers' own (shared, not duplicated: one fd per layer).
         let root_fds = DirFds {

@@ -1,7 +1,7 @@
 //! Inode table entries and the directory fds they may hold.
 
-use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::hash::BuildHasher;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -58,6 +58,10 @@ impl DirFds {
     }
 }
 
+/// A directory's lower layers, top first. A thin pointer (the slice behind a box): one word
+/// in every node instead of two; most nodes share the "none" or "every layer" set.
+pub(crate) type LowerSet = Arc<Box<[u16]>>;
+
 /// One merged object the kernel knows about. Keyed in the table by its inode number.
 #[derive(Debug)]
 pub(crate) struct Node {
@@ -72,7 +76,7 @@ pub(crate) struct Node {
     /// Non-directory still in a lower layer: which one.
     pub lower: Option<u16>,
     /// Directory: the lower layers merged into it, top first.
-    pub lower_dirs: Arc<[u16]>,
+    pub lower_dirs: LowerSet,
     /// References the kernel holds (FUSE lookup count; the kernel's count is 64-bit,
     /// but four billion lookups without a forget do not happen).
     pub nlookup: u32,
@@ -213,59 +217,170 @@ impl Links {
 /// Nodes per slab chunk.
 const CHUNK: usize = 1024;
 
-/// The inode table: nodes in fixed-size chunks that never move, found through a small
-/// map of inode number -> slot. A plain `HashMap<u64, Node>` would hold 88-byte buckets
-/// and, while growing, its old and new tables at once; here growth copies only the
-/// 16-byte index buckets.
-#[derive(Debug, Default)]
+/// A slab slot: the node and its inode number (what the index hashes and compares).
+#[derive(Debug)]
+struct Slot {
+    ino: u64,
+    node: Option<Node>,
+}
+
+/// The inode table: nodes in fixed-size chunks that never move, found through an index of
+/// slot numbers hashed by inode number. An index bucket is 4 bytes (plus a control byte),
+/// not the 16 of a `HashMap<u64, u32>` or the 88 of a `HashMap<u64, Node>`, and growing it
+/// copies only those: about 1.5 MB less at 100k nodes.
+#[derive(Default)]
 pub(crate) struct NodeTable {
-    index: HashMap<u64, u32>,
-    chunks: Vec<Vec<Option<Node>>>,
+    index: hashbrown::HashTable<u32>,
+    hasher: std::collections::hash_map::RandomState,
+    chunks: Vec<Vec<Slot>>,
     free: Vec<u32>,
 }
 
-impl NodeTable {
-    fn slot(&self, i: u32) -> &Option<Node> {
-        &self.chunks[i as usize / CHUNK][i as usize % CHUNK]
+impl std::fmt::Debug for NodeTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeTable({} nodes)", self.index.len())
     }
-    fn slot_mut(&mut self, i: u32) -> &mut Option<Node> {
+}
+
+fn slot_of(chunks: &[Vec<Slot>], i: u32) -> &Slot {
+    &chunks[i as usize / CHUNK][i as usize % CHUNK]
+}
+
+impl NodeTable {
+    fn find(&self, ino: u64) -> Option<u32> {
+        let h = self.hasher.hash_one(ino);
+        self.index
+            .find(h, |&i| slot_of(&self.chunks, i).ino == ino)
+            .copied()
+    }
+    fn slot_mut(&mut self, i: u32) -> &mut Slot {
         &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK]
     }
     pub fn get(&self, ino: &u64) -> Option<&Node> {
-        let i = *self.index.get(ino)?;
-        self.slot(i).as_ref()
+        let i = self.find(*ino)?;
+        slot_of(&self.chunks, i).node.as_ref()
     }
     pub fn get_mut(&mut self, ino: &u64) -> Option<&mut Node> {
-        let i = *self.index.get(ino)?;
-        self.slot_mut(i).as_mut()
+        let i = self.find(*ino)?;
+        self.slot_mut(i).node.as_mut()
     }
     pub fn insert(&mut self, ino: u64, n: Node) -> Option<Node> {
-        if let Some(&i) = self.index.get(&ino) {
-            return self.slot_mut(i).replace(n);
+        if let Some(i) = self.find(ino) {
+            return self.slot_mut(i).node.replace(n);
         }
+        let slot = Slot { ino, node: Some(n) };
         let i = match self.free.pop() {
-            Some(i) => i,
+            Some(i) => {
+                *self.slot_mut(i) = slot;
+                i
+            }
             None => {
                 let used = self.chunks.last().map_or(CHUNK, |c| c.len());
                 if used == CHUNK {
                     self.chunks.push(Vec::with_capacity(CHUNK));
                 }
                 let last = self.chunks.len() - 1;
-                self.chunks[last].push(None);
+                self.chunks[last].push(slot);
                 (last * CHUNK + self.chunks[last].len() - 1) as u32
             }
         };
-        *self.slot_mut(i) = Some(n);
-        self.index.insert(ino, i);
+        let (chunks, hasher) = (&self.chunks, &self.hasher);
+        self.index.insert_unique(hasher.hash_one(ino), i, |&j| {
+            hasher.hash_one(slot_of(chunks, j).ino)
+        });
         None
     }
     pub fn len(&self) -> usize {
         self.index.len()
     }
     pub fn remove(&mut self, ino: &u64) -> Option<Node> {
-        let i = self.index.remove(ino)?;
-        let n = self.slot_mut(i).take();
+        let h = self.hasher.hash_one(*ino);
+        let chunks = &self.chunks;
+        let (i, _) = self
+            .index
+            .find_entry(h, |&i| slot_of(chunks, i).ino == *ino)
+            .ok()?
+            .remove();
+        let n = self.slot_mut(i).node.take();
         self.free.push(i);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(parent: u64) -> Node {
+        Node {
+            parent,
+            name: Name::from(OsStr::new("n")),
+            links: Links::default(),
+            kind: Kind::File,
+            upper: false,
+            lower: None,
+            lower_dirs: Arc::new(Box::new([])),
+            nlookup: 1,
+            fds: None,
+            orphan: false,
+            no_xattrs: false,
+            probes: 0,
+            redirected: false,
+        }
+    }
+
+    /// Memory per node is what the daemon's peak RSS is made of (100k nodes in a walk).
+    #[test]
+    fn node_and_slot_sizes() {
+        assert!(
+            std::mem::size_of::<Node>() <= 72,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+        assert!(
+            std::mem::size_of::<Slot>() <= 80,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+    }
+
+    /// Inserts, lookups, replacement, removal and slot reuse across index growth, checked
+    /// against a plain map.
+    #[test]
+    fn table_matches_a_map() {
+        let mut t = NodeTable::default();
+        let mut m = std::collections::HashMap::new();
+        // Inode numbers spread like strata's (layer bits high, underlying inode low).
+        let ino = |k: u64| (k % 7) << 48 | (k * 2654435761 % 1_000_003);
+        for k in 0..5000u64 {
+            assert!(t.insert(ino(k), node(k)).is_none());
+            m.insert(ino(k), k);
+        }
+        assert_eq!(t.len(), m.len());
+        for k in (0..5000u64).step_by(3) {
+            assert_eq!(t.remove(&ino(k)).map(|n| n.parent), Some(k));
+            m.remove(&ino(k));
+            assert!(t.remove(&ino(k)).is_none(), "removed twice");
+        }
+        // Replacing keeps one entry; new nodes reuse freed slots.
+        assert_eq!(t.insert(ino(1), node(42)).map(|n| n.parent), Some(1));
+        m.insert(ino(1), 42);
+        for k in 5000..6000u64 {
+            t.insert(ino(k), node(k));
+            m.insert(ino(k), k);
+        }
+        assert_eq!(t.len(), m.len());
+        // 1667 slots were freed: the 1000 new nodes took freed ones, no chunk grew.
+        assert_eq!(t.chunks.iter().map(Vec::len).sum::<usize>(), 5000);
+        assert_eq!(t.free.len(), 667);
+        for k in 0..6000u64 {
+            assert_eq!(
+                t.get(&ino(k)).map(|n| n.parent),
+                m.get(&ino(k)).copied(),
+                "ino of {k}"
+            );
+        }
+        t.get_mut(&ino(2)).unwrap().parent = 7;
+        assert_eq!(t.get(&ino(2)).unwrap().parent, 7);
     }
 }
