@@ -50,9 +50,9 @@ pub struct MountOpts {
 }
 
 /// Worker threads when not asked: one per CPU, at least 2 (a slow request must not stall the
-/// mount) and at most 4. A request is a round trip between the caller and a worker, and on a
-/// 2-CPU machine more workers than CPUs made them slower: the median `getxattr` round trip
-/// took 5.7 us with 2 workers and 9 us with 4, `rm -rf` of 10k files 0.68 s against 0.88 s.
+/// mount) and at most 4. A request is a round trip between the caller and a worker; on a
+/// 2-CPU machine the median `getxattr` round trip took 5.7 us with 2 workers and 9 us with 4
+/// (whole workloads: mixed, see docs/design.md).
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(4, |n| n.get())
