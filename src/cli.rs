@@ -547,7 +547,7 @@ pub struct MountArgs {
     /// Where the background daemon writes its log (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// FUSE worker threads [default: the number of CPUs, at least 2 and at most 4]
+    /// FUSE worker threads [default: 4]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Where to mount; with two arguments the first is an image whose layers are the lowers.

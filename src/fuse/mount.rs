@@ -49,14 +49,12 @@ pub struct MountOpts {
     pub acl: bool,
 }
 
-/// Worker threads when not asked: one per CPU, at least 2 (a slow request must not stall the
-/// mount) and at most 4. A request is a round trip between the caller and a worker; on a
-/// 2-CPU machine the median `getxattr` round trip took 5.7 us with 2 workers and 9 us with 4
-/// (whole workloads: mixed, see docs/design.md).
+/// Worker threads when not asked. Fewer workers than 4 made single round trips faster on a
+/// 2-CPU machine (median `getxattr` 5.7 us with 2, 9 us with 4) but whole workloads only
+/// mixed (docs/design.md), and a worker busy with a long copy-up is one fewer for everybody
+/// else: 4 leaves room for that.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(4, |n| n.get())
-        .clamp(2, 4)
+    4
 }
 
 fn fuser_config(o: &MountOpts) -> Config {
