@@ -145,6 +145,11 @@ impl Mounter for AutoMounter {
                 Err(e) => {
                     self.kernel.store(false, Ordering::Relaxed);
                     eprintln!("strata: warning: {e:#}; this build goes on with strata's FUSE overlay");
+                    // overlayfs may have set up its work dir (and the volatile marker, which
+                    // the FUSE overlay refuses) before it failed: nothing else is in there yet.
+                    if let Some((_, w)) = rw {
+                        let _ = std::fs::remove_dir_all(w.join("work"));
+                    }
                 }
             }
         }
