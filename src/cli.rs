@@ -547,9 +547,9 @@ pub struct MountArgs {
     /// Where the background daemon writes its log (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// FUSE worker threads [default: 4]
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+    /// FUSE worker threads.
+    #[arg(long, value_name = "N", default_value_t = crate::fuse::mount::DEFAULT_THREADS)]
+    pub threads: usize,
     /// Where to mount; with two arguments the first is an image whose layers are the lowers.
     /// A container name alone mounts that container (at its own rootfs, or at MOUNTPOINT).
     #[arg(value_name = "[IMAGE|CONTAINER] MOUNTPOINT", num_args = 1..=2, required = true)]

@@ -55,7 +55,7 @@ impl Mounter for FuseMounter {
                 exec: true,
                 ro: rw.is_none(),
                 fsname: "strata:build".into(),
-                threads: crate::fuse::mount::default_threads(),
+                threads: crate::fuse::mount::DEFAULT_THREADS,
                 passthrough: Passthrough::On,
                 acl: true,
             },

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use crate::cli::MountArgs;
-use crate::fuse::mount::{default_threads, serve, MountOpts, Passthrough};
+use crate::fuse::mount::{serve, MountOpts, Passthrough, DEFAULT_THREADS};
 use crate::mounts::{is_mountpoint, write_pid_file, MountRecord};
 use crate::overlay::idmap::IdRanges;
 use crate::overlay::{LookupIndex, Overlay, OverlayConfig, RedirectDir};
@@ -176,7 +176,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             exec: true,
             ro: false,
             fsname: "strata".into(),
-            threads: a.threads.unwrap_or_else(default_threads),
+            threads: a.threads,
             passthrough: Passthrough::On,
             acl: true,
         },
@@ -262,7 +262,7 @@ pub fn mount_container(
             exec: true,
             ro: false,
             fsname: format!("strata:{}", c.state.name),
-            threads: default_threads(),
+            threads: DEFAULT_THREADS,
             passthrough: Passthrough::On,
             acl: true,
         },
@@ -428,7 +428,7 @@ pub fn run_helper(args: &[OsString]) -> anyhow::Result<()> {
         work: None,
         foreground: false,
         log_file: None,
-        threads: None,
+        threads: DEFAULT_THREADS,
         targets: vec![mountpoint.to_string_lossy().into_owned()],
     };
     run(a, &crate::image::store::default_root())
@@ -458,7 +458,7 @@ mod tests {
                 work: None,
                 foreground: false,
                 log_file: None,
-                threads: Some(1),
+                threads: 1,
                 targets: vec!["/mnt".into()],
             },
             Path::new("/nonexistent"),

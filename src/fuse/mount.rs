@@ -49,13 +49,11 @@ pub struct MountOpts {
     pub acl: bool,
 }
 
-/// Worker threads when not asked. Fewer workers than 4 made single round trips faster on a
+/// Worker threads when not asked (`--threads`). Fewer workers than 4 made single round trips faster on a
 /// 2-CPU machine (median `getxattr` 5.7 us with 2, 9 us with 4) but whole workloads only
 /// mixed (docs/design.md), and a worker busy with a long copy-up is one fewer for everybody
 /// else: 4 leaves room for that.
-pub fn default_threads() -> usize {
-    4
-}
+pub const DEFAULT_THREADS: usize = 4;
 
 fn fuser_config(o: &MountOpts) -> Config {
     let mut opts = vec![

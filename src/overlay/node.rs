@@ -248,7 +248,9 @@ fn slot_of(chunks: &[Vec<Slot>], i: u32) -> &Slot {
 
 impl NodeTable {
     fn find(&self, ino: u64) -> Option<u32> {
-        let h = self.hasher.hash_one(ino);
+        self.find_hashed(self.hasher.hash_one(ino), ino)
+    }
+    fn find_hashed(&self, h: u64, ino: u64) -> Option<u32> {
         self.index
             .find(h, |&i| slot_of(&self.chunks, i).ino == ino)
             .copied()
@@ -265,7 +267,9 @@ impl NodeTable {
         self.slot_mut(i).node.as_mut()
     }
     pub fn insert(&mut self, ino: u64, n: Node) -> Option<Node> {
-        if let Some(i) = self.find(ino) {
+        // Hashed once: for the lookup and for the new index entry.
+        let h = self.hasher.hash_one(ino);
+        if let Some(i) = self.find_hashed(h, ino) {
             return self.slot_mut(i).node.replace(n);
         }
         let slot = Slot { ino, node: Some(n) };
@@ -285,9 +289,8 @@ impl NodeTable {
             }
         };
         let (chunks, hasher) = (&self.chunks, &self.hasher);
-        self.index.insert_unique(hasher.hash_one(ino), i, |&j| {
-            hasher.hash_one(slot_of(chunks, j).ino)
-        });
+        self.index
+            .insert_unique(h, i, |&j| hasher.hash_one(slot_of(chunks, j).ino));
         None
     }
     pub fn len(&self) -> usize {
