@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use strata::overlay::{Caller, Errno, Kind, Overlay, OverlayConfig, SetAttr, ROOT};
+use strata::overlay::{Caller, Errno, Kind, LookupIndex, Overlay, OverlayConfig, SetAttr, ROOT};
 
 struct Env {
     _t: tempfile::TempDir,
@@ -510,4 +510,59 @@ fn absolute_redirect_past_an_opaque_directory() {
     let o = ov(&e);
     let d = o.lookup(ROOT, OsStr::new("d")).unwrap();
     assert_eq!(names(&o, d.ino), vec!["below", "top"]);
+}
+
+/// Below a directory only directories merge: a middle layer's whiteout (device or AUFS),
+/// file or symlink of the same name ends the merge, a missing name does not. Checked with
+/// every lookup probing the layers and with the lower index, for lookups and listings.
+#[test]
+fn what_ends_a_directory_merge() {
+    let t = tempfile::Builder::new()
+        .prefix("strata-core")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let [top, mid, bottom] = ["top", "mid", "bottom"].map(|n| t.path().join(n));
+    for d in [&top, &mid, &bottom] {
+        fs::create_dir(d).unwrap();
+    }
+    for n in ["aufs", "dev", "file", "link", "gap"] {
+        fs::create_dir(top.join(n)).unwrap();
+        fs::write(top.join(n).join("a"), "").unwrap();
+        fs::create_dir(bottom.join(n)).unwrap();
+        fs::write(bottom.join(n).join("hidden"), "").unwrap();
+    }
+    fs::write(mid.join(".wh.aufs"), "").unwrap();
+    nix::sys::stat::mknod(
+        &mid.join("dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        0,
+    )
+    .unwrap();
+    fs::write(mid.join("file"), "").unwrap();
+    std::os::unix::fs::symlink("/", mid.join("link")).unwrap();
+    for index in [LookupIndex::Off, LookupIndex::Always] {
+        let o = Overlay::new(&OverlayConfig {
+            lowers: vec![top.clone(), mid.clone(), bottom.clone()],
+            lookup_index: index,
+            ..Default::default()
+        })
+        .unwrap();
+        for n in ["aufs", "dev", "file", "link"] {
+            let d = o.lookup(ROOT, OsStr::new(n)).unwrap();
+            assert_eq!(d.kind, Kind::Dir, "{n} ({index:?})");
+            assert_eq!(names(&o, d.ino), vec!["a"], "{n} ({index:?})");
+            assert_eq!(
+                o.lookup(d.ino, OsStr::new("hidden")).err(),
+                Some(Errno::NOENT),
+                "{n}/hidden ({index:?})"
+            );
+        }
+        let d = o.lookup(ROOT, OsStr::new("gap")).unwrap();
+        assert_eq!(names(&o, d.ino), vec!["a", "hidden"], "gap ({index:?})");
+        assert!(
+            o.lookup(d.ino, OsStr::new("hidden")).is_ok(),
+            "gap/hidden ({index:?})"
+        );
+    }
 }

@@ -37,7 +37,7 @@ impl Overlay {
             let impure =
                 with_ino && !merged && sys::getxattr(XTarget::Fd(u), &self.ns.name("impure")).is_ok();
             let udev = self.upper.as_ref().map(|x| x.layer.dev).unwrap_or(0);
-            for ent in rustix::fs::Dir::read_from(u)? {
+            for ent in sys::dir_stream(u)? {
                 let ent = ent?;
                 let nb = ent.file_name().to_bytes();
                 if nb == b"." || nb == b".." {

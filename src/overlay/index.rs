@@ -146,7 +146,7 @@ impl Overlay {
             // Whiteouts hide names in the layers below this one only.
             let mut hide: Vec<Box<[u8]>> = Vec::new();
             let mut below: Vec<(Box<[u8]>, bool)> = Vec::new();
-            for ent in rustix::fs::Dir::read_from(d)? {
+            for ent in sys::dir_stream(d)? {
                 let ent = ent?;
                 let nb = ent.file_name().to_bytes();
                 if nb == b"." || nb == b".." || nb == whiteout::OPAQUE_MARKER.as_bytes() {

@@ -59,6 +59,19 @@ pub fn open_dir_beneath<P: AsRef<OsStr>>(dir: BorrowedFd<'_>, path: P) -> SysRes
     }
 }
 
+/// A stream of the entries of directory `dir`, read through a new open file so that
+/// threads listing the same directory never share a position. One syscall fewer than
+/// `Dir::read_from`, which asks for the fd's flags first.
+pub fn dir_stream(dir: BorrowedFd<'_>) -> SysResult<rustix::fs::Dir> {
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::Dir::new(fd)
+}
+
 /// lstat of one name in a directory.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<rustix::fs::Stat> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
