@@ -75,8 +75,11 @@ impl Overlay {
                 _ => self.copy_up(ino)?,
             }
         }
-        // chown drops security.capability, chmod rewrites an ACL.
-        self.xattrs_changed(ino);
+        // No `xattrs_changed` here: chown and truncate can only drop security.capability
+        // and chmod only rewrites an ACL that exists, so an object known to have no xattrs
+        // keeps having none (a copy-up above clears that knowledge itself). tar's
+        // utimens, chown and chmod of each file it writes then cost no xattr syscall for
+        // the kernel's security.capability check before the chown.
         let (dfd, name) = self.upper_at(ino)?;
         let d = dfd.as_fd();
         if sa.uid.is_some() || sa.gid.is_some() {
@@ -118,7 +121,6 @@ impl Overlay {
             };
             rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
         }
-        self.xattrs_changed(ino);
         self.getattr(ino, None)
     }
 
