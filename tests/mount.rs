@@ -1047,3 +1047,72 @@ fn override_stat_layers_match_fuse_overlayfs() {
     );
     assert_eq!(results[1][..3], ["1000:1001:640", "5:6:700", "7:8:604"]);
 }
+
+/// Under a seccomp filter older than Linux 6.13's `*xattrat` calls, which refuses them
+/// with EPERM (docker's default profile does), strata falls back to /proc paths: an
+/// opaque upper directory still hides the lower one, and xattrs read and write.
+#[test]
+fn xattrs_when_seccomp_refuses_the_xattrat_calls() {
+    use std::collections::BTreeMap;
+    use std::os::unix::process::CommandExt;
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        [463i64, 464, 465, 466].into_iter().map(|n| (n, vec![])).collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let prog: seccompiler::BpfProgram = filter.try_into().unwrap();
+
+    let ls = LayerSet::new("seccomp-xattrat", 1);
+    ls.lower(0).dir("d").file("d/old", "old").file("f", "f");
+    ls.upper.dir("d").file("d/new", "new").opaque("d");
+    let spec = ls.spec();
+    let args = vec![
+        "mount".to_string(),
+        "-o".to_string(),
+        spec.options(),
+        spec.mnt.display().to_string(),
+    ];
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(&args);
+    // SAFETY: between fork and exec only prctl and seccomp run, on a prebuilt program.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&prog).map_err(std::io::Error::other));
+    }
+    let m = StrataMount::with_command(&spec, cmd, &args).unwrap();
+    let pids = strata_daemon_pids(&spec.mnt);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "filter not on the daemon:\n{status}"
+    );
+
+    let r = m.root();
+    let names: Vec<_> = fs::read_dir(r.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["new".to_string()],
+        "the opaque upper dir must hide d/old"
+    );
+    assert!(!r.join("d/old").exists());
+    set_xattr(&r.join("f"), "user.k", b"v", false).unwrap();
+    assert_eq!(get_xattr(&r.join("f"), "user.k", false).unwrap(), b"v");
+    assert!(list_xattr(&r.join("f"), false)
+        .unwrap()
+        .contains(&"user.k".to_string()));
+    assert_eq!(
+        get_xattr(&ls.upper.path("f"), "user.k", false).unwrap(),
+        b"v",
+        "copied up"
+    );
+    remove_xattr(&r.join("f"), "user.k", false).unwrap();
+    assert!(get_xattr(&r.join("f"), "user.k", false).is_err());
+    m.umount().unwrap();
+}

@@ -521,10 +521,16 @@ fn what_ends_a_directory_merge() {
         .prefix("strata-core")
         .tempdir_in("/tmp")
         .unwrap();
-    let [top, mid, bottom] = ["top", "mid", "bottom"].map(|n| t.path().join(n));
-    for d in [&top, &mid, &bottom] {
+    let [top, mid, bottom, upper, work] = ["top", "mid", "bottom", "upper", "work"].map(|n| t.path().join(n));
+    for d in [&top, &mid, &bottom, &upper, &work] {
         fs::create_dir(d).unwrap();
     }
+    // A directory of the upper layer merges the same way.
+    fs::create_dir(upper.join("up")).unwrap();
+    fs::write(upper.join("up/a"), "").unwrap();
+    fs::write(mid.join("up"), "").unwrap();
+    fs::create_dir(bottom.join("up")).unwrap();
+    fs::write(bottom.join("up/hidden"), "").unwrap();
     for n in ["aufs", "dev", "file", "link", "gap"] {
         fs::create_dir(top.join(n)).unwrap();
         fs::write(top.join(n).join("a"), "").unwrap();
@@ -544,11 +550,13 @@ fn what_ends_a_directory_merge() {
     for index in [LookupIndex::Off, LookupIndex::Always] {
         let o = Overlay::new(&OverlayConfig {
             lowers: vec![top.clone(), mid.clone(), bottom.clone()],
+            upper: Some(upper.clone()),
+            work: Some(work.clone()),
             lookup_index: index,
             ..Default::default()
         })
         .unwrap();
-        for n in ["aufs", "dev", "file", "link"] {
+        for n in ["aufs", "dev", "file", "link", "up"] {
             let d = o.lookup(ROOT, OsStr::new(n)).unwrap();
             assert_eq!(d.kind, Kind::Dir, "{n} ({index:?})");
             assert_eq!(names(&o, d.ino), vec!["a"], "{n} ({index:?})");

@@ -86,8 +86,10 @@ pub(crate) struct Node {
     /// whatever takes that name next.
     pub orphan: bool,
     /// The object is known to carry no xattrs at all, so getxattr answers ENODATA without
-    /// a syscall (`ls -l` asks two or three names per file). Cleared by anything that may
-    /// add one: setxattr, setattr, copy-up, a new resolve.
+    /// a syscall (`ls -l` asks two or three names per file). Cleared by anything of strata's
+    /// that may add one: setxattr, removexattr, copy-up, a new resolve (setattr only drops
+    /// xattrs). Ones the host adds behind strata's back (IMA/EVM labels) are not seen
+    /// once it is set.
     pub no_xattrs: bool,
     /// Directory: layer probes its lookups have cost without an index (see `index`).
     pub probes: u16,

@@ -121,29 +121,63 @@ pub enum XTarget<'a> {
 /// The xattr calls on a name in a directory (`getxattrat` and friends, Linux 6.13): the
 /// kernel resolves the name from the directory fd, where the older calls need a path
 /// through /proc/self/fd, a procfs walk that cost 2 us per call here (17 us with its
-/// dentries cold). Before 6.13 they fail with ENOSYS once, and /proc paths are used.
+/// dentries cold). Where they are missing (before 6.13, or refused by a seccomp filter),
+/// /proc paths are used.
 mod xattrat {
     use std::ffi::{CStr, CString, OsStr};
     use std::os::fd::{AsRawFd, BorrowedFd};
     use std::os::unix::ffi::OsStrExt;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicU8, Ordering};
 
     use rustix::io::Errno;
 
     use super::SysResult;
 
-    // The same numbers on every architecture that has them.
+    // The numbers of the common syscall table, which these architectures use (alpha and
+    // MIPS number them differently; elsewhere the /proc path is always taken).
     const SETXATTRAT: libc::c_long = 463;
     const GETXATTRAT: libc::c_long = 464;
     const LISTXATTRAT: libc::c_long = 465;
     const REMOVEXATTRAT: libc::c_long = 466;
+    const COMMON_TABLE: bool = cfg!(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "powerpc64",
+        target_arch = "s390x"
+    ));
 
-    static MISSING: AtomicBool = AtomicBool::new(false);
+    const UNKNOWN: u8 = 0;
+    const PRESENT: u8 = 1;
+    const MISSING: u8 = 2;
+    static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-    /// Tests: take the /proc path as a kernel before 6.13 would.
+    /// Whether the calls can be used, probed once: a `getxattrat` of an unused name on `/`.
+    /// ENOSYS (a kernel before 6.13) and EPERM (a seccomp filter older than the calls, as
+    /// docker's default profile is) both mean no; any other answer means the call ran.
+    pub fn present() -> bool {
+        match STATE.load(Ordering::Relaxed) {
+            PRESENT => true,
+            MISSING => false,
+            _ => {
+                let ok = COMMON_TABLE && {
+                    let mut buf = [0u8; 1];
+                    let r = get_raw(libc::AT_FDCWD, c"/", c"user.strata.probe", &mut buf);
+                    !matches!(r, Err(Errno::NOSYS | Errno::PERM))
+                };
+                STATE.store(if ok { PRESENT } else { MISSING }, Ordering::Relaxed);
+                ok
+            }
+        }
+    }
+
+    /// Tests: take the /proc path as a kernel before 6.13 would (false: probe again).
     #[cfg(test)]
     pub fn force_missing(v: bool) {
-        MISSING.store(v, Ordering::Relaxed);
+        STATE.store(if v { MISSING } else { UNKNOWN }, Ordering::Relaxed);
     }
 
     #[repr(C)]
@@ -153,66 +187,69 @@ mod xattrat {
         flags: u32,
     }
 
+    fn last_errno() -> Errno {
+        Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    fn get_raw(dir: i32, path: &CStr, name: &CStr, buf: &mut [u8]) -> SysResult<usize> {
+        let mut args = XattrArgs {
+            value: buf.as_mut_ptr() as u64,
+            size: buf.len().min(u32::MAX as usize) as u32,
+            flags: 0,
+        };
+        // SAFETY: valid NUL-terminated strings and an args struct whose buffer is `buf`,
+        // all alive for the call; the kernel writes at most `size` bytes.
+        let r = unsafe {
+            libc::syscall(
+                GETXATTRAT,
+                dir,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+                name.as_ptr(),
+                &mut args as *mut XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        };
+        if r < 0 {
+            Err(last_errno())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
     /// `name` in `dir`, no final symlink followed.
-    pub struct At {
-        dir: i32,
+    pub struct At<'a> {
+        dir: BorrowedFd<'a>,
         path: CString,
     }
 
-    /// None where the calls cannot serve: the kernel lacks them, or there is no name (they
-    /// refuse an O_PATH fd with AT_EMPTY_PATH, EBADF).
-    pub fn at(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> Option<At> {
-        if MISSING.load(Ordering::Relaxed) {
+    /// None where the calls cannot serve: the kernel (or a seccomp filter) lacks them, or
+    /// there is no name (they refuse an O_PATH fd with AT_EMPTY_PATH, EBADF).
+    pub fn at<'a>(dir: BorrowedFd<'a>, name: Option<&OsStr>) -> Option<At<'a>> {
+        if !present() {
             return None;
         }
         Some(At {
-            dir: dir.as_raw_fd(),
+            dir,
             path: CString::new(name?.as_bytes()).ok()?,
         })
     }
 
-    /// None: the kernel lacks the call (remembered); use the /proc path.
-    fn result(r: libc::c_long) -> Option<SysResult<usize>> {
-        if r >= 0 {
-            return Some(Ok(r as usize));
+    fn result(r: libc::c_long) -> SysResult<usize> {
+        if r < 0 {
+            Err(last_errno())
+        } else {
+            Ok(r as usize)
         }
-        let e = Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-        if e == Errno::NOSYS {
-            MISSING.store(true, Ordering::Relaxed);
-            return None;
-        }
-        Some(Err(e))
     }
 
     fn cname(name: &OsStr) -> SysResult<CString> {
         CString::new(name.as_bytes()).map_err(|_| Errno::INVAL)
     }
 
-    impl At {
+    impl At<'_> {
         pub fn get(&self, name: &OsStr, buf: &mut [u8]) -> Option<SysResult<usize>> {
-            let name = match cname(name) {
-                Ok(n) => n,
-                Err(e) => return Some(Err(e)),
-            };
-            let mut args = XattrArgs {
-                value: buf.as_mut_ptr() as u64,
-                size: buf.len().min(u32::MAX as usize) as u32,
-                flags: 0,
-            };
-            // SAFETY: valid NUL-terminated strings and an args struct whose buffer is
-            // `buf`, all alive for the call; the kernel writes at most `size` bytes.
-            let r = unsafe {
-                libc::syscall(
-                    GETXATTRAT,
-                    self.dir,
-                    self.path.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
-                    name.as_ptr(),
-                    &mut args as *mut XattrArgs,
-                    std::mem::size_of::<XattrArgs>(),
-                )
-            };
-            result(r)
+            Some(cname(name).and_then(|n| get_raw(self.dir.as_raw_fd(), &self.path, &n, buf)))
         }
 
         pub fn list(&self, buf: &mut [u8]) -> Option<SysResult<usize>> {
@@ -220,14 +257,14 @@ mod xattrat {
             let r = unsafe {
                 libc::syscall(
                     LISTXATTRAT,
-                    self.dir,
+                    self.dir.as_raw_fd(),
                     self.path.as_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
                     buf.as_mut_ptr(),
                     buf.len(),
                 )
             };
-            result(r)
+            Some(result(r))
         }
 
         pub fn set(&self, name: &OsStr, value: &[u8], flags: i32) -> Option<SysResult<()>> {
@@ -245,7 +282,7 @@ mod xattrat {
             let r = unsafe {
                 libc::syscall(
                     SETXATTRAT,
-                    self.dir,
+                    self.dir.as_raw_fd(),
                     self.path.as_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
                     name.as_ptr(),
@@ -253,11 +290,11 @@ mod xattrat {
                     std::mem::size_of::<XattrArgs>(),
                 )
             };
-            result(r).map(|r| r.map(|_| ()))
+            Some(result(r).map(|_| ()))
         }
 
         pub fn remove(&self, name: &OsStr) -> Option<SysResult<()>> {
-            let name: &CStr = &match cname(name) {
+            let name = match cname(name) {
                 Ok(n) => n,
                 Err(e) => return Some(Err(e)),
             };
@@ -265,13 +302,13 @@ mod xattrat {
             let r = unsafe {
                 libc::syscall(
                     REMOVEXATTRAT,
-                    self.dir,
+                    self.dir.as_raw_fd(),
                     self.path.as_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
                     name.as_ptr(),
                 )
             };
-            result(r).map(|r| r.map(|_| ()))
+            Some(result(r).map(|_| ()))
         }
     }
 }
@@ -1033,9 +1070,19 @@ mod tests {
         std::fs::write(t.join("f"), "x").unwrap();
         let dir = rustix::fs::open(&t, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         let opath = rustix::fs::open(t.join("sub"), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        std::os::unix::fs::symlink("f", t.join("link")).unwrap();
         let n = OsStr::new("user.strata.test");
+        // On 6.13 and later the first pass must take the new calls.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
         for old in [false, true] {
             xattrat::force_missing(old);
+            if !old && (major, minor) >= (6, 13) {
+                assert!(xattrat::present(), "kernel {release}: getxattrat not used");
+            }
             for target in [
                 XTarget::At(dir.as_fd(), OsStr::new("f")),
                 XTarget::Fd(opath.as_fd()),
@@ -1059,6 +1106,17 @@ mod tests {
                 getxattr(XTarget::At(dir.as_fd(), OsStr::new("missing")), n),
                 Err(Errno::NOENT)
             );
+            // A final symlink is not followed (trusted.*: user.* is refused on symlinks).
+            if rustix::process::geteuid().is_root() {
+                let tn = OsStr::new("trusted.strata.test");
+                let link = XTarget::At(dir.as_fd(), OsStr::new("link"));
+                setxattr(link, tn, b"on-link", 0).unwrap();
+                assert_eq!(getxattr(link, tn).unwrap(), b"on-link");
+                assert_eq!(getxattr(f, tn), Err(Errno::NODATA), "followed the symlink");
+                assert!(listxattr(link).unwrap().iter().any(|x| x == tn.as_bytes()));
+                removexattr(link, tn).unwrap();
+                assert_eq!(getxattr(link, tn), Err(Errno::NODATA));
+            }
         }
         xattrat::force_missing(false);
         std::fs::remove_dir_all(&t).unwrap();

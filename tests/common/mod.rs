@@ -659,8 +659,15 @@ impl StrataMount {
 
     /// Mount with arbitrary CLI arguments (e.g. the --lower/--upper form).
     pub fn with_args(spec: &MountSpec, args: &[String]) -> Result<Self, String> {
+        let mut cmd = Command::new(strata_bin());
+        cmd.args(args);
+        Self::with_command(spec, cmd, args)
+    }
+
+    /// Mount with a prepared `strata` command (`args` name it in messages).
+    pub fn with_command(spec: &MountSpec, mut cmd: Command, args: &[String]) -> Result<Self, String> {
         require_fuse();
-        let out = run_cmd(Command::new(strata_bin()).args(args), Duration::from_secs(60));
+        let out = run_cmd(&mut cmd, Duration::from_secs(60));
         let fstype = mount_fstype(&spec.mnt);
         let mut guard = StrataMount {
             spec: spec.clone(),
