@@ -169,6 +169,11 @@ mod xattrat {
                     !matches!(r, Err(Errno::NOSYS | Errno::PERM))
                 };
                 STATE.store(if ok { PRESENT } else { MISSING }, Ordering::Relaxed);
+                if !ok {
+                    log::debug!(
+                        "no getxattrat (kernel before 6.13 or a seccomp filter): xattrs by /proc path"
+                    );
+                }
                 ok
             }
         }
