@@ -215,11 +215,7 @@ mod xattrat {
                 std::mem::size_of::<XattrArgs>(),
             )
         };
-        if r < 0 {
-            Err(last_errno())
-        } else {
-            Ok(r as usize)
-        }
+        result(r)
     }
 
     /// `name` in `dir`, no final symlink followed.
@@ -253,11 +249,11 @@ mod xattrat {
     }
 
     impl At<'_> {
-        pub fn get(&self, name: &OsStr, buf: &mut [u8]) -> Option<SysResult<usize>> {
-            Some(cname(name).and_then(|n| get_raw(self.dir.as_raw_fd(), &self.path, &n, buf)))
+        pub fn get(&self, name: &OsStr, buf: &mut [u8]) -> SysResult<usize> {
+            get_raw(self.dir.as_raw_fd(), &self.path, &cname(name)?, buf)
         }
 
-        pub fn list(&self, buf: &mut [u8]) -> Option<SysResult<usize>> {
+        pub fn list(&self, buf: &mut [u8]) -> SysResult<usize> {
             // SAFETY: a valid path string and a writable buffer of the given length.
             let r = unsafe {
                 libc::syscall(
@@ -269,14 +265,11 @@ mod xattrat {
                     buf.len(),
                 )
             };
-            Some(result(r))
+            result(r)
         }
 
-        pub fn set(&self, name: &OsStr, value: &[u8], flags: i32) -> Option<SysResult<()>> {
-            let name = match cname(name) {
-                Ok(n) => n,
-                Err(e) => return Some(Err(e)),
-            };
+        pub fn set(&self, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+            let name = cname(name)?;
             let args = XattrArgs {
                 value: value.as_ptr() as u64,
                 size: value.len().min(u32::MAX as usize) as u32,
@@ -295,14 +288,11 @@ mod xattrat {
                     std::mem::size_of::<XattrArgs>(),
                 )
             };
-            Some(result(r).map(|_| ()))
+            result(r).map(|_| ())
         }
 
-        pub fn remove(&self, name: &OsStr) -> Option<SysResult<()>> {
-            let name = match cname(name) {
-                Ok(n) => n,
-                Err(e) => return Some(Err(e)),
-            };
+        pub fn remove(&self, name: &OsStr) -> SysResult<()> {
+            let name = cname(name)?;
             // SAFETY: valid NUL-terminated strings alive for the call.
             let r = unsafe {
                 libc::syscall(
@@ -313,7 +303,7 @@ mod xattrat {
                     name.as_ptr(),
                 )
             };
-            Some(result(r).map(|_| ()))
+            result(r).map(|_| ())
         }
     }
 }
@@ -323,11 +313,11 @@ mod xattrat {
 fn xattr_at<T>(
     dir: BorrowedFd<'_>,
     name: Option<&OsStr>,
-    new: impl FnOnce(&xattrat::At) -> Option<SysResult<T>>,
+    new: impl FnOnce(&xattrat::At) -> SysResult<T>,
     old: impl FnOnce(CString) -> SysResult<T>,
 ) -> SysResult<T> {
-    if let Some(r) = xattrat::at(dir, name).and_then(|a| new(&a)) {
-        return r;
+    if let Some(a) = xattrat::at(dir, name) {
+        return new(&a);
     }
     old(proc_path(dir, name))
 }
@@ -343,8 +333,8 @@ pub fn getxattr(t: XTarget<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
         XTarget::At(d, n) => (d, Some(n)),
     };
     buf_loop(|b| {
-        if let Some(r) = xattrat::at(d, n).and_then(|a| a.get(name, b)) {
-            return r;
+        if let Some(a) = xattrat::at(d, n) {
+            return a.get(name, b);
         }
         let p = proc_path(d, n);
         match n {
@@ -364,8 +354,8 @@ pub fn listxattr(t: XTarget<'_>) -> SysResult<Vec<Vec<u8>>> {
         XTarget::At(d, n) => (d, Some(n)),
     };
     let raw = buf_loop(|b| {
-        if let Some(r) = xattrat::at(d, n).and_then(|a| a.list(b)) {
-            return r;
+        if let Some(a) = xattrat::at(d, n) {
+            return a.list(b);
         }
         let p = proc_path(d, n);
         match n {
