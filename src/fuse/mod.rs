@@ -374,9 +374,9 @@ impl Filesystem for FuseFs {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_MAX_PAGES,
-            // The kernel then skips its security.capability lookup (a round trip) before
-            // each write and tells us instead, with FUSE_WRITE_KILL_SUIDGID, when a write
-            // must drop setuid/setgid bits.
+            // The kernel then asks for security.capability (a round trip) only before the
+            // first write of each inode, not before every write (it sets SB_NOSEC), and
+            // tells us with FUSE_WRITE_KILL_SUIDGID when a write must drop setuid/setgid.
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             // The kernel then checks POSIX ACLs itself (as overlayfs does) and caches them:
             // `ls -l` asks for system.posix_acl_access on every file, which now costs no
