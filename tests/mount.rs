@@ -371,6 +371,48 @@ fn aufs_markers_in_lower_layers() {
     m.umount().unwrap();
 }
 
+/// fuse-overlayfs's markers in an upper it wrote are read as it reads them, and `.wh.`
+/// names cannot be made through the mount (they could not go into an OCI layer either).
+#[test]
+fn aufs_markers_in_the_upper() {
+    let ls = LayerSet::new("aufs-upper", 1);
+    ls.lower(0)
+        .file("gone", "")
+        .file("kept", "")
+        .dir("opq")
+        .file("opq/hidden", "");
+    ls.upper
+        .aufs_whiteout("gone")
+        .aufs_opaque("opq")
+        .file("opq/mine", "");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    let mut root: Vec<_> = fs::read_dir(r)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["kept", "opq"]);
+    assert!(!r.join("gone").exists());
+    let opq: Vec<_> = fs::read_dir(r.join("opq"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(opq, vec![std::ffi::OsString::from("mine")]);
+    for res in [
+        fs::write(r.join(".wh.kept"), "x").map(|_| ()),
+        fs::create_dir(r.join(".wh..wh..opq")),
+        std::os::unix::fs::symlink("kept", r.join(".wh.x")),
+        fs::hard_link(r.join("kept"), r.join(".wh.y")),
+        fs::rename(r.join("kept"), r.join(".wh.z")),
+    ] {
+        assert_eq!(errno_of(res), libc::EINVAL);
+    }
+    assert!(r.join("kept").exists(), "the lower name stays visible");
+    assert!(!ls.upper.path(".wh.kept").exists() && !ls.upper.path(".wh.z").exists());
+    m.umount().unwrap();
+}
+
 #[test]
 fn mount_helper_and_long_flags() {
     let ls = LayerSet::new("helper", 1);

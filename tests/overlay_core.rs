@@ -623,3 +623,81 @@ fn xattr_set(p: &Path, name: &str, v: &[u8]) {
     let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
     assert_eq!(r, 0, "setxattr {}", p.display());
 }
+
+/// An upper as fuse-overlayfs writes it where it cannot make whiteout devices or set
+/// trusted.* xattrs (rootless on some systems): `.wh.NAME` files and directories made
+/// opaque by a `.wh..wh..opq` file alone. strata reads them as fuse-overlayfs does, and
+/// refuses to make `.wh.` names itself.
+#[test]
+fn fuse_overlayfs_markers_in_the_upper() {
+    let e = env();
+    fs::write(e.l1.join("gone"), "lower").unwrap();
+    fs::write(e.l1.join("again"), "lower").unwrap();
+    fs::create_dir(e.l1.join("opq")).unwrap();
+    fs::write(e.l1.join("opq/hidden"), "").unwrap();
+    fs::create_dir(e.l1.join("merged")).unwrap();
+    fs::write(e.l1.join("merged/kept"), "").unwrap();
+    fs::write(e.upper.join(".wh.gone"), "").unwrap();
+    fs::write(e.upper.join(".wh.again"), "").unwrap();
+    fs::write(e.upper.join("again"), "upper").unwrap();
+    fs::create_dir(e.upper.join("opq")).unwrap();
+    fs::write(e.upper.join("opq/.wh..wh..opq"), "").unwrap();
+    fs::write(e.upper.join("opq/mine"), "").unwrap();
+    fs::create_dir(e.upper.join("merged")).unwrap();
+    let o = ov(&e);
+
+    // Whiteout files hide the name below and themselves; a name the upper has again wins.
+    assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
+    assert_eq!(o.lookup(ROOT, OsStr::new(".wh.gone")), Err(Errno::NOENT));
+    let a = o.lookup(ROOT, OsStr::new("again")).unwrap();
+    let fh = o.open_file(a.ino, libc::O_RDONLY).unwrap().0;
+    assert_eq!(o.read(fh, 0, 64).unwrap(), b"upper");
+    o.release(fh);
+    assert_eq!(names(&o, ROOT), vec!["again", "merged", "opq"]);
+
+    // The marker file alone makes a directory opaque, and is not listed.
+    let d = o.lookup(ROOT, OsStr::new("opq")).unwrap();
+    assert_eq!(names(&o, d.ino), vec!["mine"]);
+    assert_eq!(o.lookup(d.ino, OsStr::new("hidden")), Err(Errno::NOENT));
+    assert_eq!(o.lookup(d.ino, OsStr::new(".wh..wh..opq")), Err(Errno::NOENT));
+    // Without it an upper directory merges, as before.
+    let m = o.lookup(ROOT, OsStr::new("merged")).unwrap();
+    assert_eq!(names(&o, m.ino), vec!["kept"]);
+
+    // `.wh.` names cannot be made, by any call, and nothing reaches the upper.
+    let inval = Some(Errno::INVAL);
+    let wh = OsStr::new(".wh.kept");
+    assert_eq!(o.create(m.ino, wh, 0o644, libc::O_WRONLY, ROOTC).err(), inval);
+    assert_eq!(o.mkdir(m.ino, wh, 0o755, ROOTC).err(), inval);
+    assert_eq!(o.symlink(m.ino, wh, OsStr::new("x"), ROOTC).err(), inval);
+    assert_eq!(o.mknod(m.ino, wh, libc::S_IFREG | 0o644, 0, ROOTC).err(), inval);
+    assert_eq!(o.link(a.ino, m.ino, wh).err(), inval);
+    assert_eq!(o.rename(ROOT, OsStr::new("again"), m.ino, wh, 0).err(), inval);
+    assert_eq!(
+        o.rename(ROOT, OsStr::new("again"), ROOT, OsStr::new(".wh..wh..opq"), 0)
+            .err(),
+        inval
+    );
+    assert!(!e.upper.join("merged/.wh.kept").exists());
+    assert!(!e.upper.join(".wh..wh..opq").exists());
+    assert_eq!(names(&o, m.ino), vec!["kept"], "and the lower name stays visible");
+
+    // A directory holding only markers is empty: rmdir takes the markers with it, and a
+    // whiteout keeps the lower directory hidden.
+    o.unlink(d.ino, OsStr::new("mine")).unwrap();
+    o.rmdir(ROOT, OsStr::new("opq")).unwrap();
+    assert!(is_whiteout(&e.upper.join("opq")));
+    assert_eq!(o.lookup(ROOT, OsStr::new("opq")), Err(Errno::NOENT));
+
+    // A name hidden by a marker can be made again; deleting it again hides the lower one.
+    let (g, fh) = o
+        .create(ROOT, OsStr::new("gone"), 0o644, libc::O_WRONLY, ROOTC)
+        .unwrap();
+    o.write(fh, 0, b"new", false).unwrap();
+    o.release(fh);
+    assert_eq!(g.size, 0);
+    assert_eq!(fs::read(e.upper.join("gone")).unwrap(), b"new");
+    o.unlink(ROOT, OsStr::new("gone")).unwrap();
+    assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
+    assert_eq!(names(&o, ROOT), vec!["again", "merged"]);
+}

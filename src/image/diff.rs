@@ -63,6 +63,19 @@ fn walk_upper(dir: BorrowedFd<'_>, rel: &str, w: &mut Walk<'_>, out: &mut Vec<Ch
             continue;
         }
         let name = OsStr::from_bytes(nb);
+        if whiteout::is_aufs_marker(name) {
+            // fuse-overlayfs's markers, read as the overlay reads them: the opaque one is
+            // seen with its directory; `.wh.NAME` deletes NAME unless the upper has it again.
+            if let Some(t) = whiteout::aufs_target(name) {
+                if sys::stat_at(dir, t).is_err() {
+                    out.push(Change {
+                        path: format!("/{rel}{}", t.to_string_lossy()),
+                        kind: 'D',
+                    });
+                }
+            }
+            continue;
+        }
         let path = format!("{rel}{}", name.to_string_lossy());
         let st = sys::stat_at(dir, name)?;
         if whiteout::is_whiteout(&st) {
@@ -82,7 +95,7 @@ fn walk_upper(dir: BorrowedFd<'_>, rel: &str, w: &mut Walk<'_>, out: &mut Vec<Ch
             let d = sys::open_dir_beneath(dir, name)?;
             let t = XTarget::Fd(d.as_fd());
             let xnames = sys::listxattr(t).unwrap_or_default();
-            let opaque = whiteout::upper_is_opaque(t, &xnames);
+            let opaque = whiteout::upper_is_opaque(t, &xnames) || whiteout::has_opaque_marker(d.as_fd());
             if super::layer::upper_redirect(t, &xnames)?.is_some() {
                 // Renamed here: as docker's full-tree diff reports it, everything now
                 // below it is added (or changed where the base had the same path), and

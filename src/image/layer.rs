@@ -820,6 +820,22 @@ pub fn upper_redirect(t: XTarget<'_>, xnames: &[Vec<u8>]) -> Result<Option<Vec<u
     Ok(whiteout::upper_redirect(t, xnames, ns)?)
 }
 
+/// The OCI whiteout (`.wh.NAME`) of `name` in directory `rel`.
+fn whiteout_entry<W: Write>(out: &mut TarOut<W>, opts: &PackOpts, rel: &str, name: &OsStr) -> Result<()> {
+    if excluded(opts, &format!("/{rel}{}", name.to_string_lossy())) {
+        return Ok(());
+    }
+    let wh = format!("{rel}{}", whiteout::aufs_name(name).to_string_lossy());
+    let m = Meta {
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: opts.epoch.unwrap_or(0),
+    };
+    out.append(&wh, EntryKind::File(0), m, &[], &mut io::empty())?;
+    Ok(())
+}
+
 fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &mut Pack<'_>) -> Result<()> {
     let opts = p.opts;
     let mut names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(dir)?
@@ -830,23 +846,27 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
     names.sort();
     let mut rest = Vec::new();
     // Whiteouts before their siblings, as the OCI spec asks.
-    for n in names {
-        let name = OsStr::from_bytes(&n);
-        let st = sys::stat_at(dir, name)?;
-        let path = format!("{rel}{}", name.to_string_lossy());
-        if whiteout::is_whiteout(&st) {
-            let wh = format!("{rel}{}", whiteout::aufs_name(name).to_string_lossy());
-            if !excluded(opts, &format!("/{path}")) {
-                let m = Meta {
-                    mode: 0,
-                    uid: 0,
-                    gid: 0,
-                    mtime: opts.epoch.unwrap_or(0),
-                };
-                out.append(&wh, EntryKind::File(0), m, &[], &mut io::empty())?;
+    for n in &names {
+        let name = OsStr::from_bytes(n);
+        if n.as_slice() == whiteout::OPAQUE_MARKER.as_bytes() {
+            // fuse-overlayfs's opaque marker: the directory's own entry carries it (below).
+            continue;
+        }
+        let st = match whiteout::aufs_target(name) {
+            // fuse-overlayfs's whiteout file, as the overlay reads it: it hides NAME below
+            // unless the upper has NAME again, which then replaces it.
+            Some(t) => {
+                if !names.iter().any(|m| m.as_slice() == t.as_bytes()) {
+                    whiteout_entry(out, opts, rel, t)?;
+                }
+                continue;
             }
+            None => sys::stat_at(dir, name)?,
+        };
+        if whiteout::is_whiteout(&st) {
+            whiteout_entry(out, opts, rel, name)?;
         } else {
-            rest.push((n, st, path));
+            rest.push((n.clone(), st, format!("{rel}{}", name.to_string_lossy())));
         }
     }
     for (n, st, path) in rest {
@@ -865,7 +885,7 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
                 let d = sys::open_dir_beneath(dir, name)?;
                 let dt = XTarget::Fd(d.as_fd());
                 let xnames = sys::listxattr(dt).unwrap_or_default();
-                let opaque = whiteout::upper_is_opaque(dt, &xnames);
+                let opaque = whiteout::upper_is_opaque(dt, &xnames) || whiteout::has_opaque_marker(d.as_fd());
                 // Renamed: OCI has no redirects, so the layer hides whatever is below at
                 // the new path and carries the directory's whole merged content.
                 let redirect = upper_redirect(dt, &xnames)
@@ -960,6 +980,43 @@ mod tests {
         assert!(excluded(&o, "/tmp"));
         assert!(excluded(&o, "/tmp/sub/file"));
         assert!(!excluded(&o, "/tmpfile"));
+    }
+
+    /// An upper fuse-overlayfs wrote (`.wh.NAME` files, a directory opaque by its marker
+    /// file alone) becomes the OCI layer the overlay shows: each marker once, none for a
+    /// name the upper has again.
+    #[test]
+    fn fuse_overlayfs_markers_in_an_upper() {
+        let d = tempfile::tempdir().unwrap();
+        let u = d.path();
+        std::fs::write(u.join(".wh.gone"), "").unwrap();
+        std::fs::write(u.join(".wh.again"), "").unwrap();
+        std::fs::write(u.join("again"), "upper").unwrap();
+        std::fs::create_dir(u.join("opq")).unwrap();
+        std::fs::write(u.join("opq/.wh..wh..opq"), "").unwrap();
+        std::fs::write(u.join("opq/mine"), "").unwrap();
+        std::fs::create_dir(u.join("merged")).unwrap();
+        let mut out = TarOut::new(Vec::new(), None);
+        pack_upper(u, &mut out, &PackOpts::default()).unwrap();
+        let data = out.finish().unwrap();
+        let mut got: Vec<String> = tar::Archive::new(&data[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ".wh.gone",
+                "again",
+                "merged/",
+                "opq/",
+                "opq/.wh..wh..opq",
+                "opq/mine"
+            ],
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -118,7 +118,9 @@ impl Overlay {
     ) -> Result<(Attr, Option<OwnedFd>)> {
         let _changed = self.changing(parent);
         self.upper()?;
-        if name.as_bytes().contains(&b'/') {
+        if name.as_bytes().contains(&b'/') || whiteout::is_aufs_marker(name) {
+            // `.wh.` names are whiteouts in every layer (and cannot go into an OCI layer):
+            // refused as fuse-overlayfs refuses them.
             return Err(Errno::INVAL);
         }
         // The owner as stored in the layer (ID mapping).
@@ -242,6 +244,9 @@ impl Overlay {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let _changed = self.changing(newparent);
         self.upper()?;
+        if whiteout::is_aufs_marker(newname) {
+            return Err(Errno::INVAL);
+        }
         if self.with_node(ino, |n| n.kind)? == Kind::Dir {
             return Err(Errno::PERM);
         }

@@ -44,6 +44,14 @@ impl Overlay {
                     continue;
                 }
                 let name = OsStr::from_bytes(nb);
+                if whiteout::is_aufs_marker(name) {
+                    // fuse-overlayfs's markers (see `resolve`): never listed; a `.wh.NAME`
+                    // hides NAME below. (An opaque marker was seen by the lookup.)
+                    if let Some(t) = whiteout::aufs_target(name) {
+                        seen.insert(t.as_bytes().to_vec());
+                    }
+                    continue;
+                }
                 let mut ft = ent.file_type();
                 if ft == FileType::CharacterDevice || ft == FileType::Unknown {
                     let st = sys::stat_at(u, name)?;

@@ -23,6 +23,11 @@ impl Overlay {
         if name.as_bytes().contains(&b'/') || name.is_empty() {
             return Err(Errno::INVAL);
         }
+        // AUFS markers are bookkeeping in every layer, never visible names (as in
+        // fuse-overlayfs; the kernel shows one in an upper as a file).
+        if whiteout::is_aufs_marker(name) {
+            return Err(Errno::NOENT);
+        }
         let lower_dirs = self.with_node(parent, |n| {
             if n.kind == Kind::Dir {
                 Ok(n.lower_dirs.clone())
@@ -75,12 +80,14 @@ impl Overlay {
                             redirected: false,
                         });
                     }
-                    let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
+                    let ufd_child = sys::open_dir_beneath(ufd, name)?;
+                    // An upper written by fuse-overlayfs may mark it with the file alone.
+                    let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns)
+                        || whiteout::has_opaque_marker(ufd_child.as_fd());
                     let redirect = match opaque {
                         true => None,
                         false => whiteout::upper_redirect(t, &xnames, self.ns)?,
                     };
-                    let ufd_child = sys::open_dir_beneath(ufd, name)?;
                     let mut f = Found {
                         kind,
                         upper: true,
@@ -103,12 +110,18 @@ impl Overlay {
                     }
                     found = Some(f);
                 }
+                // fuse-overlayfs writes `.wh.NAME` files where it cannot make a whiteout
+                // device; one in the upper hides the name below as a whiteout does.
+                Err(Errno::NOENT)
+                    if !lower_dirs.is_empty() && sys::stat_at(ufd, &whiteout::aufs_name(name)).is_ok() =>
+                {
+                    return Err(Errno::NOENT);
+                }
                 Err(Errno::NOENT) => {}
                 Err(e) => return Err(e),
             }
         }
-        // AUFS markers in lower layers are bookkeeping, never visible names.
-        if !whiteout::is_aufs_marker(name) && !lower_dirs.is_empty() {
+        if !lower_dirs.is_empty() {
             // With an index only the layers that hold the name are probed.
             // With an index only the layers holding the name are probed, and where it is
             // known to be a directory below the one found, without a stat.

@@ -30,6 +30,10 @@ impl Overlay {
             return Err(Errno::INVAL);
         }
         let exchange = rf.contains(RenameFlags::EXCHANGE);
+        if whiteout::is_aufs_marker(newname) {
+            // Not a name a user can make (see `create_with`).
+            return Err(Errno::INVAL);
+        }
         let src = self.resolve(parent, name)?;
         let dst = match self.resolve(newparent, newname) {
             Ok(f) => Some(f),

@@ -2,9 +2,10 @@
 //!
 //! Written (upper): a whiteout is a character device 0/0; an opaque directory carries
 //! `<prefix>opaque = "y"` where prefix is `trusted.overlay.` (or `user.overlay.` in userxattr
-//! mode). Read (lower layers) additionally: AUFS/OCI `.wh.NAME` files, the `.wh..wh..opq`
-//! marker file, and the `user.fuseoverlayfs.opaque` xattr, since container tools extract
-//! layers that way.
+//! mode). Read additionally, in every layer: AUFS/OCI `.wh.NAME` files and the
+//! `.wh..wh..opq` marker file, since container tools extract layers that way and
+//! fuse-overlayfs writes them into uppers; in lower layers also the
+//! `user.fuseoverlayfs.opaque` xattr. Names starting with `.wh.` are never user data.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
@@ -45,6 +46,12 @@ pub fn aufs_target(name: &OsStr) -> Option<&OsStr> {
 /// Is this name an AUFS marker (a `.wh.` file or the opaque marker)?
 pub fn is_aufs_marker(name: &OsStr) -> bool {
     name.as_bytes().starts_with(WH_PREFIX)
+}
+
+/// Does directory `dir` hold the `.wh..wh..opq` marker (fuse-overlayfs puts one in every
+/// directory it makes opaque, and relies on it alone where it cannot set xattrs)?
+pub fn has_opaque_marker(dir: BorrowedFd<'_>) -> bool {
+    sys::stat_at(dir, OsStr::new(OPAQUE_MARKER)).is_ok()
 }
 
 /// `.wh.NAME`.
