@@ -689,6 +689,29 @@ fn fuse_overlayfs_markers_in_the_upper() {
     assert!(is_whiteout(&e.upper.join("opq")));
     assert_eq!(o.lookup(ROOT, OsStr::new("opq")), Err(Errno::NOENT));
 
+    // A directory with nothing below that holds only markers can be renamed over: the
+    // markers go first (fuse-overlayfs leaves `.wh..wh..opq` in each one it made opaque).
+    fs::create_dir(e.upper.join("pure")).unwrap();
+    fs::write(e.upper.join("pure/.wh..wh..opq"), "").unwrap();
+    fs::write(e.upper.join("pure/.wh.old"), "").unwrap();
+    o.lookup(ROOT, OsStr::new("pure")).unwrap();
+    o.mkdir(ROOT, OsStr::new("new"), 0o755, ROOTC).unwrap();
+    o.rename(ROOT, OsStr::new("new"), ROOT, OsStr::new("pure"), 0)
+        .unwrap();
+    assert_eq!(fs::read_dir(e.upper.join("pure")).unwrap().count(), 0);
+    // One holding anything else is not empty.
+    fs::create_dir(e.upper.join("full")).unwrap();
+    fs::write(e.upper.join("full/.wh..wh..opq"), "").unwrap();
+    fs::write(e.upper.join("full/data"), "").unwrap();
+    o.lookup(ROOT, OsStr::new("full")).unwrap();
+    o.mkdir(ROOT, OsStr::new("new2"), 0o755, ROOTC).unwrap();
+    assert_eq!(
+        o.rename(ROOT, OsStr::new("new2"), ROOT, OsStr::new("full"), 0),
+        Err(Errno::NOTEMPTY)
+    );
+    assert!(e.upper.join("full/.wh..wh..opq").exists());
+    o.rmdir(ROOT, OsStr::new("new2")).unwrap();
+
     // A name hidden by a marker can be made again; deleting it again hides the lower one.
     let (g, fh) = o
         .create(ROOT, OsStr::new("gone"), 0o644, libc::O_WRONLY, ROOTC)
@@ -699,5 +722,5 @@ fn fuse_overlayfs_markers_in_the_upper() {
     assert_eq!(fs::read(e.upper.join("gone")).unwrap(), b"new");
     o.unlink(ROOT, OsStr::new("gone")).unwrap();
     assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
-    assert_eq!(names(&o, ROOT), vec!["again", "merged"]);
+    assert_eq!(names(&o, ROOT), vec!["again", "full", "merged", "pure"]);
 }

@@ -96,7 +96,7 @@ fn walk_upper(dir: BorrowedFd<'_>, rel: &str, w: &mut Walk<'_>, out: &mut Vec<Ch
             let t = XTarget::Fd(d.as_fd());
             let xnames = sys::listxattr(t).unwrap_or_default();
             let opaque = whiteout::upper_is_opaque(t, &xnames) || whiteout::has_opaque_marker(d.as_fd());
-            if super::layer::upper_redirect(t, &xnames)?.is_some() {
+            if !opaque && super::layer::upper_redirect(t, &xnames)?.is_some() {
                 // Renamed here: as docker's full-tree diff reports it, everything now
                 // below it is added (or changed where the base had the same path), and
                 // what the base had there and is gone is deleted.
@@ -192,4 +192,46 @@ pub fn diff_trees(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
     }));
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fuse-overlayfs's markers in an upper read as the mount reads them: a `.wh.NAME`
+    /// deletes NAME unless the upper has it again, a marker file makes its directory
+    /// opaque, and markers that name nothing a layer can hold are ignored.
+    #[test]
+    fn fuse_overlayfs_markers_in_an_upper() {
+        let t = tempfile::tempdir().unwrap();
+        let (l, u) = (t.path().join("l"), t.path().join("u"));
+        for d in [l.join("opq"), u.join("opq")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in ["gone", "again", "opq/hidden"] {
+            std::fs::write(l.join(f), "lower").unwrap();
+        }
+        for f in [
+            ".wh.gone",
+            ".wh.again",
+            "again",
+            "opq/.wh..wh..opq",
+            "opq/mine",
+            ".wh..",
+            ".wh..wh.x",
+        ] {
+            std::fs::write(u.join(f), "").unwrap();
+        }
+        let base = Tree::open(vec![l.clone()]).unwrap();
+        let got: Vec<String> = diff_upper(&u, &base, &[l])
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {}", c.kind, c.path))
+            .collect();
+        assert_eq!(
+            got,
+            ["C /again", "D /gone", "C /opq", "D /opq/hidden", "A /opq/mine"],
+            "{got:?}"
+        );
+    }
 }

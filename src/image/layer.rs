@@ -314,8 +314,7 @@ pub fn unpack<R: Read>(r: R, dest: &Path) -> Result<()> {
             continue;
         }
         if whiteout::is_aufs_marker(name) {
-            let target =
-                whiteout::aufs_target(name).ok_or_else(|| fail(&"'.wh.' whiteout without a name"))?;
+            let target = whiteout::aufs_target(name).ok_or_else(|| fail(&"a whiteout of no plain name"))?;
             match whiteout::make_whiteout(p, target) {
                 Ok(()) => {}
                 Err(Errno::EXIST) => return Err(fail(&"whiteout of an entry of the same layer")),
@@ -861,6 +860,15 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
                 }
                 continue;
             }
+            None if whiteout::is_aufs_marker(name) => {
+                // `.wh.`, `.wh..`, `.wh..wh.X`: hidden by the mount, naming nothing a layer
+                // can hold (and hostile to an unpacker if written).
+                log::warn!(
+                    "upper '/{rel}{}': a whiteout of nothing, left out",
+                    name.to_string_lossy()
+                );
+                continue;
+            }
             None => sys::stat_at(dir, name)?,
         };
         if whiteout::is_whiteout(&st) {
@@ -875,9 +883,6 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
         if excluded(opts, &abs) {
             continue;
         }
-        if whiteout::is_aufs_marker(name) {
-            bail!("'{abs}': names starting with .wh. cannot be stored in an OCI layer");
-        }
         let t = XTarget::At(dir, name);
         let m = meta(&st);
         match FileType::from_raw_mode(st.st_mode) {
@@ -887,10 +892,12 @@ fn pack_dir<W: Write>(dir: BorrowedFd<'_>, rel: &str, out: &mut TarOut<W>, p: &m
                 let xnames = sys::listxattr(dt).unwrap_or_default();
                 let opaque = whiteout::upper_is_opaque(dt, &xnames) || whiteout::has_opaque_marker(d.as_fd());
                 // Renamed: OCI has no redirects, so the layer hides whatever is below at
-                // the new path and carries the directory's whole merged content.
-                let redirect = upper_redirect(dt, &xnames)
-                    .with_context(|| format!("upper directory '{abs}'"))?
-                    .is_some();
+                // the new path and carries the directory's whole merged content. (Not when
+                // opaque: the mount follows no redirect then.)
+                let redirect = !opaque
+                    && upper_redirect(dt, &xnames)
+                        .with_context(|| format!("upper directory '{abs}'"))?
+                        .is_some();
                 out.append(&path, EntryKind::Dir, m, &user_xattrs(dt), &mut io::empty())?;
                 if opaque || redirect {
                     let mm = Meta {
@@ -996,15 +1003,28 @@ mod tests {
         std::fs::write(u.join("opq/.wh..wh..opq"), "").unwrap();
         std::fs::write(u.join("opq/mine"), "").unwrap();
         std::fs::create_dir(u.join("merged")).unwrap();
+        // Markers that name nothing a layer can hold: the mount ignores them, and so does
+        // the layer (a `.wh..` entry would be hostile to whoever unpacks it).
+        std::fs::write(u.join(".wh.."), "").unwrap();
+        std::fs::write(u.join("merged/.wh..wh.x"), "").unwrap();
         let mut out = TarOut::new(Vec::new(), None);
         pack_upper(u, &mut out, &PackOpts::default()).unwrap();
         let data = out.finish().unwrap();
-        let mut got: Vec<String> = tar::Archive::new(&data[..])
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect();
-        got.sort();
+        let mut got = Vec::new();
+        for e in tar::Archive::new(&data[..]).entries().unwrap() {
+            let e = e.unwrap();
+            let h = e.header();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            if path.ends_with(".wh.gone") {
+                assert_eq!(
+                    (h.mode().unwrap(), h.uid().unwrap(), h.size().unwrap()),
+                    (0, 0, 0)
+                );
+            }
+            got.push(path);
+        }
+        // In writing order: a directory's whiteouts before its other entries, and an opaque
+        // directory's marker right after the directory.
         assert_eq!(
             got,
             [

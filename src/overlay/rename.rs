@@ -145,6 +145,23 @@ impl Overlay {
                     let d = sys::open_dir_beneath(nfd, newname)?;
                     layers::remove_children(&d)?;
                 }
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory && dst.is_some() => {
+                    // Nothing below it, but fuse-overlayfs's markers may be all it holds (it
+                    // leaves `.wh..wh..opq` in every directory it made opaque): they go
+                    // first. Anything else is left to the rename to refuse.
+                    let d = sys::open_dir_beneath(nfd, newname)?;
+                    let mut only_markers = true;
+                    for ent in sys::dir_stream(std::os::fd::AsFd::as_fd(&d))? {
+                        let nb = ent?.file_name().to_bytes().to_vec();
+                        if nb != b"." && nb != b".." && !nb.starts_with(whiteout::WH_PREFIX) {
+                            only_markers = false;
+                            break;
+                        }
+                    }
+                    if only_markers {
+                        layers::remove_children(&d)?;
+                    }
+                }
                 _ => {}
             }
             let wf = if src_lower {

@@ -32,15 +32,12 @@ pub fn is_whiteout_mode(mode: u32, rdev: u64) -> bool {
     FileType::from_raw_mode(mode) == FileType::CharacterDevice && rdev == 0
 }
 
-/// For an AUFS whiteout file name `.wh.NAME`, the NAME it hides (not for the opaque marker).
+/// For an AUFS whiteout file name `.wh.NAME`, the NAME it hides: a plain name, so not for
+/// the opaque marker, nor `.wh..`, `.wh...` or `.wh..wh.X` (which hide nothing a layer can
+/// hold, and would be hostile in an OCI layer).
 pub fn aufs_target(name: &OsStr) -> Option<&OsStr> {
-    let b = name.as_bytes();
-    if b == OPAQUE_MARKER.as_bytes() {
-        return None;
-    }
-    b.strip_prefix(WH_PREFIX)
-        .filter(|r| !r.is_empty())
-        .map(OsStr::from_bytes)
+    let t = name.as_bytes().strip_prefix(WH_PREFIX)?;
+    (!t.is_empty() && t != b"." && t != b".." && !t.starts_with(WH_PREFIX)).then(|| OsStr::from_bytes(t))
 }
 
 /// Is this name an AUFS marker (a `.wh.` file or the opaque marker)?
