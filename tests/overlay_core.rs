@@ -654,6 +654,8 @@ fn fuse_overlayfs_markers_in_the_upper() {
     assert_eq!(o.read(fh, 0, 64).unwrap(), b"upper");
     o.release(fh);
     assert_eq!(names(&o, ROOT), vec!["again", "merged", "opq"]);
+    // After a listing that saw markers, lookups still honour them.
+    assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
 
     // The marker file alone makes a directory opaque, and is not listed.
     let d = o.lookup(ROOT, OsStr::new("opq")).unwrap();
