@@ -81,13 +81,20 @@ impl Overlay {
                         });
                     }
                     let ufd_child = sys::open_dir_beneath(ufd, name)?;
-                    // An upper written by fuse-overlayfs may mark it with the file alone.
-                    let opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns)
-                        || whiteout::has_opaque_marker(ufd_child.as_fd());
-                    let redirect = match opaque {
+                    let xattr_opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
+                    let mut redirect = match xattr_opaque {
                         true => None,
                         false => whiteout::upper_redirect(t, &xnames, self.ns)?,
                     };
+                    // An upper written by fuse-overlayfs may mark it with the file alone. Only
+                    // asked where something below could merge in (a pure-upper directory's
+                    // lookup costs no extra syscall).
+                    let opaque = xattr_opaque
+                        || ((!lower_dirs.is_empty() || redirect.is_some())
+                            && whiteout::has_opaque_marker(ufd_child.as_fd()));
+                    if opaque {
+                        redirect = None;
+                    }
                     let mut f = Found {
                         kind,
                         upper: true,
