@@ -526,7 +526,7 @@ pub struct ExportArgs {
 /// `strata mount`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Options (-o) use the syntax of kernel overlayfs and fuse-overlayfs: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, workdir=DIR, volatile, userxattr, ro, nodev, nosuid, noexec, allow_other; and strata's own: passthrough=on|off|all (the kernel reads and writes files directly: on = upper files and lower executables, the default; all = every lower file read too, where writing a lower file that is open for reading fails with ETXTBSY), lookup_index=auto|always|off (when a lookup reads a directory's lower layers into an index; default auto). Unknown options are ignored with a warning."
+    after_help = "Options (-o) use the syntax of kernel overlayfs and fuse-overlayfs: lowerdir=TOP:...:BOTTOM (\\: escapes a colon), upperdir=DIR, workdir=DIR, volatile, userxattr, ro, nodev, nosuid, noexec, allow_other; and strata's own: passthrough=on|off|all (the kernel reads and writes files directly: on = upper files and lower executables, the default; all = every lower file read too, where writing a lower file that is open for reading fails with ETXTBSY), lookup_index=auto|always|off (when a lookup reads a directory's lower layers into an index; default auto), uring=on|off (take requests through per-CPU io_uring queues when the kernel offers it: Linux 6.14+ with the fuse module's enable_uring parameter on; default on). Unknown options are ignored with a warning."
 )]
 pub struct MountArgs {
     /// Mount options, comma-separated (repeatable).

@@ -1278,8 +1278,15 @@ fn random_case(index: usize) {
     let redirect = env_u64("STRATA_DIFF_REDIRECT").map_or(index < 4, |v| v != 0);
     let ops = gen_ops(&mut rng, nops, redirect);
     // Half the seeds build every directory's lower index at its first lookup, so the
-    // indexed lookup path is compared with the kernel as much as the probing one.
-    let extra = if index % 2 == 1 { "lookup_index=always" } else { "" };
+    // indexed lookup path is compared with the kernel as much as the probing one. The last
+    // two take requests through /dev/fuse, the others through io_uring when the fuse module
+    // allows it (scripts/test turns it on), so both transports are compared.
+    let extra = match (index % 2 == 1, index >= 4) {
+        (false, false) => "",
+        (true, false) => "lookup_index=always",
+        (false, true) => "uring=off",
+        (true, true) => "lookup_index=always,uring=off",
+    };
     let mut run = DiffRun::new_mode(
         &format!("random-{seed:x}"),
         3,

@@ -58,6 +58,7 @@ impl Mounter for FuseMounter {
                 threads: crate::fuse::mount::DEFAULT_THREADS,
                 passthrough: Passthrough::On,
                 acl: true,
+                uring: true,
             },
             image: None,
             hold: None,

@@ -120,6 +120,9 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             }
             ("static_nlink", None) => spec.overlay.static_nlink = true,
             ("noacl", None) => spec.opts.acl = false,
+            ("uring", Some("on")) => spec.opts.uring = true,
+            ("uring", Some("off")) => spec.opts.uring = false,
+            ("uring", Some(v)) => bail!("uring={v}: expected on or off"),
             ("xattr_permissions", Some("0")) => {}
             ("xattr_permissions", Some(v)) => bail!(
                 "xattr_permissions={v}: strata keeps owners and modes in the files themselves (only 0 is supported)"
@@ -179,6 +182,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             threads: a.threads,
             passthrough: Passthrough::On,
             acl: true,
+            uring: true,
         },
         image: None,
         hold: None,
@@ -265,6 +269,7 @@ pub fn mount_container(
             threads: DEFAULT_THREADS,
             passthrough: Passthrough::On,
             acl: true,
+            uring: true,
         },
         image: Some(c.state.image_id.clone()),
         hold: None,
@@ -503,5 +508,10 @@ mod tests {
         )
         .unwrap();
         assert!(!s.opts.acl && s.overlay.static_nlink && s.opts.threads == 1);
+        assert!(s.opts.uring);
+        apply_options(&mut s, "uring=off").unwrap();
+        assert!(!s.opts.uring);
+        let e = apply_options(&mut s, "uring=maybe").unwrap_err().to_string();
+        assert!(e.contains("uring=maybe"), "{e}");
     }
 }

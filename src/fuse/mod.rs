@@ -33,6 +33,8 @@ pub struct FuseFs {
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// Ask the kernel to check POSIX ACLs (not with `noacl`).
     acl: bool,
+    /// Ask for FUSE_OVER_IO_URING (not with `uring=off`).
+    uring: bool,
     /// Passthrough allowed by the mount options.
     want_passthrough: bool,
     /// Every lower file opened for reading may be passed through, not only executables.
@@ -57,11 +59,12 @@ impl FuseFs {
     }
 
     /// Serve `ov`; `passthrough` says which files may be passed through.
-    pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough, acl: bool) -> FuseFs {
+    pub fn new(ov: Arc<Overlay>, passthrough: mount::Passthrough, acl: bool, uring: bool) -> FuseFs {
         FuseFs {
             ov,
             notifier: Arc::new(std::sync::OnceLock::new()),
             acl,
+            uring,
             want_passthrough: passthrough != mount::Passthrough::Off,
             lower_reads: passthrough == mount::Passthrough::All,
             passthrough: AtomicBool::new(false),
@@ -382,8 +385,13 @@ impl Filesystem for FuseFs {
             // `ls -l` asks for system.posix_acl_access on every file, which now costs no
             // round trip after the first.
             InitFlags::FUSE_POSIX_ACL,
+            // Requests come through per-CPU io_uring queues, served on the caller's CPU
+            // (the kernel offers it only with the fuse module's enable_uring on).
+            InitFlags::FUSE_OVER_IO_URING,
         ] {
-            if cap == InitFlags::FUSE_POSIX_ACL && !self.acl {
+            if (cap == InitFlags::FUSE_POSIX_ACL && !self.acl)
+                || (cap == InitFlags::FUSE_OVER_IO_URING && !self.uring)
+            {
                 continue;
             }
             let _ = config.add_capabilities(cap);

@@ -47,6 +47,8 @@ pub struct MountOpts {
     pub passthrough: Passthrough,
     /// The kernel checks POSIX ACLs (off with `noacl`).
     pub acl: bool,
+    /// Take requests through io_uring when the kernel offers it (off with `uring=off`).
+    pub uring: bool,
 }
 
 /// Worker threads when not asked (`--threads`). Fewer workers than 4 made single round trips faster on a
@@ -87,6 +89,12 @@ fn fuser_config(o: &MountOpts) -> Config {
     };
     c.n_threads = Some(o.threads.max(1));
     c.clone_fd = true;
+    // As many io_uring workers in all as classic ones, spread over the per-CPU queues
+    // (at least one each); the classic ones then serve only FORGET and INTERRUPT.
+    if o.uring {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        c.uring_threads_per_queue = o.threads.max(1).div_ceil(cpus);
+    }
     c
 }
 
@@ -212,7 +220,7 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
     // One reference is never dropped: at exit the kernel closes the cached fds at once,
     // instead of the table being torn down entry by entry while `strata umount` waits.
     std::mem::forget(ov.clone());
-    let fs = FuseFs::new(ov, o.passthrough, o.acl);
+    let fs = FuseFs::new(ov, o.passthrough, o.acl, o.uring);
     let notifier = fs.notifier.clone();
     let direct = crate::sys::euid() == 0;
     let made = if direct {
