@@ -288,22 +288,35 @@ def report(results, counts, *fss):
         scale, f = UNITS[unit]
         return "n/a" if x is None else f.format(x * scale)
 
-    print("| workload | kernel | fuse-overlayfs | strata | fo/kernel | strata/kernel | strata/fo |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    dev = "strata-devfuse" in fss
+    if dev:
+        print(
+            "| workload | kernel | fuse-overlayfs | strata | strata /dev/fuse | fo/kernel "
+            "| strata/kernel | strata/fo | strata /dev/fuse / kernel |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| workload | kernel | fuse-overlayfs | strata | fo/kernel | strata/kernel | strata/fo |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
     for key, label, unit in WORKLOADS:
         if not any((fs, key) in data for fs in fss):
             continue  # not selected (BENCH_ONLY)
-        k, fo, st = (med(fs, key) for fs in ("kernel", "fuse-overlayfs", "strata"))
+        k, fo, st, sd = (med(fs, key) for fs in ("kernel", "fuse-overlayfs", "strata", "strata-devfuse"))
         try:
             label = label.format(**params)
         except KeyError:
             pass
         unit_note = {"s": " (s)", "ms": " (ms)"}.get(unit, "")
-        print(
-            f"| {label}{unit_note} | {fmt(k, unit)} | {fmt(fo, unit)} | {fmt(st, unit)} "
+        values = f"| {fmt(k, unit)} | {fmt(fo, unit)} | {fmt(st, unit)} "
+        if dev:
+            values += f"| {fmt(sd, unit)} "
+        ratios = (
             f"| {ratio('fuse-overlayfs', 'kernel', key, unit)} | {ratio('strata', 'kernel', key, unit)} "
             f"| {ratio('strata', 'fuse-overlayfs', key, unit)} |"
         )
+        if dev:
+            ratios += f" {ratio('strata-devfuse', 'kernel', key, unit)} |"
+        print(f"| {label}{unit_note} {values}{ratios}")
     reps = {fs: max((len(v) for (f, _), v in data.items() if f == fs), default=0) for fs in fss}
     print()
     print(

@@ -1302,4 +1302,23 @@ fn requests_come_through_io_uring_unless_turned_off() {
         }
         m.umount().unwrap();
     }
+
+    // If the rings cannot be made (here: io_uring turned off for the whole machine), the
+    // kernel must not be promised io_uring at INIT, or it would hold every request.
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = fs::write("/proc/sys/kernel/io_uring_disabled", &self.0);
+        }
+    }
+    let sysctl = Path::new("/proc/sys/kernel/io_uring_disabled");
+    let _restore = Restore(fs::read_to_string(sysctl).unwrap());
+    fs::write(sysctl, "2").unwrap();
+    let ls = LayerSet::new("uring-refused", 1);
+    let data: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+    fs::write(ls.lower(0).root.join("lowerfile"), &data).unwrap();
+    let m = StrataMount::new(&ls.spec());
+    transport_workout(m.root());
+    assert!(uring_workers(m.root()).is_empty());
+    m.umount().unwrap();
 }

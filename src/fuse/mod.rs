@@ -407,6 +407,9 @@ impl Filesystem for FuseFs {
             self.passthrough.store(true, Ordering::Relaxed);
         }
         let _ = config.set_max_readahead(1 << 20);
+        // The kernel sends at most max_pages_limit pages (256 by default) per request anyway;
+        // fuser's 16 MiB default would size every io_uring payload buffer at 16 MiB.
+        let _ = config.set_max_write(1 << 20);
         Ok(())
     }
 

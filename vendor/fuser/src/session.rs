@@ -139,9 +139,10 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
-    /// strata patch: the payload buffer size of an io_uring ring entry, when the kernel
-    /// agreed to FUSE_OVER_IO_URING.
-    pub(crate) uring_payload: Option<usize>,
+    /// strata patch: io_uring workers started at INIT (when the kernel agreed to
+    /// FUSE_OVER_IO_URING).
+    #[cfg(target_os = "linux")]
+    pub(crate) uring: Option<crate::uring::Workers<FS>>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -189,7 +190,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
-            uring_payload: None,
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -218,7 +220,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
-            uring_payload: None,
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -257,7 +260,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
-            uring_payload,
+            #[cfg(target_os = "linux")]
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -292,33 +296,23 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
-        // strata patch: io_uring workers, `uring_threads_per_queue` per queue (see uring.rs).
+        // strata patch: hand the io_uring workers (see uring.rs) their session.
         let mut threads = Vec::with_capacity(n_threads);
         #[cfg(target_os = "linux")]
-        if let (Some(payload), Some(queues)) = (uring_payload, crate::uring::queue_count()) {
+        if let Some(workers) = uring {
             use std::os::fd::AsRawFd;
             let fd = ch.as_fd().as_raw_fd();
-            for qid in 0..queues {
-                for k in 0..config.uring_threads_per_queue.max(1) {
-                    let thread_name = format!("fuser-uring-{qid}.{k}");
-                    let event_loop = SessionEventLoop {
-                        thread_name: thread_name.clone(),
-                        filesystem: filesystem.clone(),
-                        ch: ch.clone(),
-                        allowed,
-                        session_owner,
-                    };
-                    threads.push(thread::Builder::new().name(thread_name).spawn(move || {
-                        if let Err(e) =
-                            crate::uring::serve_queue(&event_loop, fd, qid as u16, payload)
-                        {
-                            // The classic workers serve every request then.
-                            warn!("io_uring queue {qid}: {e}; using /dev/fuse");
-                        }
-                        Ok(())
-                    })?);
-                }
+            for (i, start) in workers.starts.iter().enumerate() {
+                let se = SessionEventLoop {
+                    thread_name: format!("fuser-uring-{i}"),
+                    filesystem: filesystem.clone(),
+                    ch: ch.clone(),
+                    allowed,
+                    session_owner,
+                };
+                let _ = start.send(crate::uring::Start { se, fd });
             }
+            threads.extend(workers.handles);
         }
         channels.push(ch);
 
@@ -501,16 +495,26 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            // strata patch: once the reply grants FUSE_OVER_IO_URING the kernel holds every
+            // request until each queue has a ring entry, so the workers get their rings
+            // now, and the flag goes if that fails.
             #[cfg(target_os = "linux")]
-            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING)
-                && self.config.uring_threads_per_queue > 0
-            {
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
                 let pages = usize::from(config.max_pages()) * page_size::get();
-                self.uring_payload = Some(
-                    crate::uring::MIN_PAYLOAD
-                        .max(config.max_write as usize)
-                        .max(pages),
-                );
+                let payload = crate::uring::MIN_PAYLOAD
+                    .max(config.max_write as usize)
+                    .max(pages);
+                let workers = match self.config.uring_threads_per_queue {
+                    0 => Err(io::Error::other("no workers configured")),
+                    n => crate::uring::spawn_workers::<FS>(n, payload),
+                };
+                match workers {
+                    Ok(w) => self.uring = Some(w),
+                    Err(e) => {
+                        warn!("io_uring: {e}; requests go through /dev/fuse");
+                        config.requested.remove(InitFlags::FUSE_OVER_IO_URING);
+                    }
+                }
             }
 
             let response = init.reply(&config);

@@ -12,17 +12,23 @@
 //! read from /dev/fuse, collects the reply, copies it into the entry and commits it with a
 //! command that also waits for the next request.
 //!
-//! The kernel switches a connection over only once every queue has an entry; until then,
-//! and always for FORGET and INTERRUPT, it uses /dev/fuse, which the classic workers keep
-//! reading.
+//! Once the INIT reply grants FUSE_OVER_IO_URING, the kernel holds every request until each
+//! queue has an entry, so nothing that can fail is left for after it: the workers are
+//! started, pinned and given their rings before the reply, and the flag is dropped from the
+//! reply if any of that fails. The /dev/fuse workers keep running: the kernel sends FORGET
+//! and INTERRUPT there.
 
 use std::io;
 use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread;
+use std::thread::JoinHandle;
 
 use io_uring::IoUring;
 use io_uring::cqueue;
@@ -30,6 +36,7 @@ use io_uring::opcode;
 use io_uring::squeue;
 use io_uring::types;
 use log::debug;
+use log::error;
 use log::warn;
 
 use crate::Filesystem;
@@ -69,22 +76,25 @@ struct ReqHeader {
     ent: EntInOut,
 }
 
-/// A worker's ring entry: buffers registered with the kernel, never freed (the kernel keeps
-/// pointers to them while the entry is registered, also after an error on our side).
+/// A worker's ring entry: buffers registered with the kernel. They are never freed: the
+/// kernel keeps pointers to them while the entry is registered.
 #[derive(Debug)]
 struct Entry {
     header: *mut ReqHeader,
     payload: *mut u8,
     payload_len: usize,
-    /// Set while a request of this entry is being dispatched: the only time its reply may
-    /// be written.
-    armed: AtomicBool,
-    /// Bytes of the reply written (header included); 0 = none yet.
+    /// The request now being dispatched (0 = none): the only one whose reply may be
+    /// written into the entry.
+    current: AtomicU64,
+    /// Set by the sender that claimed the entry for its reply, until the copy is done.
+    busy: AtomicBool,
+    /// Bytes of the reply written (header included); 0 = none.
     reply_len: AtomicUsize,
 }
 
-// SAFETY: the pointers are to leaked buffers that live as long as the process; writes
-// happen only while `armed`, from the thread dispatching the entry's request.
+// SAFETY: the pointers are to leaked buffers that live as long as the process; they are
+// written only by the one sender that claims `current` (or by the worker once it took
+// `current` back), see `UringSender::send` and `serve`.
 unsafe impl Send for Entry {}
 // SAFETY: as above.
 unsafe impl Sync for Entry {}
@@ -93,6 +103,7 @@ unsafe impl Sync for Entry {}
 #[derive(Clone, Debug)]
 pub(crate) struct UringSender {
     entry: Arc<Entry>,
+    unique: u64,
     /// For what still goes through /dev/fuse (passthrough backing ids).
     pub(crate) ch: ChannelSender,
 }
@@ -103,18 +114,23 @@ impl UringSender {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
         let e = &self.entry;
         let total: usize = data.iter().map(|d| d.len()).sum();
-        if !e.armed.swap(false, Ordering::AcqRel) {
+        if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > e.payload_len {
+            return Err(io::Error::other(format!("io_uring reply of {total} bytes")));
+        }
+        e.busy.store(true, Ordering::SeqCst);
+        if e.current
+            .compare_exchange(self.unique, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            e.busy.store(false, Ordering::SeqCst);
             return Err(io::Error::other(
                 "reply to an io_uring request sent twice or late",
             ));
         }
-        if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > e.payload_len {
-            return Err(io::Error::other(format!("io_uring reply of {total} bytes")));
-        }
         let mut at = 0usize;
         for d in data {
             let mut d: &[u8] = d;
-            // SAFETY: `armed` gave this call the entry; the bounds were checked above.
+            // SAFETY: taking `current` gave this call the entry; bounds checked above.
             unsafe {
                 if at < OUT_HEADER_LEN {
                     let n = (OUT_HEADER_LEN - at).min(d.len());
@@ -131,7 +147,8 @@ impl UringSender {
             }
             at += d.len();
         }
-        e.reply_len.store(total, Ordering::Release);
+        e.reply_len.store(total, Ordering::SeqCst);
+        e.busy.store(false, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -139,7 +156,7 @@ impl UringSender {
 /// The number of queues the kernel makes: one per possible CPU (`num_possible_cpus`), and
 /// a request's queue is the number of the CPU it was made on, so only a contiguous set
 /// starting at 0 can be served.
-pub(crate) fn queue_count() -> Option<usize> {
+fn queue_count() -> Option<usize> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
     let s = s.trim();
     let last = match s.split_once('-') {
@@ -151,7 +168,10 @@ pub(crate) fn queue_count() -> Option<usize> {
 }
 
 fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET checks the bound; pid 0 is this thread.
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data and `cpu` is within it; pid 0 is this thread.
     let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
@@ -174,7 +194,9 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
     c
 }
 
-fn build_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+fn build_ring() -> io::Result<Ring> {
     // Only this thread submits, and it runs the kernel's task work when it waits anyway.
     IoUring::builder()
         .setup_single_issuer()
@@ -183,41 +205,72 @@ fn build_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
         .or_else(|_| IoUring::builder().build(4))
 }
 
-/// Serve queue `qid` with one ring entry of `payload_len` bytes until the connection ends.
-/// An error before the first request means the kernel refused the registration.
-pub(crate) fn serve_queue<FS: Filesystem>(
-    se: &SessionEventLoop<FS>,
-    fd: RawFd,
-    qid: u16,
+/// What a worker needs once the session runs.
+pub(crate) struct Start<FS: Filesystem> {
+    pub(crate) se: SessionEventLoop<FS>,
+    pub(crate) fd: RawFd,
+}
+
+/// Workers started before the INIT reply, waiting for their `Start`. Dropping this
+/// without starting them makes them exit.
+pub(crate) struct Workers<FS: Filesystem> {
+    pub(crate) handles: Vec<JoinHandle<io::Result<()>>>,
+    pub(crate) starts: Vec<mpsc::Sender<Start<FS>>>,
+}
+
+impl<FS: Filesystem> std::fmt::Debug for Workers<FS> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Workers({})", self.handles.len())
+    }
+}
+
+/// Start `per_queue` workers for each queue, each pinned to its queue's CPU with its ring
+/// and its entry's buffers (`payload_len` bytes of payload) made; an error if any of that
+/// fails (the session then stays on /dev/fuse).
+pub(crate) fn spawn_workers<FS: Filesystem>(
+    per_queue: usize,
     payload_len: usize,
-) -> io::Result<()> {
-    pin_to_cpu(qid as usize);
-    let mut ring = build_ring()?;
+) -> io::Result<Workers<FS>> {
+    let queues =
+        queue_count().ok_or_else(|| io::Error::other("cannot tell the possible CPUs from /sys"))?;
+    let mut w = Workers {
+        handles: Vec::new(),
+        starts: Vec::new(),
+    };
+    for qid in 0..queues {
+        for k in 0..per_queue.max(1) {
+            let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+            let (start_tx, start_rx) = mpsc::channel::<Start<FS>>();
+            let h = thread::Builder::new()
+                .name(format!("fuser-uring-{qid}.{k}"))
+                .spawn(move || {
+                    pin_to_cpu(qid);
+                    let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
+                    let (ring, entry) = match made {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return Ok(());
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    match start_rx.recv() {
+                        Ok(start) => serve(ring, entry, start, qid as u16),
+                        // The session stays on /dev/fuse (or never ran).
+                        Err(_) => Ok(()),
+                    }
+                })?;
+            w.handles.push(h);
+            ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("io_uring worker died"))??;
+            w.starts.push(start_tx);
+        }
+    }
+    Ok(w)
+}
 
-    let entry = Arc::new(Entry {
-        header: Box::into_raw(Box::new(ReqHeader {
-            in_out: [0; 128],
-            op_in: [0; OP_IN_LEN],
-            ent: EntInOut::default(),
-        })),
-        payload: vec![0u8; payload_len].leak().as_mut_ptr(),
-        payload_len,
-        armed: AtomicBool::new(false),
-        reply_len: AtomicUsize::new(0),
-    });
-    let header = entry.header;
-    let payload = entry.payload;
-    let iov = [
-        libc::iovec {
-            iov_base: header.cast(),
-            iov_len: std::mem::size_of::<ReqHeader>(),
-        },
-        libc::iovec {
-            iov_base: payload.cast(),
-            iov_len: payload_len,
-        },
-    ];
-
+fn register(ring: &mut Ring, fd: RawFd, qid: u16, iov: &[libc::iovec; 2]) -> io::Result<()> {
     let mut reg = opcode::UringCmd80::new(types::Fd(fd), FUSE_IO_URING_CMD_REGISTER)
         .cmd(cmd_req(qid, 0))
         .addr(Some(iov.as_ptr() as u64))
@@ -233,33 +286,111 @@ pub(crate) fn serve_queue<FS: Filesystem>(
             .write_unaligned(2);
     }
     // SAFETY: `iov` and the buffers it points to outlive the submission (the kernel reads
-    // the iovec during the first submit below and keeps the buffers, which are leaked).
-    unsafe { ring.submission().push(&reg) }.map_err(io::Error::other)?;
+    // the iovec when the SQE is submitted, and keeps the buffers, which are leaked).
+    unsafe { ring.submission().push(&reg) }.map_err(io::Error::other)
+}
 
-    let sender = UringSender {
-        entry: entry.clone(),
-        ch: se.ch.sender(),
+/// An anonymous mapping: its pages cost memory only once a request or reply touches them
+/// (a heap allocation of that size may be zeroed, and so made resident, up front).
+fn map_payload(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh private anonymous mapping; never unmapped (see `Entry`).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+fn new_entry(payload_len: usize) -> io::Result<Arc<Entry>> {
+    Ok(Arc::new(Entry {
+        header: Box::into_raw(Box::new(ReqHeader {
+            in_out: [0; 128],
+            op_in: [0; OP_IN_LEN],
+            ent: EntInOut::default(),
+        })),
+        payload: map_payload(payload_len)?,
+        payload_len,
+        current: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+        reply_len: AtomicUsize::new(0),
+    }))
+}
+
+/// Serve one ring entry until the connection ends.
+fn serve<FS: Filesystem>(
+    mut ring: Ring,
+    entry: Arc<Entry>,
+    start: Start<FS>,
+    qid: u16,
+) -> io::Result<()> {
+    let Start { se, fd } = start;
+    let payload_len = entry.payload_len;
+    let header = entry.header;
+    let payload = entry.payload;
+    let iov = [
+        libc::iovec {
+            iov_base: header.cast(),
+            iov_len: std::mem::size_of::<ReqHeader>(),
+        },
+        libc::iovec {
+            iov_base: payload.cast(),
+            iov_len: payload_len,
+        },
+    ];
+    register(&mut ring, fd, qid, &iov)?;
+
     let mut req_buf: Vec<u8> = Vec::with_capacity(IN_HEADER_LEN + OP_IN_LEN + 4096);
     let mut served = false;
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
+            Err(e) => {
+                error!(
+                    "io_uring queue {qid}: {e}: requests from CPU {qid} may stall (mount with uring=off)"
+                );
+                return Err(e);
+            }
         }
         let Some(cqe) = ring.completion().next() else {
             continue;
         };
         let res = cqe.result();
         if res < 0 {
-            return match -res {
+            match -res {
                 // The connection went away (unmount, abort).
-                libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED | libc::ENODEV if served => {
-                    Ok(())
+                libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED | libc::ENODEV => {
+                    return Ok(());
                 }
-                e => Err(io::Error::from_raw_os_error(e)),
-            };
+                e if served => {
+                    // A failed commit leaves the entry with the kernel as used: hand it
+                    // a fresh one over the same buffers so the queue keeps its workers.
+                    warn!(
+                        "io_uring queue {qid}: commit failed: {}",
+                        io::Error::from_raw_os_error(e)
+                    );
+                    register(&mut ring, fd, qid, &iov)?;
+                    continue;
+                }
+                e => {
+                    // A refusal inside the fuse code hands the connection back to
+                    // /dev/fuse; one before it (say a security module) does not.
+                    let e = io::Error::from_raw_os_error(e);
+                    error!(
+                        "io_uring queue {qid}: registration refused: {e}; if requests stall, mount with uring=off"
+                    );
+                    return Err(e);
+                }
+            }
         }
         if !served {
             debug!("io_uring queue {qid}: first request");
@@ -294,21 +425,29 @@ pub(crate) fn serve_queue<FS: Filesystem>(
             }
         };
 
-        entry.reply_len.store(0, Ordering::Relaxed);
-        entry.armed.store(true, Ordering::Release);
+        entry.reply_len.store(0, Ordering::SeqCst);
+        entry.current.store(unique, Ordering::SeqCst);
         if parsed {
-            if let Some(req) =
-                RequestWithSender::new_uring(se.ch.sender(), sender.clone(), &req_buf)
-            {
+            let sender = UringSender {
+                entry: entry.clone(),
+                unique,
+                ch: se.ch.sender(),
+            };
+            if let Some(req) = RequestWithSender::new_uring(se.ch.sender(), sender, &req_buf) {
                 if let Ok(ll::Operation::Destroy(_)) = req.request.operation() {
                     req.reply::<ReplyEmpty>().ok();
                 } else {
-                    req.dispatch(se);
+                    req.dispatch(&se);
                 }
             }
         }
-        entry.armed.store(false, Ordering::Release);
-        let reply_len = entry.reply_len.load(Ordering::Acquire);
+        // Take the entry back: a reply not sent by now goes nowhere. Wait for a sender
+        // that claimed it from another thread to finish its copy.
+        entry.current.store(0, Ordering::SeqCst);
+        while entry.busy.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        let reply_len = entry.reply_len.load(Ordering::SeqCst);
         let psz = if reply_len >= OUT_HEADER_LEN {
             reply_len - OUT_HEADER_LEN
         } else {
