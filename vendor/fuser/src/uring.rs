@@ -237,6 +237,7 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
         handles: Vec::new(),
         starts: Vec::new(),
     };
+    let mut readies = Vec::new();
     for qid in 0..queues {
         for k in 0..per_queue.max(1) {
             let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
@@ -261,11 +262,14 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
                     }
                 })?;
             w.handles.push(h);
-            ready_rx
-                .recv()
-                .map_err(|_| io::Error::other("io_uring worker died"))??;
             w.starts.push(start_tx);
+            readies.push(ready_rx);
         }
+    }
+    // All set up at once: each pins itself (a migration) and makes a ring and a mapping.
+    for r in readies {
+        r.recv()
+            .map_err(|_| io::Error::other("io_uring worker died"))??;
     }
     Ok(w)
 }
