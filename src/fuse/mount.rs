@@ -92,8 +92,7 @@ fn fuser_config(o: &MountOpts) -> Config {
     // As many io_uring workers in all as classic ones, spread over the per-CPU queues
     // (at least one each); the classic ones then serve only FORGET and INTERRUPT.
     if o.uring {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        c.uring_threads_per_queue = o.threads.max(1).div_ceil(cpus);
+        c.uring_threads = o.threads.max(1);
     }
     c
 }

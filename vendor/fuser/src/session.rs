@@ -504,7 +504,7 @@ impl<FS: Filesystem> Session<FS> {
                 let payload = crate::uring::MIN_PAYLOAD
                     .max(config.max_write as usize)
                     .max(pages);
-                let workers = match self.config.uring_threads_per_queue {
+                let workers = match self.config.uring_threads {
                     0 => Err(io::Error::other("no workers configured")),
                     n => crate::uring::spawn_workers::<FS>(n, payload),
                 };

@@ -224,15 +224,16 @@ impl<FS: Filesystem> std::fmt::Debug for Workers<FS> {
     }
 }
 
-/// Start `per_queue` workers for each queue, each pinned to its queue's CPU with its ring
-/// and its entry's buffers (`payload_len` bytes of payload) made; an error if any of that
-/// fails (the session then stays on /dev/fuse).
+/// Start `threads` workers spread over the queues (at least one each), each pinned to its
+/// queue's CPU with its ring and its entry's buffers (`payload_len` bytes of payload) made;
+/// an error if any of that fails (the session then stays on /dev/fuse).
 pub(crate) fn spawn_workers<FS: Filesystem>(
-    per_queue: usize,
+    threads: usize,
     payload_len: usize,
 ) -> io::Result<Workers<FS>> {
     let queues =
         queue_count().ok_or_else(|| io::Error::other("cannot tell the possible CPUs from /sys"))?;
+    let per_queue = threads.div_ceil(queues);
     let mut w = Workers {
         handles: Vec::new(),
         starts: Vec::new(),

@@ -18,9 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
-    /// strata patch: io_uring workers per queue (one queue per possible CPU) when the
-    /// filesystem asks for FUSE_OVER_IO_URING in `init` and the kernel agrees; 0 = none.
-    pub uring_threads_per_queue: usize,
+    /// strata patch: io_uring workers in all, spread over the queues (one per possible
+    /// CPU; at least one each), when the filesystem asks for FUSE_OVER_IO_URING in `init`
+    /// and the kernel agrees; 0 = none.
+    pub uring_threads: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
