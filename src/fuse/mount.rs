@@ -202,6 +202,26 @@ fn mount_fusermount(o: &MountOpts) -> std::io::Result<std::os::fd::OwnedFd> {
     }
 }
 
+/// The readahead of this mount's own backing device (it goes at umount), in KiB.
+const READAHEAD_KB: u32 = 1024;
+
+/// The kernel starts a FUSE mount with the default readahead (128 KiB) and lets the INIT
+/// reply only lower it, so a sequential read of a big file through strata was one READ of
+/// 128 KiB at a time. As root, raise it through sysfs to one full request (`max_pages`,
+/// 1 MiB): a 64 MiB read went from 513 READs to 66, and a read of a 1 GiB lower file held
+/// in the page cache from 0.65-0.73 s to 0.60-0.65 s through io_uring and 0.55-0.60 to
+/// 0.43-0.44 s through /dev/fuse. Called once the session serves (the stat is answered).
+fn raise_readahead(mountpoint: &std::path::Path) {
+    let Ok(st) = rustix::fs::stat(mountpoint) else {
+        return;
+    };
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
+        log::debug!("{knob}: {e}");
+    }
+}
+
 /// Signals the serving thread waits for.
 const SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
@@ -288,6 +308,9 @@ pub fn serve(ov: Arc<Overlay>, o: &MountOpts, ready: impl FnOnce(Result<(), Stri
             let _ = crate::sys::kill(me, libc::SIGUSR1);
             r
         })?;
+    if direct {
+        raise_readahead(&o.mountpoint);
+    }
     ready(Ok(()));
     loop {
         match sigs.wait() {
