@@ -302,9 +302,9 @@ impl<FS: Filesystem> Session<FS> {
         if let Some(workers) = uring {
             use std::os::fd::AsRawFd;
             let fd = ch.as_fd().as_raw_fd();
-            for (i, start) in workers.starts.iter().enumerate() {
+            for (name, start) in workers.starts {
                 let se = SessionEventLoop {
-                    thread_name: format!("fuser-uring-{i}"),
+                    thread_name: name,
                     filesystem: filesystem.clone(),
                     ch: ch.clone(),
                     allowed,

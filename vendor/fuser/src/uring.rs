@@ -215,7 +215,8 @@ pub(crate) struct Start<FS: Filesystem> {
 /// without starting them makes them exit.
 pub(crate) struct Workers<FS: Filesystem> {
     pub(crate) handles: Vec<JoinHandle<io::Result<()>>>,
-    pub(crate) starts: Vec<mpsc::Sender<Start<FS>>>,
+    /// Each worker's thread name and where its session goes.
+    pub(crate) starts: Vec<(String, mpsc::Sender<Start<FS>>)>,
 }
 
 impl<FS: Filesystem> std::fmt::Debug for Workers<FS> {
@@ -241,29 +242,28 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
     let mut readies = Vec::new();
     for qid in 0..queues {
         for k in 0..per_queue.max(1) {
+            let name = format!("fuser-uring-{qid}.{k}");
             let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
             let (start_tx, start_rx) = mpsc::channel::<Start<FS>>();
-            let h = thread::Builder::new()
-                .name(format!("fuser-uring-{qid}.{k}"))
-                .spawn(move || {
-                    pin_to_cpu(qid);
-                    let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
-                    let (ring, entry) = match made {
-                        Ok(x) => x,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return Ok(());
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    match start_rx.recv() {
-                        Ok(start) => serve(ring, entry, start, qid as u16),
-                        // The session stays on /dev/fuse (or never ran).
-                        Err(_) => Ok(()),
+            let h = thread::Builder::new().name(name.clone()).spawn(move || {
+                pin_to_cpu(qid);
+                let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
+                let (ring, entry) = match made {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return Ok(());
                     }
-                })?;
+                };
+                let _ = ready_tx.send(Ok(()));
+                match start_rx.recv() {
+                    Ok(start) => serve(ring, entry, start, qid as u16),
+                    // The session stays on /dev/fuse (or never ran).
+                    Err(_) => Ok(()),
+                }
+            })?;
             w.handles.push(h);
-            w.starts.push(start_tx);
+            w.starts.push((name, start_tx));
             readies.push(ready_rx);
         }
     }
