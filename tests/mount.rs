@@ -1322,3 +1322,154 @@ fn requests_come_through_io_uring_unless_turned_off() {
     assert!(uring_workers(m.root()).is_empty());
     m.umount().unwrap();
 }
+
+/// What a walk that reads names and types only (`find`) sees of `dir`, recursively:
+/// path -> (d_ino, is_dir, is_symlink). No stat of any entry.
+fn names_walk(dir: &Path, out: &mut std::collections::BTreeMap<String, (u64, bool, bool)>) {
+    use std::os::unix::fs::DirEntryExt;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        out.insert(
+            e.path().display().to_string(),
+            (e.ino(), t.is_dir(), t.is_symlink()),
+        );
+        if t.is_dir() {
+            names_walk(&e.path(), out);
+        }
+    }
+}
+
+/// LOOKUPs of names starting with `f` in the daemon's request log, before and after the
+/// first LOOKUP of `marker`.
+fn file_lookups(log: &str, marker: &str) -> (usize, usize) {
+    let (before, after) = log
+        .split_once(&format!("LOOKUP name \"{marker}\""))
+        .unwrap_or_else(|| panic!("no LOOKUP of {marker} in the request log"));
+    let count = |s: &str| s.matches(" LOOKUP name \"f").count();
+    (count(before), count(after))
+}
+
+/// READDIRPLUS entries of non-directories carry attributes only while the walk looks
+/// the listed names up (`fuse/plus.rs`): a `find` leaves the kernel no dentry per file
+/// (and umount nothing to evict), an `ls -lR` gets full entries after one directory.
+/// Either way the names, types and inode numbers listed are what stat reports.
+#[test]
+fn listings_carry_attributes_only_while_the_walk_stats_them() {
+    let ls = LayerSet::new("plus", 2);
+    const DIRS: usize = 12;
+    const FILES: usize = 16;
+    for tree in ["a", "b"] {
+        for d in 0..DIRS {
+            for f in 0..FILES {
+                ls.lower(1)
+                    .file(&format!("{tree}/d{d}/f{f}"), format!("{tree}{d}{f}"));
+            }
+            ls.lower(1)
+                .symlink(&format!("{tree}/d{d}/link"), "f0")
+                .dir(&format!("{tree}/d{d}/sub"));
+        }
+        // The top layer hides one file, adds one, and makes a directory opaque.
+        ls.lower(0)
+            .whiteout(&format!("{tree}/d0/f0"))
+            .file(&format!("{tree}/d0/fnew"), "new")
+            .file(&format!("{tree}/d1/fonly"), "only")
+            .opaque(&format!("{tree}/d1"));
+    }
+    let log = ls.env.dir("log").join("requests.log");
+    let spec = ls.spec();
+    let mut cmd = Command::new(strata_bin());
+    let args: Vec<String> = vec![
+        "mount".into(),
+        "--log-file".into(),
+        log.display().to_string(),
+        "-o".into(),
+        spec.options(),
+        spec.mnt.display().to_string(),
+    ];
+    cmd.args(&args).env("RUST_LOG", "fuser=debug");
+    let m = StrataMount::with_command(&spec, cmd, &args).unwrap();
+    let r = m.root().to_path_buf();
+
+    // find over a/, then a marker LOOKUP, then ls -lR over b/.
+    let mut seen_a = std::collections::BTreeMap::new();
+    names_walk(&r.join("a"), &mut seen_a);
+    assert_eq!(errno_of(fs::symlink_metadata(r.join("marker"))), libc::ENOENT);
+    let mut seen_b = std::collections::BTreeMap::new();
+    for d in 0..DIRS {
+        let dir = r.join(format!("b/d{d}"));
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            use std::os::unix::fs::DirEntryExt;
+            seen_b.insert(
+                e.path().display().to_string(),
+                (e.ino(), md.is_dir(), md.file_type().is_symlink()),
+            );
+            assert_eq!(md.ino(), e.ino(), "st_ino != d_ino for {}", e.path().display());
+        }
+    }
+
+    // What was listed: the merged tree, whiteout and opaque directory applied.
+    for (tree, seen) in [("a", &seen_a), ("b", &seen_b)] {
+        let mut want = std::collections::BTreeSet::new();
+        for d in 0..DIRS {
+            let names: Vec<String> = match d {
+                0 => (1..FILES)
+                    .map(|f| format!("f{f}"))
+                    .chain(["fnew".into()])
+                    .collect(),
+                1 => vec!["fonly".into()],
+                _ => (0..FILES).map(|f| format!("f{f}")).collect(),
+            };
+            let extra: &[&str] = if d == 1 { &[] } else { &["link", "sub"] };
+            for n in names.iter().map(String::as_str).chain(extra.iter().copied()) {
+                want.insert(r.join(format!("{tree}/d{d}/{n}")).display().to_string());
+            }
+            if tree == "a" {
+                want.insert(r.join(format!("a/d{d}")).display().to_string());
+            }
+        }
+        let got: std::collections::BTreeSet<String> = seen.keys().cloned().collect();
+        assert_eq!(got, want, "listing of {tree}/");
+    }
+    // Names-only entries still carry the inode number and type stat reports.
+    for (p, (d_ino, is_dir, is_link)) in &seen_a {
+        let md = fs::symlink_metadata(p).unwrap();
+        assert_eq!(md.ino(), *d_ino, "st_ino != d_ino for {p}");
+        assert_eq!(
+            (md.is_dir(), md.file_type().is_symlink()),
+            (*is_dir, *is_link),
+            "{p}"
+        );
+    }
+    assert_eq!(fs::read_to_string(r.join("a/d0/fnew")).unwrap(), "new");
+    assert_eq!(fs::read_to_string(r.join("a/d5/f3")).unwrap(), "a53");
+    m.umount().unwrap();
+
+    let log = fs::read_to_string(&log).unwrap();
+    let (find, ls_lr) = file_lookups(&log, "marker");
+    // The find looked up no file: every file entry it was given went bare, and the
+    // lstat of them afterwards (above, after the marker) sent one LOOKUP each.
+    assert_eq!(find, 0, "LOOKUPs of files during the find");
+    // ls -lR: the first directory of b/ went bare (the mode the find left), its names
+    // were looked up, and the rest came with attributes.
+    let per_dir = FILES + 1;
+    let lstat_a = seen_a
+        .keys()
+        .filter(|p| {
+            Path::new(p)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with('f')
+        })
+        .count();
+    let ls_lr = ls_lr - lstat_a.min(ls_lr);
+    assert!(
+        ls_lr <= 2 * per_dir,
+        "ls -lR of b/ sent {ls_lr} file LOOKUPs: full entries did not come back"
+    );
+    assert!(ls_lr > 0, "the first listing of b/ was not bare");
+    eprintln!("file LOOKUPs: find {find}, ls -lR of b/ {ls_lr}");
+}

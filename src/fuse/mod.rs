@@ -2,6 +2,7 @@
 //! calls the overlay core and replies; no overlay logic lives here.
 
 pub mod mount;
+mod plus;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -42,6 +43,8 @@ pub struct FuseFs {
     /// The kernel does reads and writes of upper files itself (FUSE passthrough).
     passthrough: AtomicBool,
     io: Mutex<IoTable>,
+    /// Which READDIRPLUS entries carry attributes (see `plus.rs`).
+    plus: plus::PlusPolicy,
 }
 
 impl FuseFs {
@@ -69,6 +72,7 @@ impl FuseFs {
             lower_reads: passthrough == mount::Passthrough::All,
             passthrough: AtomicBool::new(false),
             io: Mutex::new(IoTable::default()),
+            plus: plus::PlusPolicy::new(),
         }
     }
 }
@@ -414,6 +418,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.plus.looked_up(parent.0);
         match self.ov.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
             // A negative entry (node id 0) the kernel may cache: PATH and library searches
@@ -718,8 +723,20 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(errno(e)),
         };
         let start = entries.partition_point(|e| e.off <= offset);
+        let files = entries[start..].iter().filter(|e| e.kind != Kind::Dir).count();
+        let names_only = self.plus.names_only(ino.0, offset, files);
+        let mut bare = 0;
         let mut full = false;
         for e in &entries[start..] {
+            if names_only && e.kind != Kind::Dir {
+                // No attributes, no node: the kernel lists the name and makes nothing.
+                if reply.add_name_only(INodeNo(e.ino), e.off, kind(e.kind), &e.name) {
+                    full = true;
+                    break;
+                }
+                bare += 1;
+                continue;
+            }
             let name = e.name.as_bytes();
             if name == b"." || name == b".." {
                 // No lookup for these: the kernel does not count references for them.
@@ -753,6 +770,9 @@ impl Filesystem for FuseFs {
                 full = true;
                 break;
             }
+        }
+        if names_only {
+            self.plus.sent(ino.0, bare);
         }
         if !full {
             self.ov.listing_done(ino.0);

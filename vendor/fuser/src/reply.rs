@@ -786,6 +786,19 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// Add an entry that carries no attributes and no lookup reference (node id 0): the
+    /// kernel lists it but creates no dentry for it. Returns true if the buffer is full.
+    pub fn add_name_only<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        kind: FileType,
+        name: T,
+    ) -> bool {
+        self.buf
+            .push_name_only(ino, DirEntOffset(offset), kind, name.as_ref())
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();

@@ -535,6 +535,30 @@ impl DirEntPlusList {
         };
         self.0.push([header.as_bytes(), name])
     }
+
+    /// Add an entry without attributes (node id 0): the kernel lists the name but makes
+    /// no dentry or inode for it, so a later access sends LOOKUP. Returns true if full.
+    #[must_use]
+    pub(crate) fn push_name_only(
+        &mut self,
+        ino: INodeNo,
+        offset: DirEntOffset,
+        kind: FileType,
+        name: &std::ffi::OsStr,
+    ) -> bool {
+        let name = name.as_bytes();
+        let dirent = abi::fuse_dirent {
+            ino: ino.into(),
+            off: offset.0,
+            namelen: name.len().try_into().expect("Name too long"),
+            typ: mode_from_kind_and_perm(kind, 0) >> 12,
+        };
+        // An all-zero fuse_entry_out, then the dirent: the fuse_direntplus layout.
+        const E: usize = size_of::<abi::fuse_entry_out>();
+        let mut header = [0u8; E + size_of::<abi::fuse_dirent>()];
+        header[E..].copy_from_slice(dirent.as_bytes());
+        self.0.push([&header, name])
+    }
 }
 
 #[cfg(test)]
