@@ -11,6 +11,9 @@ use rustix::io::Errno;
 use super::*;
 use crate::sys::{self, XTarget};
 
+/// READs at least this big trigger an asynchronous read of what follows (see `read`).
+const READ_AHEAD_FROM: u32 = 512 * 1024;
+
 impl Overlay {
     // ----- files ---------------------------------------------------------------------
 
@@ -108,6 +111,12 @@ impl Overlay {
     /// read from an open file.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let fd = self.file(fh)?;
+        if size >= READ_AHEAD_FROM {
+            // The kernel sends reads this big only for a sequential reader (its readahead
+            // grew to them): have the lower disk fetch the next ones meanwhile, instead
+            // of one synchronous pread at a time.
+            sys::will_need(fd.as_fd(), off + u64::from(size), u64::from(size) * 2);
+        }
         sys::pread_full(fd.as_fd(), size as usize, off)
     }
 

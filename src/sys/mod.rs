@@ -72,6 +72,17 @@ pub fn dir_stream(dir: BorrowedFd<'_>) -> SysResult<rustix::fs::Dir> {
     rustix::fs::Dir::new(fd)
 }
 
+/// Start reading `len` bytes at `off` of `fd` into the page cache, without waiting
+/// (`POSIX_FADV_WILLNEED`). Only a hint: errors are ignored.
+pub fn will_need(fd: BorrowedFd<'_>, off: u64, len: u64) {
+    let _ = rustix::fs::fadvise(
+        fd,
+        off,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::WillNeed,
+    );
+}
+
 /// lstat of one name in a directory.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<rustix::fs::Stat> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
