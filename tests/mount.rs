@@ -1377,18 +1377,7 @@ fn listings_carry_attributes_only_while_the_walk_stats_them() {
             .opaque(&format!("{tree}/d1"));
     }
     let log = ls.env.dir("log").join("requests.log");
-    let spec = ls.spec();
-    let mut cmd = Command::new(strata_bin());
-    let args: Vec<String> = vec![
-        "mount".into(),
-        "--log-file".into(),
-        log.display().to_string(),
-        "-o".into(),
-        spec.options(),
-        spec.mnt.display().to_string(),
-    ];
-    cmd.args(&args).env("RUST_LOG", "fuser=debug");
-    let m = StrataMount::with_command(&spec, cmd, &args).unwrap();
+    let m = mount_logged(&ls.spec(), &log);
     let r = m.root().to_path_buf();
 
     // find over a/, then a marker LOOKUP, then ls -lR over b/.
@@ -1472,4 +1461,80 @@ fn listings_carry_attributes_only_while_the_walk_stats_them() {
     );
     assert!(ls_lr > 0, "the first listing of b/ was not bare");
     eprintln!("file LOOKUPs: find {find}, ls -lR of b/ {ls_lr}");
+}
+
+/// Mount `spec` with the daemon's request log in `log` (`RUST_LOG=fuser=debug`).
+fn mount_logged(spec: &MountSpec, log: &Path) -> StrataMount {
+    let args: Vec<String> = vec![
+        "mount".into(),
+        "--log-file".into(),
+        log.display().to_string(),
+        "-o".into(),
+        spec.options(),
+        spec.mnt.display().to_string(),
+    ];
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(&args).env("RUST_LOG", "fuser=debug");
+    StrataMount::with_command(spec, cmd, &args).unwrap()
+}
+
+/// A bare listing (the first big one on a fresh mount) gives every kind of name the
+/// inode number stat reports: lower files, hard links below and above, copied-up and
+/// renamed files, new upper files, symlinks.
+#[test]
+fn bare_listings_give_the_inode_numbers_stat_reports() {
+    let ls = LayerSet::new("bareino", 2);
+    for i in 0..10 {
+        ls.lower(1).file(&format!("a{i}"), format!("{i}"));
+    }
+    ls.lower(1).hardlink("h1", "a0").symlink("s1", "a3").dir("sub");
+    ls.lower(0).file("b0", "b").whiteout("a9");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root().to_path_buf();
+    fs::write(r.join("a1"), "copied up").unwrap();
+    fs::rename(r.join("a2"), r.join("r2")).unwrap();
+    fs::write(r.join("n1"), "new").unwrap();
+    fs::hard_link(r.join("n1"), r.join("n2")).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("h1"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    fs::create_dir(r.join("x")).unwrap();
+    m.umount().unwrap();
+
+    let log = ls.env.dir("log").join("requests.log");
+    let spec = ls.fresh_spec();
+    let m = mount_logged(&spec, &log);
+    let r = m.root().to_path_buf();
+    use std::os::unix::fs::DirEntryExt;
+    let listed: Vec<(String, u64)> = fs::read_dir(&r)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), e.ino())
+        })
+        .collect();
+    let mut names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a0", "a1", "a3", "a4", "a5", "a6", "a7", "a8", "b0", "h1", "n1", "n2", "r2", "s1", "sub", "x"]
+    );
+    for (n, d_ino) in &listed {
+        assert_eq!(ino(&r.join(n)), *d_ino, "st_ino != d_ino for {n}");
+    }
+    assert_eq!(ino(&r.join("a0")), ino(&r.join("h1")));
+    assert_eq!(ino(&r.join("n1")), ino(&r.join("n2")));
+    assert_eq!(fs::read_to_string(r.join("a0")).unwrap(), "0+");
+    m.umount().unwrap();
+    // The listing was bare: each file's stat above had to look its name up.
+    let log = fs::read_to_string(&log).unwrap();
+    for n in ["a0", "a1", "b0", "h1", "n1", "n2", "r2", "s1"] {
+        assert!(
+            log.contains(&format!("LOOKUP name \"{n}\"")),
+            "no LOOKUP of {n}: the listing carried attributes"
+        );
+    }
 }
