@@ -1502,14 +1502,42 @@ fn bare_listings_give_the_inode_numbers_stat_reports() {
         .write_all(b"+")
         .unwrap();
     fs::create_dir(r.join("x")).unwrap();
+    // x is pure upper: a copied-up file linked in keeps its lower inode number there.
+    fs::hard_link(r.join("a1"), r.join("x/l")).unwrap();
+    for i in 0..8 {
+        fs::write(r.join(format!("x/n{i}")), "x").unwrap();
+    }
     m.umount().unwrap();
 
-    let log = ls.env.dir("log").join("requests.log");
-    let spec = ls.fresh_spec();
-    let m = mount_logged(&spec, &log);
-    let r = m.root().to_path_buf();
+    check_bare_listing(
+        &ls,
+        "",
+        &[
+            "a0", "a1", "a3", "a4", "a5", "a6", "a7", "a8", "b0", "h1", "n1", "n2", "r2", "s1", "sub", "x",
+        ],
+        &[("a0", "h1"), ("n1", "n2")],
+    );
+    check_bare_listing(
+        &ls,
+        "x",
+        &["l", "n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7"],
+        &[],
+    );
+    // And across directories: the link in x is the copied-up a1.
+    let m = StrataMount::new(&ls.fresh_spec());
+    assert_eq!(ino(&m.root().join("x/l")), ino(&m.root().join("a1")));
+    m.umount().unwrap();
+}
+
+/// On a fresh mount, list `rel` (its first big listing, so bare), check the names, that
+/// each name's d_ino is its st_ino, that `same` pairs share one, and that every non-directory
+/// needed a LOOKUP (the listing was bare).
+fn check_bare_listing(ls: &LayerSet, rel: &str, want: &[&str], same: &[(&str, &str)]) {
+    let log = ls.env.fresh_dir("log-").join("requests.log");
+    let m = mount_logged(&ls.fresh_spec(), &log);
+    let d = m.root().join(rel);
     use std::os::unix::fs::DirEntryExt;
-    let listed: Vec<(String, u64)> = fs::read_dir(&r)
+    let listed: Vec<(String, u64)> = fs::read_dir(&d)
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
@@ -1518,23 +1546,25 @@ fn bare_listings_give_the_inode_numbers_stat_reports() {
         .collect();
     let mut names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
     names.sort();
-    assert_eq!(
-        names,
-        ["a0", "a1", "a3", "a4", "a5", "a6", "a7", "a8", "b0", "h1", "n1", "n2", "r2", "s1", "sub", "x"]
-    );
+    assert_eq!(names, want, "listing of /{rel}");
     for (n, d_ino) in &listed {
-        assert_eq!(ino(&r.join(n)), *d_ino, "st_ino != d_ino for {n}");
+        assert_eq!(ino(&d.join(n)), *d_ino, "st_ino != d_ino for /{rel}/{n}");
     }
-    assert_eq!(ino(&r.join("a0")), ino(&r.join("h1")));
-    assert_eq!(ino(&r.join("n1")), ino(&r.join("n2")));
-    assert_eq!(fs::read_to_string(r.join("a0")).unwrap(), "0+");
+    for (a, b) in same {
+        assert_eq!(ino(&d.join(a)), ino(&d.join(b)), "{a} and {b} in /{rel}");
+    }
+    let files: Vec<&String> = listed
+        .iter()
+        .filter(|(n, _)| !fs::symlink_metadata(d.join(n)).unwrap().is_dir())
+        .map(|(n, _)| n)
+        .collect();
     m.umount().unwrap();
-    // The listing was bare: each file's stat above had to look its name up.
     let log = fs::read_to_string(&log).unwrap();
-    for n in ["a0", "a1", "b0", "h1", "n1", "n2", "r2", "s1"] {
+    assert!(log.contains(" READDIRPLUS "), "no READDIRPLUS in the request log");
+    for n in files {
         assert!(
             log.contains(&format!("LOOKUP name \"{n}\"")),
-            "no LOOKUP of {n}: the listing carried attributes"
+            "no LOOKUP of /{rel}/{n}: the listing carried attributes"
         );
     }
 }

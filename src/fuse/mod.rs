@@ -723,7 +723,11 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(errno(e)),
         };
         let start = entries.partition_point(|e| e.off <= offset);
-        let files = entries[start..].iter().filter(|e| e.kind != Kind::Dir).count();
+        let files = entries[start..]
+            .iter()
+            .filter(|e| e.kind != Kind::Dir)
+            .take(plus::PROBE_MIN as usize)
+            .count();
         let names_only = self.plus.names_only(ino.0, offset, files);
         let mut bare = 0;
         let mut full = false;

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 /// Full listings between two probes.
 const PROBE_EVERY: u32 = 32;
 /// A full-mode listing is worth probing only with this many non-directory names.
-const PROBE_MIN: u32 = 8;
+pub(crate) const PROBE_MIN: u32 = 8;
 
 /// Shared by the readdirplus and lookup handlers.
 #[derive(Debug)]
@@ -68,26 +68,29 @@ impl PlusPolicy {
     }
 
     /// A READDIRPLUS of `dir` from `offset`, with `names` non-directory entries left in
-    /// the listing: whether they go without attributes. The caller then says how many
-    /// did (`sent`).
+    /// the listing (counting up to `PROBE_MIN` is enough): whether they go without
+    /// attributes. The caller then says how many did (`sent`).
     pub(crate) fn names_only(&self, dir: u64, offset: u64, names: usize) -> bool {
         let names = u32::try_from(names).unwrap_or(u32::MAX);
         let mut s = self.state.lock().unwrap();
-        if offset > 0 && self.probe_dir.load(Relaxed) == dir {
-            // The rest of a probe's listing.
-            return true;
+        if offset > 0 {
+            // The rest of a listing: it neither starts nor ends a probe.
+            return s.names_only || (s.open && self.probe_dir.load(Relaxed) == dir);
         }
         if s.open {
-            // The last probe is over: were its names looked up?
-            let hits = self.hits.load(Relaxed);
-            s.names_only = hits.saturating_mul(2) < s.sent;
+            // The last probe is over: were its names looked up? A probe that sent no
+            // name yet (a listing served in parallel) says nothing.
+            if s.sent > 0 {
+                let hits = self.hits.load(Relaxed);
+                s.names_only = hits.saturating_mul(2) < s.sent;
+            }
             s.open = false;
             self.probe_dir.store(0, Relaxed);
         }
         let probe = if s.names_only {
             names > 0
         } else {
-            s.since_probe += 1;
+            s.since_probe = s.since_probe.saturating_add(1);
             s.since_probe >= PROBE_EVERY && names >= PROBE_MIN
         };
         if probe {
@@ -188,5 +191,22 @@ mod tests {
         // A lookup elsewhere does not count.
         p.looked_up(9);
         assert_eq!(p.hits.load(Relaxed), 400);
+        // In full mode, the rest of a listing goes full and starts no probe.
+        assert!(!p.names_only(10, 99, 300));
+        assert!(!p.state.lock().unwrap().open);
+    }
+
+    #[test]
+    fn a_listing_started_before_the_probe_sent_anything_keeps_the_mode() {
+        let p = PlusPolicy::new();
+        assert!(walk(&p, 2, 50, 0));
+        // Bare mode. A probe of 3 opens; 4 starts before 3's reply said what it sent.
+        assert!(p.names_only(3, 0, 50));
+        assert!(p.names_only(4, 0, 50));
+        // 3's count arrives late and is not held against 4's probe.
+        p.sent(3, 50);
+        p.sent(4, 50);
+        assert_eq!(p.state.lock().unwrap().sent, 50);
+        assert!(p.state.lock().unwrap().names_only);
     }
 }

@@ -266,6 +266,17 @@ impl Overlay {
             Err(Errno::NOENT) => rustix::fs::linkat(src, &loc.name, nfd, newname, AtFlags::empty())?,
             Err(e) => return Err(e),
         }
+        // A copied-up object keeps its lower inode number (its origin). A pure-upper
+        // directory is listed with the upper numbers unless it is marked impure, as the
+        // kernel marks it when such an object is linked in (rename does the same).
+        if newparent != ROOT
+            && self
+                .with_node(newparent, |n| n.lower_dirs.is_empty())
+                .unwrap_or(false)
+            && sys::getxattr(XTarget::At(nfd, newname), &self.ns.name("origin")).is_ok()
+        {
+            let _ = sys::setxattr(XTarget::Fd(nfd), &self.ns.name("impure"), b"y", 0);
+        }
         self.lookup(newparent, newname)
     }
 }

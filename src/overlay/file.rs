@@ -111,10 +111,10 @@ impl Overlay {
     /// read from an open file.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let fd = self.file(fh)?;
-        if size >= READ_AHEAD_FROM {
-            // The kernel sends reads this big only for a sequential reader (its readahead
-            // grew to them): have the lower disk fetch the next ones meanwhile, instead
-            // of one synchronous pread at a time.
+        if size >= READ_AHEAD_FROM && self.sequential(fh, off, size) {
+            // A sequential reader whose kernel readahead grew to big READs: have the
+            // lower disk fetch the next ones meanwhile, instead of one synchronous pread
+            // at a time.
             sys::will_need(fd.as_fd(), off + u64::from(size), u64::from(size) * 2);
         }
         sys::pread_full(fd.as_fd(), size as usize, off)
@@ -143,6 +143,17 @@ impl Overlay {
     /// Close an open file.
     pub fn release(&self, fh: u64) {
         self.files.write().unwrap().remove(&fh);
+        self.read_ends.lock().unwrap().remove(&fh);
+    }
+
+    /// Does this big READ of `fh` follow the previous one? Readahead READs can be served
+    /// out of order by the workers, so "follows" allows a gap of two READs either way. A
+    /// random 1 MiB read (or the first) does not count, so it prefetches nothing.
+    fn sequential(&self, fh: u64, off: u64, size: u32) -> bool {
+        let end = off + u64::from(size);
+        let mut ends = self.read_ends.lock().unwrap();
+        let prev = ends.insert(fh, end);
+        prev.is_some_and(|p| p.abs_diff(off) <= 2 * u64::from(size))
     }
 
     /// fsync / fdatasync (no-ops on a volatile mount).

@@ -116,6 +116,8 @@ pub struct Overlay {
     ns_lock: RwLock<()>,
     /// Open files: handle -> (inode, fd).
     files: RwLock<HashMap<u64, (u64, Arc<OwnedFd>)>>,
+    /// Where the last big READ of a handle ended (see `read`).
+    read_ends: Mutex<HashMap<u64, u64>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     listings: Mutex<dir::Listings>,
     next_fh: AtomicU64,
@@ -182,6 +184,7 @@ impl Overlay {
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
+            read_ends: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             listings: Mutex::new(dir::Listings::default()),
             next_fh: AtomicU64::new(1),
