@@ -1340,14 +1340,31 @@ fn names_walk(dir: &Path, out: &mut std::collections::BTreeMap<String, (u64, boo
     }
 }
 
-/// LOOKUPs of names starting with `f` in the daemon's request log, before and after the
-/// first LOOKUP of `marker`.
-fn file_lookups(log: &str, marker: &str) -> (usize, usize) {
+/// LOOKUPs of names starting with `f` in the daemon's request log: how many before the
+/// first LOOKUP of `marker`, and after it, how many in each directory of `parents`
+/// (the log names a LOOKUP's directory by node id, which is its st_ino).
+fn file_lookups(log: &str, marker: &str, parents: &[&[u64]]) -> (usize, Vec<usize>) {
     let (before, after) = log
         .split_once(&format!("LOOKUP name \"{marker}\""))
         .unwrap_or_else(|| panic!("no LOOKUP of {marker} in the request log"));
-    let count = |s: &str| s.matches(" LOOKUP name \"f").count();
-    (count(before), count(after))
+    let in_dirs = |set: &[u64]| {
+        after
+            .lines()
+            .filter(|l| l.contains(" LOOKUP name \"f"))
+            .filter(|l| {
+                let hex = l
+                    .split(" ino 0x")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                hex.and_then(|h| u64::from_str_radix(h, 16).ok())
+                    .is_some_and(|ino| set.contains(&ino))
+            })
+            .count()
+    };
+    (
+        before.matches(" LOOKUP name \"f").count(),
+        parents.iter().map(|set| in_dirs(set)).collect(),
+    )
 }
 
 /// READDIRPLUS entries of non-directories carry attributes only while the walk looks
@@ -1434,33 +1451,30 @@ fn listings_carry_attributes_only_while_the_walk_stats_them() {
     }
     assert_eq!(fs::read_to_string(r.join("a/d0/fnew")).unwrap(), "new");
     assert_eq!(fs::read_to_string(r.join("a/d5/f3")).unwrap(), "a53");
+    let dirs_a: Vec<u64> = (0..DIRS).map(|d| ino(&r.join(format!("a/d{d}")))).collect();
+    let dirs_b: Vec<u64> = (0..DIRS).map(|d| ino(&r.join(format!("b/d{d}")))).collect();
     m.umount().unwrap();
 
     let log = fs::read_to_string(&log).unwrap();
-    let (find, ls_lr) = file_lookups(&log, "marker");
-    // The find looked up no file: every file entry it was given went bare, and the
-    // lstat of them afterwards (above, after the marker) sent one LOOKUP each.
+    let (find, after) = file_lookups(&log, "marker", &[&dirs_a, &dirs_b]);
+    let (lstat_a, ls_lr) = (after[0], after[1]);
+    // The find itself looks nothing up.
     assert_eq!(find, 0, "LOOKUPs of files during the find");
+    // Its listings were bare once the first probe was judged (a few directories in),
+    // so the lstat of a/'s files afterwards had to look most of them up.
+    assert!(
+        lstat_a >= (DIRS - 5) * (FILES - 1),
+        "only {lstat_a} LOOKUPs for the lstat of a/'s files: the find's listings were full"
+    );
     // ls -lR: the first directory of b/ went bare (the mode the find left), its names
     // were looked up, and the rest came with attributes.
     let per_dir = FILES + 1;
-    let lstat_a = seen_a
-        .keys()
-        .filter(|p| {
-            Path::new(p)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with('f')
-        })
-        .count();
-    let ls_lr = ls_lr - lstat_a.min(ls_lr);
     assert!(
         ls_lr <= 2 * per_dir,
         "ls -lR of b/ sent {ls_lr} file LOOKUPs: full entries did not come back"
     );
     assert!(ls_lr > 0, "the first listing of b/ was not bare");
-    eprintln!("file LOOKUPs: find {find}, ls -lR of b/ {ls_lr}");
+    eprintln!("file LOOKUPs: find {find}, lstat of a/ after it {lstat_a}, ls -lR of b/ {ls_lr}");
 }
 
 /// Mount `spec` with the daemon's request log in `log` (`RUST_LOG=fuser=debug`).
