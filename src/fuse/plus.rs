@@ -172,6 +172,16 @@ mod tests {
         bare
     }
 
+    /// A policy after a `find` on a fresh mount: its first probe judged, entries bare.
+    fn after_a_find() -> PlusPolicy {
+        let p = PlusPolicy::new();
+        for d in 2..(4 + SLOTS as u64) {
+            walk(&p, d, 50, 0);
+        }
+        assert!(p.bare.load(Relaxed));
+        p
+    }
+
     #[test]
     fn a_walk_that_never_looks_names_up_gets_them_bare() {
         let p = PlusPolicy::new();
@@ -206,12 +216,7 @@ mod tests {
 
     #[test]
     fn the_mode_follows_the_walk() {
-        let p = PlusPolicy::new();
-        // A find: bare once the first probe is judged.
-        for d in 2..(4 + SLOTS as u64) {
-            walk(&p, d, 50, 0);
-        }
-        assert!(p.bare.load(Relaxed));
+        let p = after_a_find();
         // Then an ls -lR: its first directory goes bare, half its names looked up turn
         // full entries on at once.
         assert!(p.names_only(1000, 0, 50));
@@ -227,10 +232,7 @@ mod tests {
 
     #[test]
     fn probes_older_than_a_turn_to_full_entries_do_not_undo_it() {
-        let p = PlusPolicy::new();
-        for d in 2..(4 + SLOTS as u64) {
-            walk(&p, d, 50, 0);
-        }
+        let p = after_a_find();
         // The find's last probes are still open when an ls -lR starts.
         assert!(walk(&p, 100, 50, 50));
         assert!(!p.bare.load(Relaxed));
@@ -241,10 +243,7 @@ mod tests {
 
     #[test]
     fn parallel_walkers_are_judged_each_on_its_own_probe() {
-        let p = PlusPolicy::new();
-        for d in 2..(4 + SLOTS as u64) {
-            walk(&p, d, 50, 0);
-        }
+        let p = after_a_find();
         assert!(p.bare.load(Relaxed));
         // Two stat walkers list a directory each before either looks anything up.
         assert!(p.names_only(500, 0, 50));
@@ -256,16 +255,13 @@ mod tests {
         }
         assert!(
             !p.bare.load(Relaxed),
-            "600's lookups count though 500 listed after"
+            "600's lookups count though 500 was listed before it"
         );
     }
 
     #[test]
     fn a_probe_goes_on_across_reads_of_one_listing() {
-        let p = PlusPolicy::new();
-        for d in 2..(4 + SLOTS as u64) {
-            walk(&p, d, 50, 0);
-        }
+        let p = after_a_find();
         assert!(p.bare.load(Relaxed));
         assert!(p.names_only(7, 0, 8));
         p.sent(7, 300);

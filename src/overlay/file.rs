@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{FileType, Mode, OFlags};
@@ -19,7 +19,10 @@ impl Overlay {
 
     pub(crate) fn add_file(&self, ino: u64, fd: OwnedFd) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.write().unwrap().insert(fh, (ino, Arc::new(fd)));
+        self.files
+            .write()
+            .unwrap()
+            .insert(fh, (ino, Arc::new(fd), AtomicU64::new(0)));
         fh
     }
 
@@ -28,7 +31,7 @@ impl Overlay {
             .read()
             .unwrap()
             .get(&fh)
-            .map(|(_, fd)| fd.clone())
+            .map(|(_, fd, _)| fd.clone())
             .ok_or(Errno::BADF)
     }
 
@@ -40,8 +43,8 @@ impl Overlay {
             .read()
             .unwrap()
             .values()
-            .find(|(i, _)| *i == ino)
-            .map(|(_, fd)| fd.clone())
+            .find(|(i, _, _)| *i == ino)
+            .map(|(_, fd, _)| fd.clone())
     }
 
     /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.
@@ -110,12 +113,24 @@ impl Overlay {
 
     /// read from an open file.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let fd = self.file(fh)?;
-        if size >= READ_AHEAD_FROM && self.sequential(fh, off, size) {
+        let size64 = u64::from(size);
+        let (fd, sequential) = {
+            let files = self.files.read().unwrap();
+            let (_, fd, end) = files.get(&fh).ok_or(Errno::BADF)?;
+            // Does this big READ follow the handle's previous one? Readahead READs can be
+            // served out of order by the workers, so "follows" allows a gap of two READs
+            // either way. A random big read (or the first) prefetches nothing.
+            let seq = size >= READ_AHEAD_FROM && {
+                let prev = end.swap(off + size64, Ordering::Relaxed);
+                prev != 0 && prev.abs_diff(off) <= 2 * size64
+            };
+            (fd.clone(), seq)
+        };
+        if sequential {
             // A sequential reader whose kernel readahead grew to big READs: have the
             // lower disk fetch the next ones meanwhile, instead of one synchronous pread
             // at a time.
-            sys::will_need(fd.as_fd(), off + u64::from(size), u64::from(size) * 2);
+            sys::will_need(fd.as_fd(), off + size64, size64 * 2);
         }
         sys::pread_full(fd.as_fd(), size as usize, off)
     }
@@ -143,17 +158,6 @@ impl Overlay {
     /// Close an open file.
     pub fn release(&self, fh: u64) {
         self.files.write().unwrap().remove(&fh);
-        self.read_ends.lock().unwrap().remove(&fh);
-    }
-
-    /// Does this big READ of `fh` follow the previous one? Readahead READs can be served
-    /// out of order by the workers, so "follows" allows a gap of two READs either way. A
-    /// random 1 MiB read (or the first) does not count, so it prefetches nothing.
-    fn sequential(&self, fh: u64, off: u64, size: u32) -> bool {
-        let end = off + u64::from(size);
-        let mut ends = self.read_ends.lock().unwrap();
-        let prev = ends.insert(fh, end);
-        prev.is_some_and(|p| p.abs_diff(off) <= 2 * u64::from(size))
     }
 
     /// fsync / fdatasync (no-ops on a volatile mount).

@@ -95,6 +95,10 @@ impl Loc {
     }
 }
 
+/// An open file: its inode, its fd, and where its last big READ ended (0 for none; see
+/// `read`).
+type OpenFile = (u64, Arc<OwnedFd>, AtomicU64);
+
 /// The merged filesystem.
 #[derive(Debug)]
 pub struct Overlay {
@@ -114,10 +118,8 @@ pub struct Overlay {
     /// change on disk + the table's update), so a lookup racing a rename never records the
     /// old name. Held only around those short sections (never across a copy-up).
     ns_lock: RwLock<()>,
-    /// Open files: handle -> (inode, fd).
-    files: RwLock<HashMap<u64, (u64, Arc<OwnedFd>)>>,
-    /// Where the last big READ of a handle ended (see `read`).
-    read_ends: Mutex<HashMap<u64, u64>>,
+    /// Open files by handle.
+    files: RwLock<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     listings: Mutex<dir::Listings>,
     next_fh: AtomicU64,
@@ -184,7 +186,6 @@ impl Overlay {
             nodes: RwLock::new(NodeTable::default()),
             ns_lock: RwLock::new(()),
             files: RwLock::new(HashMap::new()),
-            read_ends: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             listings: Mutex::new(dir::Listings::default()),
             next_fh: AtomicU64::new(1),
