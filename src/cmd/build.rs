@@ -59,6 +59,7 @@ impl Mounter for FuseMounter {
                 passthrough: Passthrough::On,
                 acl: true,
                 uring: true,
+                uring_yield: true,
             },
             image: None,
             hold: None,

@@ -123,6 +123,9 @@ pub fn apply_options(spec: &mut MountSpec, s: &str) -> anyhow::Result<()> {
             ("uring", Some("on")) => spec.opts.uring = true,
             ("uring", Some("off")) => spec.opts.uring = false,
             ("uring", Some(v)) => bail!("uring={v}: expected on or off"),
+            ("uring_yield", Some("on")) => spec.opts.uring_yield = true,
+            ("uring_yield", Some("off")) => spec.opts.uring_yield = false,
+            ("uring_yield", Some(v)) => bail!("uring_yield={v}: expected on or off"),
             ("xattr_permissions", Some("0")) => {}
             ("xattr_permissions", Some(v)) => bail!(
                 "xattr_permissions={v}: strata keeps owners and modes in the files themselves (only 0 is supported)"
@@ -183,6 +186,7 @@ pub fn spec_from_args(a: &MountArgs, store_root: &Path) -> anyhow::Result<MountS
             passthrough: Passthrough::On,
             acl: true,
             uring: true,
+            uring_yield: true,
         },
         image: None,
         hold: None,
@@ -270,6 +274,7 @@ pub fn mount_container(
             passthrough: Passthrough::On,
             acl: true,
             uring: true,
+            uring_yield: true,
         },
         image: Some(c.state.image_id.clone()),
         hold: None,
@@ -513,5 +518,10 @@ mod tests {
         assert!(!s.opts.uring);
         let e = apply_options(&mut s, "uring=maybe").unwrap_err().to_string();
         assert!(e.contains("uring=maybe"), "{e}");
+        assert!(s.opts.uring_yield);
+        apply_options(&mut s, "uring_yield=off").unwrap();
+        assert!(!s.opts.uring_yield);
+        let e = apply_options(&mut s, "uring_yield=1").unwrap_err().to_string();
+        assert!(e.contains("uring_yield=1"), "{e}");
     }
 }

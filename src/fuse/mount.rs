@@ -49,6 +49,9 @@ pub struct MountOpts {
     pub acl: bool,
     /// Take requests through io_uring when the kernel offers it (off with `uring=off`).
     pub uring: bool,
+    /// io_uring workers keep a caller on its CPU while nothing else runs (off with
+    /// `uring_yield=off`; docs/design.md).
+    pub uring_yield: bool,
 }
 
 /// Worker threads when not asked (`--threads`). Fewer workers than 4 made single round trips faster on a
@@ -93,6 +96,7 @@ fn fuser_config(o: &MountOpts) -> Config {
     // (at least one each); the classic ones then serve only FORGET and INTERRUPT.
     if o.uring {
         c.uring_threads = o.threads.max(1);
+        c.uring_yield = o.uring_yield;
     }
     c
 }

@@ -506,7 +506,7 @@ impl<FS: Filesystem> Session<FS> {
                     .max(pages);
                 let workers = match self.config.uring_threads {
                     0 => Err(io::Error::other("no workers configured")),
-                    n => crate::uring::spawn_workers::<FS>(n, payload),
+                    n => crate::uring::spawn_workers::<FS>(n, payload, self.config.uring_yield),
                 };
                 match workers {
                     Ok(w) => self.uring = Some(w),

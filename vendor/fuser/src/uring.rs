@@ -54,6 +54,8 @@ const IN_HEADER_LEN: usize = 40;
 /// `struct fuse_out_header`
 const OUT_HEADER_LEN: usize = 16;
 const OP_IN_LEN: usize = 128;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_RELEASEDIR: u32 = 29;
 /// The smallest payload buffer the kernel accepts (FUSE_MIN_READ_BUFFER).
 pub(crate) const MIN_PAYLOAD: usize = 8192;
 
@@ -231,10 +233,14 @@ impl<FS: Filesystem> std::fmt::Debug for Workers<FS> {
 pub(crate) fn spawn_workers<FS: Filesystem>(
     threads: usize,
     payload_len: usize,
+    yield_cpu: bool,
 ) -> io::Result<Workers<FS>> {
     let queues =
         queue_count().ok_or_else(|| io::Error::other("cannot tell the possible CPUs from /sys"))?;
     let per_queue = threads.div_ceil(queues);
+    let yield_ok = yield_cpu && can_yield();
+    debug!("io_uring: commits yield the CPU when the machine is idle: {yield_ok}");
+    let census = yield_ok.then(|| Arc::new(Census::new(queues)));
     let mut w = Workers {
         handles: Vec::new(),
         starts: Vec::new(),
@@ -245,6 +251,7 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
             let name = format!("fuser-uring-{qid}.{k}");
             let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
             let (start_tx, start_rx) = mpsc::channel::<Start<FS>>();
+            let census = census.clone();
             let h = thread::Builder::new().name(name.clone()).spawn(move || {
                 pin_to_cpu(qid);
                 let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
@@ -257,7 +264,7 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
                 };
                 let _ = ready_tx.send(Ok(()));
                 match start_rx.recv() {
-                    Ok(start) => serve(ring, entry, start, qid as u16),
+                    Ok(start) => serve(ring, entry, start, qid as u16, census),
                     // The session stays on /dev/fuse (or never ran).
                     Err(_) => Ok(()),
                 }
@@ -336,6 +343,7 @@ fn serve<FS: Filesystem>(
     entry: Arc<Entry>,
     start: Start<FS>,
     qid: u16,
+    census: Option<Arc<Census>>,
 ) -> io::Result<()> {
     let Start { se, fd } = start;
     let payload_len = entry.payload_len;
@@ -355,9 +363,18 @@ fn serve<FS: Filesystem>(
 
     let mut req_buf: Vec<u8> = Vec::with_capacity(IN_HEADER_LEN + OP_IN_LEN + 4096);
     let mut served = false;
+    let mut yielder = census.and_then(|c| Yielder::new(c, usize::from(qid)));
+    let mut opcode: u32;
     loop {
+        if let Some(y) = yielder.as_mut() {
+            y.sleeping();
+        }
         match ring.submit_and_wait(1) {
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(y) = yielder.as_mut() {
+                    y.woke();
+                }
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
                 error!(
@@ -409,6 +426,7 @@ fn serve<FS: Filesystem>(
         let (unique, parsed) = unsafe {
             let in_out = std::ptr::addr_of!((*header).in_out).cast::<u8>();
             let len = std::ptr::read_unaligned(in_out.cast::<u32>()) as usize;
+            opcode = std::ptr::read_unaligned(in_out.add(4).cast::<u32>());
             let unique = std::ptr::read_unaligned(in_out.add(8).cast::<u64>());
             let psz =
                 std::ptr::read_volatile(std::ptr::addr_of!((*header).ent.payload_sz)) as usize;
@@ -430,6 +448,16 @@ fn serve<FS: Filesystem>(
             }
         };
 
+        // Nobody waits for the reply to a RELEASE: its caller runs on, one more runnable
+        // task that is no other work (see `Yielder`). Anything else is served as a normal
+        // thread, whatever it may take (a copy-up).
+        let async_op = opcode == FUSE_RELEASE || opcode == FUSE_RELEASEDIR;
+        if let Some(y) = yielder.as_mut() {
+            let idle = async_op && y.machine_idle(1);
+            if !y.set_idle(idle) {
+                yielder = None;
+            }
+        }
         entry.reply_len.store(0, Ordering::SeqCst);
         entry.current.store(unique, Ordering::SeqCst);
         if parsed {
@@ -483,5 +511,209 @@ fn serve<FS: Filesystem>(
             .build();
         // SAFETY: the command carries no pointers.
         unsafe { ring.submission().push(&commit) }.map_err(io::Error::other)?;
+        if let Some(y) = yielder.as_mut() {
+            if !async_op {
+                // Commit, and wait for the next request, as a SCHED_IDLE thread while
+                // nothing else runs (see `Yielder`).
+                let idle = y.machine_idle(0);
+                if !y.set_idle(idle) {
+                    yielder = None;
+                }
+            }
+        }
+    }
+}
+
+/// Set this thread's scheduling policy (priority 0, nice unchanged); false if refused.
+fn set_policy(policy: libc::c_int) -> bool {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `p` is a valid sched_param.
+    unsafe { libc::sched_setscheduler(0, policy, &p) == 0 }
+}
+
+/// Whether a thread of this process may go SCHED_IDLE and come back to SCHED_OTHER
+/// (coming back needs CAP_SYS_NICE, or a RLIMIT_NICE that allows the thread's nice
+/// value): tried on a thread of its own, which exits either way.
+fn can_yield() -> bool {
+    thread::Builder::new()
+        .name("fuser-uring-probe".into())
+        .spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+        .ok()
+        .and_then(|h| h.join().ok())
+        .unwrap_or(false)
+}
+
+/// Which workers are SCHED_IDLE, for `Yielder::machine_idle`.
+#[derive(Debug, Default)]
+pub(crate) struct Census {
+    /// SCHED_IDLE workers that are awake (running or runnable), all queues.
+    awake: AtomicUsize,
+    /// Per queue: SCHED_IDLE workers, and those of them awake.
+    queues: Vec<(AtomicUsize, AtomicUsize)>,
+}
+
+impl Census {
+    pub(crate) fn new(queues: usize) -> Census {
+        Census {
+            awake: AtomicUsize::new(0),
+            queues: (0..queues).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+/// Keeps a caller on its CPU while the machine has nothing else to run.
+///
+/// A reply wakes its caller, which slept on the worker's CPU. The kernel sees that CPU
+/// busy (the worker is replying) and, when another CPU is idle, wakes the caller there.
+/// On a virtual machine waking an idle CPU costs more than the whole round trip (1000
+/// lstats: 15 us each when the caller stays, 55-70 us when it moves), and the caller's
+/// next request goes to that CPU's queue, whose worker has to be woken there too.
+///
+/// A CPU that runs only SCHED_IDLE threads counts as idle when the kernel places a
+/// waking task, and a waking normal task preempts a SCHED_IDLE one at once. So a worker
+/// commits its reply, and waits for the next request, as a SCHED_IDLE thread: the caller
+/// is woken on this CPU, and the caller's next request wakes the worker without
+/// preempting the caller. The worker serves that request as a normal thread again.
+/// A worker serving a RELEASE, which nobody waits for, stays SCHED_IDLE: it often runs
+/// beside the worker that serves the caller's next request, and a normal thread on the
+/// CPU would send the caller away again.
+///
+/// Only while nothing else can run: `/proc/loadavg` counts no runnable task but this
+/// worker, the SCHED_IDLE workers that are awake, those of its own queue (one may have
+/// been woken for a RELEASE and not run yet), and for a RELEASE its caller. The worker is
+/// then alone on its CPU, owed no time and owing none, so if a busy task starts there
+/// while it sleeps, its wake-up waits about one time slice of that task, not the long
+/// wait of a SCHED_IDLE thread that has run for a while; it then serves as a normal
+/// thread and sees the load at its next commit. While anything else runs, workers stay
+/// normal threads, and the check is made at most once a millisecond.
+struct Yielder {
+    loadavg: std::fs::File,
+    buf: [u8; 128],
+    census: Arc<Census>,
+    qid: usize,
+    /// This thread is SCHED_IDLE.
+    idle: bool,
+    /// Between a wake-up and the next wait.
+    awake: bool,
+    /// No check before this: the last one found other tasks runnable.
+    busy_until: std::time::Instant,
+}
+
+impl Yielder {
+    fn new(census: Arc<Census>, qid: usize) -> Option<Yielder> {
+        if qid >= census.queues.len() {
+            return None;
+        }
+        let loadavg = std::fs::File::open("/proc/loadavg").ok()?;
+        Some(Yielder {
+            loadavg,
+            buf: [0; 128],
+            census,
+            qid,
+            idle: false,
+            awake: false,
+            busy_until: std::time::Instant::now(),
+        })
+    }
+
+    /// Add (or take back) this worker's entry in the census.
+    fn count(&self, add: bool) {
+        let q = &self.census.queues[self.qid];
+        let op = |a: &AtomicUsize| {
+            if add {
+                a.fetch_add(1, Ordering::SeqCst);
+            } else {
+                a.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        if self.idle {
+            op(&q.0);
+            if self.awake {
+                op(&q.1);
+                op(&self.census.awake);
+            }
+        }
+    }
+
+    fn woke(&mut self) {
+        self.count(false);
+        self.awake = true;
+        self.count(true);
+    }
+
+    fn sleeping(&mut self) {
+        self.count(false);
+        self.awake = false;
+        self.count(true);
+    }
+
+    /// Whether nothing is runnable but this worker, `callers` tasks of its own request,
+    /// and SCHED_IDLE workers: the awake ones, and those of this queue, which may have
+    /// been woken without having run yet (the worker that takes a RELEASE while another
+    /// takes the caller's next request).
+    fn machine_idle(&mut self, callers: usize) -> bool {
+        use std::os::unix::fs::FileExt;
+        let q = &self.census.queues[self.qid];
+        let others = (self.census.awake.load(Ordering::SeqCst))
+            .saturating_sub(q.1.load(Ordering::SeqCst))
+            + q.0
+                .load(Ordering::SeqCst)
+                .saturating_sub(usize::from(self.idle));
+        let now = std::time::Instant::now();
+        if now < self.busy_until {
+            return false;
+        }
+        let idle = match self.loadavg.read_at(&mut self.buf, 0) {
+            Ok(n) => runnable(&self.buf[..n]).is_some_and(|r| r as usize <= 1 + callers + others),
+            Err(_) => false,
+        };
+        if !idle {
+            // A busy machine stays busy for a while: spare the check until then.
+            self.busy_until = now + std::time::Duration::from_millis(1);
+        }
+        idle
+    }
+
+    /// Make this thread SCHED_IDLE or SCHED_OTHER; false if it cannot return to
+    /// SCHED_OTHER (the caller then stops yielding).
+    fn set_idle(&mut self, idle: bool) -> bool {
+        if idle == self.idle {
+            return true;
+        }
+        if !set_policy(if idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        }) {
+            if idle {
+                return true;
+            }
+            error!("io_uring worker cannot leave SCHED_IDLE; its commits stop yielding");
+            return false;
+        }
+        self.count(false);
+        self.idle = idle;
+        self.count(true);
+        true
+    }
+}
+
+/// The runnable count of a /proc/loadavg line ("0.00 0.01 0.05 1/123 4567").
+fn runnable(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?;
+    let f = s.split_ascii_whitespace().nth(3)?;
+    f.split_once('/')?.0.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runnable;
+
+    #[test]
+    fn loadavg_runnable_field() {
+        assert_eq!(runnable(b"0.00 0.01 0.05 1/123 4567\n"), Some(1));
+        assert_eq!(runnable(b"12.50 3.01 0.05 17/2048 99\n"), Some(17));
+        assert_eq!(runnable(b"0.00 0.01 0.05"), None);
+        assert_eq!(runnable(b"a b c x/y z"), None);
     }
 }
