@@ -448,13 +448,13 @@ fn serve<FS: Filesystem>(
             }
         };
 
-        // Nobody waits for the reply to a RELEASE: its caller runs on, one more runnable
-        // task that is no other work (see `Yielder`). Anything else is served as a normal
-        // thread, whatever it may take (a copy-up).
+        // Nobody waits for the reply to a RELEASE: its caller runs on (see `Yielder`).
         let async_op = opcode == FUSE_RELEASE || opcode == FUSE_RELEASEDIR;
         if let Some(y) = yielder.as_mut() {
-            let idle = async_op && y.machine_idle(1);
-            if !y.set_idle(idle) {
+            // A request that takes a few microseconds at most is served in whatever
+            // policy the last commit chose; anything else as a normal thread, whatever it
+            // may take (a copy-up, a directory index).
+            if !short_request(opcode) && !y.set_idle(false) {
                 yielder = None;
             }
         }
@@ -512,16 +512,39 @@ fn serve<FS: Filesystem>(
         // SAFETY: the command carries no pointers.
         unsafe { ring.submission().push(&commit) }.map_err(io::Error::other)?;
         if let Some(y) = yielder.as_mut() {
-            if !async_op {
-                // Commit, and wait for the next request, as a SCHED_IDLE thread while
-                // nothing else runs (see `Yielder`).
-                let idle = y.machine_idle(0);
-                if !y.set_idle(idle) {
-                    yielder = None;
-                }
+            // Commit, and wait for the next request, as a SCHED_IDLE thread while nothing
+            // else runs (see `Yielder`); the caller of a RELEASE is one more runnable task.
+            let idle = y.machine_idle(usize::from(async_op));
+            if !y.set_idle(idle) {
+                yielder = None;
             }
         }
     }
+}
+
+/// Requests whose handling is a few syscalls on one file, never a copy-up or a walk of a
+/// directory: served as SCHED_IDLE when the worker already is one (no policy switch).
+fn short_request(opcode: u32) -> bool {
+    // include/uapi/linux/fuse.h
+    const GETATTR: u32 = 3;
+    const READLINK: u32 = 5;
+    const STATFS: u32 = 17;
+    const GETXATTR: u32 = 22;
+    const LISTXATTR: u32 = 23;
+    const FLUSH: u32 = 25;
+    const ACCESS: u32 = 34;
+    matches!(
+        opcode,
+        GETATTR
+            | READLINK
+            | STATFS
+            | GETXATTR
+            | LISTXATTR
+            | FLUSH
+            | ACCESS
+            | FUSE_RELEASE
+            | FUSE_RELEASEDIR
+    )
 }
 
 /// Set this thread's scheduling policy (priority 0, nice unchanged); false if refused.
@@ -573,10 +596,11 @@ impl Census {
 /// waking task, and a waking normal task preempts a SCHED_IDLE one at once. So a worker
 /// commits its reply, and waits for the next request, as a SCHED_IDLE thread: the caller
 /// is woken on this CPU, and the caller's next request wakes the worker without
-/// preempting the caller. The worker serves that request as a normal thread again.
-/// A worker serving a RELEASE, which nobody waits for, stays SCHED_IDLE: it often runs
-/// beside the worker that serves the caller's next request, and a normal thread on the
-/// CPU would send the caller away again.
+/// preempting the caller. The worker serves that request as a normal thread again, unless
+/// it is one of the few that take microseconds (`short_request`): a copy-up or a directory
+/// index never runs at idle priority. A RELEASE, which nobody waits for, is one of those:
+/// it often runs beside the worker that serves the caller's next request, and a normal
+/// thread on the CPU would send the caller away again.
 ///
 /// Only while nothing else can run: `/proc/loadavg` counts no runnable task but this
 /// worker, the SCHED_IDLE workers that are awake, those of its own queue (one may have
