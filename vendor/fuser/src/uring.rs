@@ -451,10 +451,11 @@ fn serve<FS: Filesystem>(
         // Nobody waits for the reply to a RELEASE: its caller runs on (see `Yielder`).
         let async_op = opcode == FUSE_RELEASE || opcode == FUSE_RELEASEDIR;
         if let Some(y) = yielder.as_mut() {
-            // A request that takes a few microseconds at most is served in whatever
-            // policy the last commit chose; anything else as a normal thread, whatever it
-            // may take (a copy-up, a directory index).
-            if !short_request(opcode) && !y.set_idle(false) {
+            // A request that usually takes microseconds stays SCHED_IDLE if the worker is
+            // and the machine is still idle (no switch); anything else is served as a
+            // normal thread, whatever it may take (a copy-up, a directory index).
+            let idle = short_request(opcode) && y.idle && y.machine_idle(usize::from(async_op));
+            if !y.set_idle(idle) {
                 yielder = None;
             }
         }
@@ -522,8 +523,10 @@ fn serve<FS: Filesystem>(
     }
 }
 
-/// Requests whose handling is a few syscalls on one file, never a copy-up or a walk of a
-/// directory: served as SCHED_IDLE when the worker already is one (no policy switch).
+/// Requests whose handling is usually a syscall or two on one file, never a copy-up or a
+/// listing (at worst strata reopens a directory's evicted fds, or a RELEASE frees an
+/// unlinked file's blocks): served as SCHED_IDLE when the worker already is one and the
+/// machine is still idle, with no policy switch.
 fn short_request(opcode: u32) -> bool {
     // include/uapi/linux/fuse.h
     const GETATTR: u32 = 3;
@@ -597,18 +600,20 @@ impl Census {
 /// commits its reply, and waits for the next request, as a SCHED_IDLE thread: the caller
 /// is woken on this CPU, and the caller's next request wakes the worker without
 /// preempting the caller. The worker serves that request as a normal thread again, unless
-/// it is one of the few that take microseconds (`short_request`): a copy-up or a directory
-/// index never runs at idle priority. A RELEASE, which nobody waits for, is one of those:
-/// it often runs beside the worker that serves the caller's next request, and a normal
-/// thread on the CPU would send the caller away again.
+/// it is one of the few that usually take microseconds (`short_request`) and the machine
+/// is still idle: a copy-up, a lookup or a listing never runs at idle priority. A RELEASE,
+/// which nobody waits for, is one of those: it often runs beside the worker that serves
+/// the caller's next request, and a normal thread on the CPU would send the caller away
+/// again.
 ///
 /// Only while nothing else can run: `/proc/loadavg` counts no runnable task but this
-/// worker, the SCHED_IDLE workers that are awake, those of its own queue (one may have
-/// been woken for a RELEASE and not run yet), and for a RELEASE its caller. The worker is
-/// then alone on its CPU, owed no time and owing none, so if a busy task starts there
-/// while it sleeps, its wake-up waits about one time slice of that task, not the long
-/// wait of a SCHED_IDLE thread that has run for a while; it then serves as a normal
-/// thread and sees the load at its next commit. While anything else runs, workers stay
+/// worker, the SCHED_IDLE workers that are awake, one more if a SCHED_IDLE worker of its
+/// own queue sleeps (it may have been woken for a RELEASE and not run yet), and for a
+/// RELEASE its caller. The worker is then alone on its CPU, owed no time and owing
+/// none, so if a busy task starts there while it sleeps, its wake-up waits about one time
+/// slice of that task, not the long wait of a SCHED_IDLE thread that has run for a while;
+/// a short request checks the load again on waking, anything else is served as a normal
+/// thread, and the next commit sees the load. While anything else runs, workers stay
 /// normal threads, and the check is made at most once a millisecond.
 struct Yielder {
     loadavg: std::fs::File,
@@ -626,6 +631,11 @@ struct Yielder {
 impl Yielder {
     fn new(census: Arc<Census>, qid: usize) -> Option<Yielder> {
         if qid >= census.queues.len() {
+            return None;
+        }
+        // SAFETY: no arguments but this thread (0).
+        if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+            // Started with another policy (chrt): leave it alone.
             return None;
         }
         let loadavg = std::fs::File::open("/proc/loadavg").ok()?;
@@ -672,17 +682,22 @@ impl Yielder {
     }
 
     /// Whether nothing is runnable but this worker, `callers` tasks of its own request,
-    /// and SCHED_IDLE workers: the awake ones, and those of this queue, which may have
-    /// been woken without having run yet (the worker that takes a RELEASE while another
-    /// takes the caller's next request).
+    /// and SCHED_IDLE workers: the awake ones, and one sleeping one of this queue, which
+    /// may have been woken without having run yet (the worker that takes a RELEASE while
+    /// this one takes the caller's next request).
     fn machine_idle(&mut self, callers: usize) -> bool {
         use std::os::unix::fs::FileExt;
         let q = &self.census.queues[self.qid];
-        let others = (self.census.awake.load(Ordering::SeqCst))
-            .saturating_sub(q.1.load(Ordering::SeqCst))
-            + q.0
-                .load(Ordering::SeqCst)
-                .saturating_sub(usize::from(self.idle));
+        // This worker is awake; counted among the awake ones if SCHED_IDLE.
+        let awake = self
+            .census
+            .awake
+            .load(Ordering::SeqCst)
+            .saturating_sub(usize::from(self.idle));
+        let asleep_here =
+            q.0.load(Ordering::SeqCst)
+                .saturating_sub(q.1.load(Ordering::SeqCst));
+        let others = awake + asleep_here.min(1);
         let now = std::time::Instant::now();
         if now < self.busy_until {
             return false;
@@ -698,24 +713,28 @@ impl Yielder {
         idle
     }
 
-    /// Make this thread SCHED_IDLE or SCHED_OTHER; false if it cannot return to
-    /// SCHED_OTHER (the caller then stops yielding).
+    /// Make this thread SCHED_IDLE or SCHED_OTHER. False if that failed: the worker then
+    /// leaves the census and must stop yielding (dropped by the caller).
     fn set_idle(&mut self, idle: bool) -> bool {
         if idle == self.idle {
             return true;
         }
-        if !set_policy(if idle {
+        let ok = set_policy(if idle {
             libc::SCHED_IDLE
         } else {
             libc::SCHED_OTHER
-        }) {
+        });
+        self.count(false);
+        if !ok {
             if idle {
-                return true;
+                debug!("io_uring worker cannot become SCHED_IDLE; it stops yielding");
+            } else {
+                // After the probe at start this takes a changed RLIMIT_NICE or
+                // capabilities; nothing can undo it from here.
+                error!("io_uring worker cannot leave SCHED_IDLE; it stays at idle priority");
             }
-            error!("io_uring worker cannot leave SCHED_IDLE; its commits stop yielding");
             return false;
         }
-        self.count(false);
         self.idle = idle;
         self.count(true);
         true
