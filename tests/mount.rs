@@ -1250,16 +1250,7 @@ fn transport_workout(root: &Path) {
 /// `-o uring=off`, through /dev/fuse. Both give the same, correct results.
 #[test]
 fn requests_come_through_io_uring_unless_turned_off() {
-    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
-    assert!(
-        param.exists(),
-        "{} missing: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)",
-        param.display()
-    );
-    if fs::read_to_string(param).unwrap().trim() != "Y" {
-        // Idempotent and global: scripts/test puts back the value it found.
-        fs::write(param, "Y").unwrap();
-    }
+    enable_uring();
     let possible = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let queues: usize = possible
         .trim()

@@ -17,19 +17,6 @@ use common::*;
 const SCHED_OTHER: u32 = 0;
 const SCHED_IDLE: u32 = 5;
 
-fn enable_uring() {
-    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
-    assert!(
-        param.exists(),
-        "{} missing: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)",
-        param.display()
-    );
-    if fs::read_to_string(param).unwrap().trim() != "Y" {
-        // Idempotent and global: scripts/test puts back the value it found.
-        fs::write(param, "Y").unwrap();
-    }
-}
-
 /// The daemon's io_uring workers: thread id -> (times it went to sleep, scheduling policy).
 fn workers(mnt: &Path) -> std::collections::BTreeMap<String, (u64, u32)> {
     let pids = strata_daemon_pids(mnt);

@@ -460,6 +460,20 @@ pub fn strata_bin() -> PathBuf {
 }
 
 /// These tests are the point of the suite: a missing /dev/fuse is a failure.
+/// Turn on the fuse module's `enable_uring` (Linux 6.14+), so new mounts take requests
+/// through io_uring. Idempotent and global: scripts/test puts back the value it found.
+pub fn enable_uring() {
+    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    assert!(
+        param.exists(),
+        "{} missing: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)",
+        param.display()
+    );
+    if fs::read_to_string(param).unwrap().trim() != "Y" {
+        fs::write(param, "Y").unwrap();
+    }
+}
+
 pub fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),

@@ -364,7 +364,6 @@ fn serve<FS: Filesystem>(
     let mut req_buf: Vec<u8> = Vec::with_capacity(IN_HEADER_LEN + OP_IN_LEN + 4096);
     let mut served = false;
     let mut yielder = census.and_then(|c| Yielder::new(c, usize::from(qid)));
-    let mut opcode: u32;
     loop {
         if let Some(y) = yielder.as_mut() {
             y.sleeping();
@@ -423,10 +422,10 @@ fn serve<FS: Filesystem>(
         // the payload buffer takes the reply while the parsed request still borrows this.
         // SAFETY: the kernel filled the entry before completing the command and touches it
         // again only after the commit below; all reads go through raw pointers.
-        let (unique, parsed) = unsafe {
+        let (unique, op, parsed) = unsafe {
             let in_out = std::ptr::addr_of!((*header).in_out).cast::<u8>();
             let len = std::ptr::read_unaligned(in_out.cast::<u32>()) as usize;
-            opcode = std::ptr::read_unaligned(in_out.add(4).cast::<u32>());
+            let op = std::ptr::read_unaligned(in_out.add(4).cast::<u32>());
             let unique = std::ptr::read_unaligned(in_out.add(8).cast::<u64>());
             let psz =
                 std::ptr::read_volatile(std::ptr::addr_of!((*header).ent.payload_sz)) as usize;
@@ -439,22 +438,22 @@ fn serve<FS: Filesystem>(
                         op_len,
                     ));
                     req_buf.extend_from_slice(std::slice::from_raw_parts(payload, psz));
-                    (unique, true)
+                    (unique, op, true)
                 }
                 _ => {
                     warn!("io_uring queue {qid}: malformed entry (len {len}, payload {psz})");
-                    (unique, false)
+                    (unique, op, false)
                 }
             }
         };
 
         // Nobody waits for the reply to a RELEASE: its caller runs on (see `Yielder`).
-        let async_op = opcode == FUSE_RELEASE || opcode == FUSE_RELEASEDIR;
+        let async_op = op == FUSE_RELEASE || op == FUSE_RELEASEDIR;
         if let Some(y) = yielder.as_mut() {
             // A request that usually takes microseconds stays SCHED_IDLE if the worker is
             // and the machine is still idle (no switch); anything else is served as a
             // normal thread, whatever it may take (a copy-up, a directory index).
-            let idle = short_request(opcode) && y.idle && y.machine_idle(usize::from(async_op));
+            let idle = short_request(op) && y.idle && y.machine_idle(usize::from(async_op));
             if !y.set_idle(idle) {
                 yielder = None;
             }
