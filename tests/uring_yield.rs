@@ -83,6 +83,21 @@ fn served(before: &Workers, after: &Workers) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// Whether a thread here may go SCHED_IDLE and come back to SCHED_OTHER (what the
+/// daemon's probe tries before its workers may yield).
+fn may_leave_sched_idle() -> bool {
+    std::thread::spawn(|| {
+        let p = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is this thread; `p` is a valid sched_param.
+        unsafe {
+            libc::sched_setscheduler(0, SCHED_IDLE as i32, &p) == 0
+                && libc::sched_setscheduler(0, SCHED_OTHER as i32, &p) == 0
+        }
+    })
+    .join()
+    .unwrap()
+}
+
 /// Runnable tasks other than this thread and SCHED_IDLE ones, as "pid/tid comm".
 fn other_runnable() -> Vec<String> {
     let me = fs::read_link("/proc/thread-self")
@@ -185,6 +200,18 @@ fn uring_workers_keep_the_caller_on_its_cpu_only_while_nothing_else_runs() {
     let ls = LayerSet::new("uring-yield", 1);
     for i in 0..200 {
         ls.lower(0).file(&format!("d/f{i}"), "x\n");
+    }
+
+    if !may_leave_sched_idle() {
+        // The daemon's probe finds the same (same user, same capabilities): workers must
+        // never yield, since they could not come back to normal priority.
+        eprintln!("a thread here cannot return from SCHED_IDLE (no CAP_SYS_NICE): checking that workers never yield");
+        let (_, _, after) = measured_mount(&ls, true, None, "nocap");
+        assert!(
+            after.values().all(|(_, p)| *p == SCHED_OTHER),
+            "a worker went SCHED_IDLE where it cannot come back: {after:?}"
+        );
+        return;
     }
 
     // The real /proc/loadavg of an idle machine: up to three tries.
