@@ -1573,3 +1573,79 @@ fn check_bare_listing(ls: &LayerSet, rel: &str, want: &[&str], same: &[(&str, &s
         );
     }
 }
+
+/// An upper filesystem gives a deleted object's inode number to the next object it creates.
+/// While the kernel still holds the old object (an open O_PATH fd here; in real life a
+/// FORGET not yet served, or an unlink racing a create in another directory), the new
+/// object must not inherit what the kernel cached for the old one: its symlink target, its
+/// size, its pages. (stress-ng's symlink stressor, two instances, read the other
+/// instance's targets through strata before this was fixed.)
+#[test]
+fn a_reused_inode_number_is_a_new_object() {
+    require_fuse();
+    let ls = LayerSet::new("ino-reuse", 1);
+    ls.lower(0).file("keep", "x\n");
+    let m = StrataMount::new(&ls.spec());
+    let root = m.root();
+    fs::create_dir(root.join("a")).unwrap();
+    fs::create_dir(root.join("b")).unwrap();
+    let hold = |p: &Path| {
+        let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; the fd is closed below.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+        assert!(fd >= 0, "O_PATH open of {}", p.display());
+        fd
+    };
+    let mut reused = 0;
+    for i in 0..40 {
+        // A symlink whose target the kernel caches, then a new one in another directory.
+        let old = root.join("a/link");
+        std::os::unix::fs::symlink(format!("old-{i}"), &old).unwrap();
+        assert_eq!(
+            fs::read_link(&old).unwrap().to_str(),
+            Some(format!("old-{i}").as_str())
+        );
+        let number = ino(&old);
+        let fd = hold(&old);
+        fs::remove_file(&old).unwrap();
+        let new = root.join("b/link");
+        std::os::unix::fs::symlink(format!("new-{i}"), &new).unwrap();
+        reused += usize::from(ino(&new) == number);
+        assert_eq!(
+            fs::read_link(&new).unwrap().to_str(),
+            Some(format!("new-{i}").as_str()),
+            "try {i}: the new symlink shows another's target (inode {number} reused: {})",
+            ino(&new) == number
+        );
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+        fs::remove_file(&new).unwrap();
+
+        // The same with a regular file's size and data.
+        let old = root.join("a/file");
+        fs::write(&old, format!("old contents {i}, longer than the new\n")).unwrap();
+        assert!(fs::read_to_string(&old).unwrap().starts_with("old contents"));
+        let number = ino(&old);
+        let fd = hold(&old);
+        fs::remove_file(&old).unwrap();
+        let new = root.join("b/file");
+        fs::write(&new, format!("new {i}\n")).unwrap();
+        reused += usize::from(ino(&new) == number);
+        assert_eq!(fs::read_to_string(&new).unwrap(), format!("new {i}\n"), "try {i}");
+        assert_eq!(
+            fs::metadata(&new).unwrap().len(),
+            format!("new {i}\n").len() as u64
+        );
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+        fs::remove_file(&new).unwrap();
+    }
+    // The upper (ext4 under TMPDIR here) hands out the lowest free number: the point of
+    // the test is that it did.
+    assert!(
+        reused >= 10,
+        "inode numbers were reused only {reused} times in 80 tries"
+    );
+    assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "x\n");
+    m.umount().unwrap();
+}

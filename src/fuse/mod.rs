@@ -277,6 +277,7 @@ const NEGATIVE: Attr = Attr {
     gid: 0,
     rdev: 0,
     blksize: 0,
+    gen: 0,
 };
 
 fn errno(e: overlay::Errno) -> Errno {
@@ -348,7 +349,7 @@ fn caller(req: &Request) -> Caller {
 
 fn entry(reply: ReplyEntry, r: overlay::Result<Attr>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+        Ok(a) => reply.entry(&TTL, &attr(&a), Generation(a.gen.into())),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -420,7 +421,7 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.plus.looked_up(parent.0);
         match self.ov.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(a.gen.into())),
             // A negative entry (node id 0) the kernel may cache: PATH and library searches
             // in a container ask for the same missing names again and again. Names only
             // appear through this mount, which turns the kernel's dentry positive itself.
@@ -768,7 +769,14 @@ impl Filesystem for FuseFs {
             let Ok(a) = self.ov.lookup(ino.0, &e.name) else {
                 continue;
             };
-            if reply.add(INodeNo(a.ino), e.off, &e.name, &TTL, &attr(&a), Generation(0)) {
+            if reply.add(
+                INodeNo(a.ino),
+                e.off,
+                &e.name,
+                &TTL,
+                &attr(&a),
+                Generation(a.gen.into()),
+            ) {
                 // Did not fit: the kernel never saw this reference.
                 self.ov.forget(a.ino, 1);
                 full = true;
@@ -870,7 +878,7 @@ impl Filesystem for FuseFs {
                     Ok(Some(b)) => reply.created_passthrough(
                         &TTL,
                         &attr(&a),
-                        Generation(0),
+                        Generation(a.gen.into()),
                         FileHandle(fh),
                         FopenFlags::empty(),
                         &b,
@@ -878,7 +886,7 @@ impl Filesystem for FuseFs {
                     _ => reply.created(
                         &TTL,
                         &attr(&a),
-                        Generation(0),
+                        Generation(a.gen.into()),
                         FileHandle(fh),
                         FopenFlags::FOPEN_KEEP_CACHE,
                     ),

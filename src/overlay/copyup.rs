@@ -312,7 +312,7 @@ impl Overlay {
             let mut nodes = self.nodes.write().unwrap();
             if let Some(n) = nodes.get_mut(&ino) {
                 n.upper = true;
-                n.lower = None;
+                n.set_lower(None);
                 n.no_xattrs = false;
                 self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if n.parent != loc.parent || *n.name != **name {

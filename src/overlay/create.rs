@@ -102,7 +102,7 @@ impl Overlay {
             fds: None,
             redirected: false,
         };
-        self.remember(parent, name, found, true)
+        self.remember_as(parent, name, found, true, true)
     }
 
     /// Create a new object `name` in `parent` with `make(dir, name)`, replacing an upper

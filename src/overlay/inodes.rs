@@ -118,7 +118,7 @@ impl Overlay {
         let (names, upper, lower, kind) = self.with_node(ino, |n| {
             let mut v = vec![(n.parent, n.name.to_os_string())];
             v.extend(n.links.iter().cloned());
-            (v, n.upper, n.lower, n.kind)
+            (v, n.upper, n.lower(), n.kind)
         })?;
         let mut last = Errno::NOENT;
         for (parent, name) in names {
@@ -153,13 +153,46 @@ impl Overlay {
 
     /// Record a lookup result in the table and return its attributes.
     pub(crate) fn remember(&self, parent: u64, name: &OsStr, found: Found, count: bool) -> Attr {
+        self.remember_as(parent, name, found, count, false)
+    }
+
+    /// `remember`; `fresh`: `found` was just created, so a node already under its number
+    /// is another object, gone, whose inode number the filesystem gave to this one.
+    pub(crate) fn remember_as(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        found: Found,
+        count: bool,
+        fresh: bool,
+    ) -> Attr {
         let merged = found.kind == Kind::Dir
             && ((found.upper && !found.lower_dirs.is_empty())
                 || (!found.upper && found.lower_dirs.len() > 1));
-        let attr = self.attr_of(&found.st, found.ino, merged);
+        let mut attr = self.attr_of(&found.st, found.ino, merged);
         let fds = found.fds.map(Arc::new);
+        let mut retired_dir = false;
         let mut nodes = self.nodes.write().unwrap();
         let ino = found.ino;
+        if fresh {
+            if let Some(n) = nodes.get_mut(&ino) {
+                // The kernel may still hold the old object under this number (its FORGET
+                // not yet here, or an unlink racing this create): a new generation makes it
+                // take a new inode instead of reusing the old one, with its cached symlink
+                // target, pages and attributes. The reference counts stay summed, as the
+                // kernel forgets each inode's own count under the one number. Nothing of
+                // the old object carries over.
+                n.gen = n.gen.wrapping_add(1);
+                n.parent = parent;
+                n.name = name.into();
+                n.links = Links::default();
+                n.orphan = false;
+                n.no_xattrs = false;
+                n.probes = 0;
+                retired_dir = n.kind == Kind::Dir;
+                self.fd_budget.clear(&mut n.fds);
+            }
+        }
         match nodes.get_mut(&ino) {
             Some(n) if n.upper && !found.upper && !n.orphan => {
                 // Resolved before a concurrent copy-up finished: what the table knows is
@@ -180,14 +213,14 @@ impl Overlay {
                         n.links.push(old);
                     }
                 }
-                if n.upper != found.upper || n.lower != found.lower {
+                if n.upper != found.upper || n.lower() != found.lower {
                     n.no_xattrs = false;
                     self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 n.kind = found.kind;
                 n.redirected = found.redirected;
                 n.upper = found.upper;
-                n.lower = found.lower;
+                n.set_lower(found.lower);
                 n.lower_dirs = self.lower_set(found.lower_dirs);
                 if count {
                     n.nlookup = n.nlookup.saturating_add(1);
@@ -200,28 +233,27 @@ impl Overlay {
                 }
             }
             None => {
-                nodes.insert(
-                    ino,
-                    Node {
-                        parent,
-                        name: name.into(),
-                        links: Links::default(),
-                        kind: found.kind,
-                        upper: found.upper,
-                        lower: found.lower,
-                        lower_dirs: self.lower_set(found.lower_dirs),
-                        nlookup: count as u32,
-                        fds: None,
-                        orphan: false,
-                        no_xattrs: false,
-                        probes: 0,
-                        redirected: found.redirected,
-                    },
+                let mut n = Node::new(
+                    parent,
+                    name,
+                    found.kind,
+                    found.upper,
+                    found.lower,
+                    self.lower_set(found.lower_dirs),
                 );
+                n.nlookup = count as u32;
+                n.redirected = found.redirected;
+                nodes.insert(ino, n);
                 if let Some(f) = fds {
                     self.cache_fds(&mut nodes, ino, f);
                 }
             }
+        }
+        attr.gen = nodes.get(&ino).map_or(0, |n| u32::from(n.gen));
+        drop(nodes);
+        if retired_dir {
+            self.drop_index(ino);
+            self.dir_changed(ino);
         }
         attr
     }

@@ -287,7 +287,7 @@ impl Overlay {
         let through = |fd: &std::os::fd::OwnedFd| -> Result<Attr> {
             let mut st = rustix::fs::fstat(fd)?;
             if self.any_override_stat() {
-                if let Ok((false, Some(l))) = self.with_node(ino, |n| (n.upper, n.lower)) {
+                if let Ok((false, Some(l))) = self.with_node(ino, |n| (n.upper, n.lower())) {
                     self.lower_stat(l, XTarget::Fd(fd.as_fd()), &mut st);
                 }
             }

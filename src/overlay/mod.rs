@@ -217,21 +217,16 @@ impl Overlay {
                 .map(|(i, l)| (i as u16, l.fd.clone()))
                 .collect(),
         };
-        let root = Node {
-            parent: ROOT,
-            name: OsStr::new("").into(),
-            links: Default::default(),
-            kind: Kind::Dir,
-            upper: ov.upper.is_some(),
-            lower: None,
-            lower_dirs: ov.all_lowers.clone(),
-            nlookup: 1,
-            fds: Some(Arc::new(root_fds)),
-            orphan: false,
-            no_xattrs: false,
-            probes: 0,
-            redirected: false,
-        };
+        let mut root = Node::new(
+            ROOT,
+            OsStr::new(""),
+            Kind::Dir,
+            ov.upper.is_some(),
+            None,
+            ov.all_lowers.clone(),
+        );
+        root.nlookup = 1;
+        root.fds = Some(Arc::new(root_fds));
         ov.nodes.write().unwrap().insert(ROOT, root);
         Ok(ov)
     }
@@ -331,6 +326,7 @@ impl Overlay {
             gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
+            gen: 0,
         }
     }
 

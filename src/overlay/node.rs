@@ -62,6 +62,47 @@ impl DirFds {
 /// in every node instead of two; most nodes share the "none" or "every layer" set.
 pub(crate) type LowerSet = Arc<Box<[u16]>>;
 
+const NO_LOWER: u16 = u16::MAX;
+
+impl Node {
+    /// Non-directory still in a lower layer: which one.
+    pub fn lower(&self) -> Option<u16> {
+        (self.lower != NO_LOWER).then_some(self.lower)
+    }
+
+    pub fn set_lower(&mut self, l: Option<u16>) {
+        // Layer indexes stay below 500 (the most layers a mount takes).
+        self.lower = l.unwrap_or(NO_LOWER);
+    }
+
+    /// A node for an object first seen at `parent`/`name`, with no references yet.
+    pub fn new(
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        upper: bool,
+        lower: Option<u16>,
+        lower_dirs: LowerSet,
+    ) -> Node {
+        Node {
+            parent,
+            name: name.into(),
+            links: Links::default(),
+            kind,
+            upper,
+            lower: lower.unwrap_or(NO_LOWER),
+            lower_dirs,
+            nlookup: 0,
+            fds: None,
+            orphan: false,
+            no_xattrs: false,
+            probes: 0,
+            redirected: false,
+            gen: 0,
+        }
+    }
+}
+
 /// One merged object the kernel knows about. Keyed in the table by its inode number.
 #[derive(Debug)]
 pub(crate) struct Node {
@@ -73,8 +114,9 @@ pub(crate) struct Node {
     pub kind: Kind,
     /// Exists in the upper layer.
     pub upper: bool,
-    /// Non-directory still in a lower layer: which one.
-    pub lower: Option<u16>,
+    /// Non-directory still in a lower layer: which one (`lower()`; NO_LOWER for none, two
+    /// bytes where an Option takes four: the node's size is the daemon's memory).
+    lower: u16,
     /// Directory: the lower layers merged into it, top first.
     pub lower_dirs: LowerSet,
     /// References the kernel holds (FUSE lookup count; the kernel's count is 64-bit,
@@ -96,6 +138,9 @@ pub(crate) struct Node {
     /// Directory whose lower directories were found through a redirect: its fds are
     /// reopened by resolving it again, not by name from its parent's.
     pub redirected: bool,
+    /// FUSE generation of the object behind this number: raised when a new object takes
+    /// the number of one the kernel may still hold (see `Overlay::remember_new`).
+    pub gen: u16,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves
@@ -317,21 +362,16 @@ mod tests {
     use super::*;
 
     fn node(parent: u64) -> Node {
-        Node {
+        let mut n = Node::new(
             parent,
-            name: Name::from(OsStr::new("n")),
-            links: Links::default(),
-            kind: Kind::File,
-            upper: false,
-            lower: None,
-            lower_dirs: Arc::new(Box::new([])),
-            nlookup: 1,
-            fds: None,
-            orphan: false,
-            no_xattrs: false,
-            probes: 0,
-            redirected: false,
-        }
+            OsStr::new("n"),
+            Kind::File,
+            false,
+            None,
+            Arc::new(Box::new([])),
+        );
+        n.nlookup = 1;
+        n
     }
 
     /// Memory per node is what the daemon's peak RSS is made of (100k nodes in a walk).
