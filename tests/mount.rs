@@ -1649,3 +1649,138 @@ fn a_reused_inode_number_is_a_new_object() {
     assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "x\n");
     m.umount().unwrap();
 }
+
+/// FS_IOC_GETFLAGS (4 bytes, the kernel's int) of `p` opened with `flags`, or the errno.
+fn get_flags(fd: i32) -> Result<u32, i32> {
+    let mut v: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes an int into `v`.
+    let r = unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut v) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(v as u32)
+    }
+}
+
+fn set_flags(fd: i32, flags: u32) -> Result<(), i32> {
+    let v: libc::c_long = flags as libc::c_long;
+    // SAFETY: FS_IOC_SETFLAGS reads an int from `v`.
+    let r = unsafe { libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &v) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(())
+    }
+}
+
+fn flags_of(p: &Path) -> u32 {
+    let f = fs::File::open(p).unwrap();
+    get_flags(std::os::fd::AsRawFd::as_raw_fd(&f))
+        .unwrap_or_else(|e| panic!("flags of {}: errno {e}", p.display()))
+}
+
+/// Clears the append-only flag of the real files on drop, so that a failing test leaves
+/// nothing its temporary directory cannot remove.
+struct ClearFlags(Vec<std::path::PathBuf>);
+
+impl Drop for ClearFlags {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Ok(f) = fs::File::open(p) {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                if let Ok(v) = get_flags(fd) {
+                    let _ = set_flags(fd, v & !0x20); // FS_APPEND_FL
+                }
+            }
+        }
+    }
+}
+
+/// chattr and lsattr, as on overlayfs: flags are read from the real object in whichever
+/// layer it is, and set on the upper one after a copy-up; the kernel checks who may.
+#[test]
+fn inode_flags_as_overlayfs() {
+    require_fuse();
+    let ls = LayerSet::new("fileattr", 1);
+    ls.lower(0).file("d/f", "lower\n").file("d/g", "g\n");
+    let spec = ls.spec();
+    let _clear = ClearFlags(vec![spec.upper.join("d/f"), spec.upper.join("d/g")]);
+    let m = StrataMount::new(&spec);
+    let r = m.root();
+    const APPEND: u32 = 0x20; // FS_APPEND_FL
+
+    // Read: the lower file's and directory's own flags; nothing copied up.
+    assert_eq!(flags_of(&r.join("d/f")), flags_of(&ls.lower(0).root.join("d/f")));
+    assert_eq!(flags_of(&r.join("d")), flags_of(&ls.lower(0).root.join("d")));
+    assert!(
+        !spec.upper.join("d/f").exists(),
+        "a read of the flags copied d/f up"
+    );
+
+    // Set: copied up, the flag on the upper file, the lower untouched; the kernel enforces it.
+    let f = fs::File::open(r.join("d/f")).unwrap();
+    let old = flags_of(&r.join("d/f"));
+    set_flags(std::os::fd::AsRawFd::as_raw_fd(&f), old | APPEND).unwrap();
+    drop(f);
+    assert_eq!(flags_of(&spec.upper.join("d/f")) & APPEND, APPEND);
+    assert_eq!(flags_of(&ls.lower(0).root.join("d/f")) & APPEND, 0);
+    assert_eq!(flags_of(&r.join("d/f")) & APPEND, APPEND);
+    assert_eq!(errno_of(fs::write(r.join("d/f"), "over\n")), libc::EPERM);
+    assert_eq!(errno_of(fs::remove_file(r.join("d/f"))), libc::EPERM);
+    let mut a = fs::OpenOptions::new().append(true).open(r.join("d/f")).unwrap();
+    a.write_all(b"more\n").unwrap();
+    drop(a);
+    assert_eq!(fs::read_to_string(r.join("d/f")).unwrap(), "lower\nmore\n");
+
+    // Not the owner and without CAP_LINUX_IMMUTABLE: refused, nothing changed.
+    let out = run_cmd(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "chattr",
+                "+a",
+            ])
+            .arg(r.join("d/g")),
+        Duration::from_secs(20),
+    );
+    assert!(!out.ok(), "chattr +a by nobody succeeded: {out}");
+    assert_eq!(flags_of(&r.join("d/g")) & APPEND, 0);
+
+    // An fd of a file whose last name is gone: the kernel opens the node again.
+    let h = fs::File::open(r.join("d/g")).unwrap();
+    fs::remove_file(r.join("d/g")).unwrap();
+    let got = get_flags(std::os::fd::AsRawFd::as_raw_fd(&h));
+    assert_eq!(
+        got,
+        Ok(flags_of(&ls.lower(0).root.join("d/g"))),
+        "flags through an fd of an unlinked file"
+    );
+    drop(h);
+
+    // Clear it again through the mount: the file is writable as before.
+    let f = fs::File::open(r.join("d/f")).unwrap();
+    set_flags(std::os::fd::AsRawFd::as_raw_fd(&f), old).unwrap();
+    drop(f);
+    fs::write(r.join("d/f"), "over\n").unwrap();
+    assert_eq!(fs::read_to_string(spec.upper.join("d/f")).unwrap(), "over\n");
+    // Other ioctls are not the filesystem's.
+    let f = fs::File::open(r.join("d/f")).unwrap();
+    let mut v: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes an int into `v`.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FS_IOC_GETVERSION,
+            &mut v,
+        )
+    };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENOTTY))
+    );
+    drop(f);
+    m.umount().unwrap();
+}

@@ -14,9 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::overlay::{self, Attr, Caller, Kind, Overlay, SetAttr, TimeSet};
@@ -892,6 +893,28 @@ impl Filesystem for FuseFs {
                     ),
                 }
             }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        // Only the inode-flags ioctls reach a FUSE filesystem that is not CUSE: the kernel
+        // sends them from the handle it opens for chattr, lsattr and FS_IOC_* on any fd.
+        let Some(op) = overlay::FileAttrIoctl::from_cmd(cmd) else {
+            return reply.error(Errno::ENOTTY);
+        };
+        match self.ov.fileattr(ino.0, Some(fh.0), op, in_data) {
+            Ok(v) => reply.ioctl(0, &v),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -70,7 +70,18 @@ impl Overlay {
                 self.copy_up(ino)?;
             }
         }
-        let loc = self.loc(ino)?;
+        let loc = match self.loc(ino) {
+            // Its last name is gone, yet the kernel opens it by node: for an inode-flags
+            // ioctl on an fd of an unlinked file it opens a handle of its own. Read-only,
+            // the file that a live handle holds is opened again.
+            Err(Errno::STALE) if !write => {
+                let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
+                let again = sys::reopen(fd.as_fd(), open_flags(flags))?;
+                let upper = self.is_upper(ino);
+                return Ok((self.add_file(ino, again), upper));
+            }
+            r => r?,
+        };
         let fd = sys::open_beneath(
             loc.dir()?,
             &loc.name,
@@ -234,6 +245,9 @@ impl Overlay {
 /// kernel passes explicit offsets; O_DIRECT would need aligned buffers; creation flags are
 /// handled by the caller.
 pub(crate) fn open_flags(flags: i32) -> OFlags {
-    let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_LARGEFILE;
+    // O_APPEND as overlayfs opens the real file: an append-only (chattr +a) file opens for
+    // writing only with it, and every WRITE through the handle lands at the real end.
+    let keep =
+        libc::O_ACCMODE | libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_LARGEFILE;
     OFlags::from_bits_retain((flags & keep) as u32)
 }

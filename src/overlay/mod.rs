@@ -10,6 +10,7 @@ mod copyup;
 mod create;
 mod dir;
 mod file;
+mod fileattr;
 pub mod idmap;
 mod index;
 mod inodes;
@@ -53,6 +54,7 @@ pub const ROOT: u64 = 1;
 /// The number reported for an object whose own number would collide with ROOT.
 const ROOT_ALIAS: u64 = u64::MAX - 1;
 
+pub use crate::sys::FileAttrIoctl;
 pub use types::{Attr, Caller, DirEntry, Kind, SetAttr, StatFs, TimeSet};
 
 /// What one lookup found across the layers.

@@ -1128,3 +1128,87 @@ mod tests {
         std::fs::remove_dir_all(&t).unwrap();
     }
 }
+
+/// The inode-flags ioctls (chattr, lsattr, xfs_io): which one, and its argument's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileAttrIoctl {
+    /// FS_IOC_GETFLAGS: an int of FS_*_FL flags.
+    GetFlags,
+    /// FS_IOC_SETFLAGS.
+    SetFlags,
+    /// FS_IOC_FSGETXATTR: a struct fsxattr (28 bytes).
+    GetXattr,
+    /// FS_IOC_FSSETXATTR.
+    SetXattr,
+}
+
+/// struct fsxattr's size.
+const FSXATTR_SIZE: usize = 28;
+
+impl FileAttrIoctl {
+    /// The ioctl a FUSE request names by its command number.
+    pub fn from_cmd(cmd: u32) -> Option<FileAttrIoctl> {
+        // _IOR('X', 31, struct fsxattr) and _IOW('X', 32, struct fsxattr); libc lacks them.
+        const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+        const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+        match cmd {
+            c if c == libc::FS_IOC_GETFLAGS as u32 => Some(FileAttrIoctl::GetFlags),
+            c if c == libc::FS_IOC_SETFLAGS as u32 => Some(FileAttrIoctl::SetFlags),
+            FS_IOC_FSGETXATTR => Some(FileAttrIoctl::GetXattr),
+            FS_IOC_FSSETXATTR => Some(FileAttrIoctl::SetXattr),
+            _ => None,
+        }
+    }
+
+    pub fn sets(self) -> bool {
+        matches!(self, FileAttrIoctl::SetFlags | FileAttrIoctl::SetXattr)
+    }
+
+    /// The argument's size (the flags are an int, whatever the command's encoded size says).
+    pub fn arg_size(self) -> usize {
+        match self {
+            FileAttrIoctl::GetFlags | FileAttrIoctl::SetFlags => 4,
+            FileAttrIoctl::GetXattr | FileAttrIoctl::SetXattr => FSXATTR_SIZE,
+        }
+    }
+
+    fn request(self) -> libc::Ioctl {
+        match self {
+            FileAttrIoctl::GetFlags => libc::FS_IOC_GETFLAGS,
+            FileAttrIoctl::SetFlags => libc::FS_IOC_SETFLAGS,
+            FileAttrIoctl::GetXattr => 0x801c_581f as libc::Ioctl,
+            FileAttrIoctl::SetXattr => 0x401c_5820 as libc::Ioctl,
+        }
+    }
+}
+
+/// Run inode-flags ioctl `op` on `fd` with `arg` (`op.arg_size()` bytes: read for a set,
+/// filled for a get).
+pub fn fileattr_ioctl(fd: BorrowedFd<'_>, op: FileAttrIoctl, arg: &mut [u8]) -> SysResult<()> {
+    assert_eq!(arg.len(), op.arg_size(), "fileattr_ioctl argument size");
+    // The flags word is an int however FS_IOC_GETFLAGS is encoded (the kernel reads and
+    // writes 4 bytes); an aligned buffer of 8 covers both forms.
+    let mut buf = [0u64; FSXATTR_SIZE.div_ceil(8)];
+    // SAFETY: `buf` is 32 aligned bytes, at least the argument size; reinterpreting u64s as
+    // bytes is always valid.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), 32) };
+    bytes[..arg.len()].copy_from_slice(arg);
+    // SAFETY: the request takes a pointer to an int or a struct fsxattr, both within `buf`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), op.request(), buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ));
+    }
+    arg.copy_from_slice(&bytes[..arg.len()]);
+    Ok(())
+}
+
+/// Open the file behind `fd` again, as a new open file description with `flags`: a file
+/// whose last name is gone can still be opened this way (through /proc/self/fd).
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::open(path.as_str(), flags | OFlags::CLOEXEC, Mode::empty())
+}
