@@ -70,12 +70,19 @@ impl Overlay {
                 self.copy_up(ino)?;
             }
         }
+        // Name to object and open under one read lock: an unlink or rename (write lock)
+        // happens wholly before, and leaves the node without that name, or wholly after. An
+        // open by name can then never reach an object that took the name since.
+        let _ns = self.ns_lock.read().unwrap();
         let loc = match self.loc(ino) {
-            // Its last name is gone, yet the kernel opens it by node: for an inode-flags
-            // ioctl on an fd of an unlinked file it opens a handle of its own. Read-only,
-            // the file that a live handle holds is opened again.
-            Err(Errno::STALE) if !write => {
-                let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
+            // Its last name is gone, yet the kernel opens it by node: a path resolved just
+            // before an unlink, or an inode-flags ioctl on an fd of an unlinked file (the
+            // kernel opens a handle of its own). For reading, the file that a live handle
+            // holds is opened again, as overlayfs opens the unlinked real file. Not for
+            // writing: that handle may predate a copy-up and hold the lower file. ESTALE
+            // makes the kernel look the path up again.
+            Err(e @ (Errno::STALE | Errno::NOENT)) if !write => {
+                let fd = self.any_open_fd(ino).ok_or(e)?;
                 let again = sys::reopen(fd.as_fd(), open_flags(flags))?;
                 let upper = self.is_upper(ino);
                 return Ok((self.add_file(ino, again), upper));

@@ -42,16 +42,21 @@ impl Overlay {
             )?));
         }
         // By name, as overlayfs takes the object's current real file: a handle may predate
-        // a copy-up. Once the last name is gone, the handle the kernel opened is the way.
-        match self.loc(ino) {
-            Ok(loc) => Ok(Arc::new(sys::open_beneath(
+        // a copy-up. Under the read lock an unlink or rename cannot come between the name
+        // and the open (see `open_file`). Once the last name is gone (an fd of an unlinked
+        // file), the handle the kernel opened is the way.
+        let _ns = self.ns_lock.read().unwrap();
+        let by_name = self.loc(ino).and_then(|loc| {
+            Ok(Arc::new(sys::open_beneath(
                 loc.dir()?,
                 &loc.name,
                 OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK,
                 Mode::empty(),
-            )?)),
-            Err(Errno::STALE) => fh.and_then(|h| self.file(h).ok()).ok_or(Errno::STALE),
-            Err(e) => Err(e),
+            )?))
+        });
+        match by_name {
+            Err(e @ (Errno::STALE | Errno::NOENT)) => fh.and_then(|h| self.file(h).ok()).ok_or(e),
+            r => r,
         }
     }
 }
