@@ -1784,3 +1784,106 @@ fn inode_flags_as_overlayfs() {
     drop(f);
     m.umount().unwrap();
 }
+
+/// O_TMPFILE, as on overlayfs (Linux 6.6+): an unnamed file made in the upper directory,
+/// named later by linkat (AT_EMPTY_PATH or /proc/self/fd), also over a whiteout; with
+/// O_EXCL it can never be named.
+#[test]
+fn o_tmpfile_files() {
+    require_fuse();
+    let ls = LayerSet::new("tmpfile", 1);
+    ls.lower(0).file("d/a", "a\n");
+    let spec = ls.spec();
+    let m = StrataMount::new(&spec);
+    let r = m.root();
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let dir = c(&r.join("d"));
+    // SAFETY: a valid C string; the fds are closed below.
+    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o640) };
+    assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
+    // SAFETY: writing 7 bytes from a static buffer to our fd.
+    assert_eq!(unsafe { libc::write(fd, b"tmpdata".as_ptr().cast(), 7) }, 7);
+    // SAFETY: fstat into a zeroed stat of our fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
+    assert_eq!((st.st_nlink, st.st_mode & 0o7777, st.st_size), (0, 0o640, 7));
+    assert_eq!(
+        fs::read_dir(r.join("d")).unwrap().count(),
+        1,
+        "an unnamed file is not listed"
+    );
+    // Named through AT_EMPTY_PATH: the same inode, with its data, in the upper directory.
+    let named = c(&r.join("d/named"));
+    // SAFETY: valid fds and C strings.
+    let rc = unsafe {
+        libc::linkat(
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            named.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    assert_eq!(rc, 0, "linkat: {}", std::io::Error::last_os_error());
+    assert_eq!(fs::read_to_string(r.join("d/named")).unwrap(), "tmpdata");
+    assert_eq!(ino(&r.join("d/named")), st.st_ino);
+    assert_eq!(fs::read_to_string(spec.upper.join("d/named")).unwrap(), "tmpdata");
+    // A second name over a lower file's whiteout, through /proc/self/fd.
+    fs::remove_file(r.join("d/a")).unwrap();
+    let proc = CString::new(format!("/proc/self/fd/{fd}")).unwrap();
+    let a = c(&r.join("d/a"));
+    // SAFETY: valid C strings.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc.as_ptr(),
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "linkat over a whiteout: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(fs::read_to_string(r.join("d/a")).unwrap(), "tmpdata");
+    assert_eq!(fs::metadata(r.join("d/a")).unwrap().nlink(), 2);
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+    // O_EXCL: never linkable; O_RDONLY: refused by the kernel.
+    // SAFETY: as above.
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_EXCL,
+            0o600,
+        )
+    };
+    assert!(fd >= 0);
+    let excl = c(&r.join("d/excl"));
+    // SAFETY: valid fds and C strings.
+    let rc = unsafe {
+        libc::linkat(
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            excl.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENOENT))
+    );
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+    let mut names: Vec<String> = fs::read_dir(r.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "named"]);
+    m.umount().unwrap();
+}

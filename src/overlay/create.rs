@@ -240,6 +240,58 @@ impl Overlay {
         Ok((attr, self.add_file(attr.ino, fd)))
     }
 
+    /// An unnamed file in `parent` (O_TMPFILE), open with `flags`: made in the upper
+    /// directory as overlayfs makes it, owned by the caller (or the group of a setgid
+    /// parent). Until a `link` names it, it is a node without a name, like an unlinked
+    /// file that is still open.
+    pub fn tmpfile(&self, parent: u64, mode: u32, flags: i32, who: Caller) -> Result<(Attr, u64)> {
+        let _changed = self.changing(parent);
+        self.upper()?;
+        let who = Caller {
+            uid: self.ids.stored_uid(who.uid),
+            gid: self.ids.stored_gid(who.gid),
+        };
+        self.copy_up(parent)?;
+        let pfds = self.dir_fds(parent)?;
+        let ufd = pfds.upper().ok_or(Errno::IO)?;
+        let fd = sys::open_tmpfile(ufd, open_flags(flags), Mode::from_raw_mode(mode & 0o7777))?;
+        let pst = rustix::fs::fstat(ufd)?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        let mut st = rustix::fs::fstat(&fd)?;
+        if st.st_uid != who.uid || st.st_gid != gid {
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(who.uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
+            if mode & 0o7000 != 0 {
+                // chown cleared setuid/setgid: put them back.
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?;
+            }
+            st = rustix::fs::fstat(&fd)?;
+        }
+        let ino = self.map_ino(st.st_dev, st.st_ino);
+        self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
+        let found = Found {
+            kind: Kind::File,
+            upper: true,
+            lower: None,
+            lower_dirs: vec![],
+            st,
+            ino,
+            fds: None,
+            redirected: false,
+        };
+        let attr = self.remember_as(parent, OsStr::new(""), found, true, true);
+        // No name: what acts by name fails (ESTALE) and the rest goes through the handle.
+        self.forget_name(ino, parent, OsStr::new(""));
+        Ok((attr, self.add_file(ino, fd)))
+    }
+
     /// link: a new name for an existing object.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let _changed = self.changing(newparent);
@@ -252,18 +304,33 @@ impl Overlay {
         }
         self.copy_up(ino)?;
         self.copy_up(newparent)?;
-        let loc = self.loc(ino)?;
-        let src = loc.pfds.upper().ok_or(Errno::IO)?;
+        // A node without a name (an O_TMPFILE file; for an unlinked one the filesystem
+        // answers ENOENT) is linked from the file an open handle holds.
+        let (loc, held) = match self.loc(ino) {
+            Ok(loc) => (Some(loc), None),
+            Err(Errno::STALE) => (None, Some(self.any_open_fd(ino).ok_or(Errno::STALE)?)),
+            Err(e) => return Err(e),
+        };
+        let link_to = |dir: BorrowedFd<'_>, name: &OsStr| -> Result<()> {
+            match (&loc, &held) {
+                (Some(loc), _) => {
+                    let src = loc.pfds.upper().ok_or(Errno::IO)?;
+                    Ok(rustix::fs::linkat(src, &loc.name, dir, name, AtFlags::empty())?)
+                }
+                (None, Some(fd)) => Ok(sys::link_open_file(fd.as_fd(), dir, name)?),
+                (None, None) => Err(Errno::STALE),
+            }
+        };
         let npfds = self.dir_fds(newparent)?;
         let nfd = npfds.upper().ok_or(Errno::IO)?;
         match sys::stat_at(nfd, newname) {
             Ok(st) if whiteout::is_whiteout(&st) => {
                 let mut s = self.stage()?;
-                rustix::fs::linkat(src, &loc.name, s.dir(), s.name(), AtFlags::empty())?;
+                link_to(s.dir(), s.name())?;
                 s.place(nfd, newname, RenameFlags::empty())?;
             }
             Ok(_) => return Err(Errno::EXIST),
-            Err(Errno::NOENT) => rustix::fs::linkat(src, &loc.name, nfd, newname, AtFlags::empty())?,
+            Err(Errno::NOENT) => link_to(nfd, newname)?,
             Err(e) => return Err(e),
         }
         // A copied-up object keeps its lower inode number (its origin). A pure-upper

@@ -1212,3 +1212,16 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<OwnedFd> {
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     rustix::fs::open(path.as_str(), flags | OFlags::CLOEXEC, Mode::empty())
 }
+
+/// An unnamed file in directory `dir` (O_TMPFILE), open with `flags` (which must write).
+pub fn open_tmpfile(dir: BorrowedFd<'_>, flags: OFlags, mode: Mode) -> SysResult<OwnedFd> {
+    rustix::fs::openat(dir, ".", flags | OFlags::TMPFILE | OFlags::CLOEXEC, mode)
+}
+
+/// Give the open file `fd` the name `name` in `dir`: through /proc/self/fd, which needs no
+/// CAP_DAC_READ_SEARCH (AT_EMPTY_PATH does). The filesystem refuses a file whose links are
+/// gone unless it is an O_TMPFILE file opened without O_EXCL.
+pub fn link_open_file(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::linkat(rustix::fs::CWD, path.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+}
