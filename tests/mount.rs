@@ -1584,11 +1584,18 @@ fn check_bare_listing(ls: &LayerSet, rel: &str, want: &[&str], same: &[(&str, &s
 fn a_reused_inode_number_is_a_new_object() {
     require_fuse();
     let ls = LayerSet::new("ino-reuse", 1);
-    ls.lower(0).file("keep", "x\n");
+    // In b the new names replace whiteouts of lower files (made in the work directory and
+    // renamed into place); in c they are made in place.
+    ls.lower(0)
+        .file("keep", "x\n")
+        .file("b/link", "lower\n")
+        .file("b/file", "lower\n");
     let m = StrataMount::new(&ls.spec());
     let root = m.root();
     fs::create_dir(root.join("a")).unwrap();
-    fs::create_dir(root.join("b")).unwrap();
+    fs::create_dir(root.join("c")).unwrap();
+    fs::remove_file(root.join("b/link")).unwrap();
+    fs::remove_file(root.join("b/file")).unwrap();
     let hold = |p: &Path| {
         let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid C string; the fd is closed below.
@@ -1608,7 +1615,8 @@ fn a_reused_inode_number_is_a_new_object() {
         let number = ino(&old);
         let fd = hold(&old);
         fs::remove_file(&old).unwrap();
-        let new = root.join("b/link");
+        let dir = if i % 2 == 0 { "b" } else { "c" };
+        let new = root.join(dir).join("link");
         std::os::unix::fs::symlink(format!("new-{i}"), &new).unwrap();
         reused += usize::from(ino(&new) == number);
         assert_eq!(
@@ -1628,7 +1636,7 @@ fn a_reused_inode_number_is_a_new_object() {
         let number = ino(&old);
         let fd = hold(&old);
         fs::remove_file(&old).unwrap();
-        let new = root.join("b/file");
+        let new = root.join(dir).join("file");
         fs::write(&new, format!("new {i}\n")).unwrap();
         reused += usize::from(ino(&new) == number);
         assert_eq!(fs::read_to_string(&new).unwrap(), format!("new {i}\n"), "try {i}");
@@ -1646,6 +1654,7 @@ fn a_reused_inode_number_is_a_new_object() {
         reused >= 10,
         "inode numbers were reused only {reused} times in 80 tries"
     );
+    assert!(!root.join("b/link").exists() && !root.join("b/file").exists());
     assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "x\n");
     m.umount().unwrap();
 }
@@ -1850,6 +1859,26 @@ fn o_tmpfile_files() {
     );
     assert_eq!(fs::read_to_string(r.join("d/a")).unwrap(), "tmpdata");
     assert_eq!(fs::metadata(r.join("d/a")).unwrap().nlink(), 2);
+    // Both names gone again: the fd still reaches the file, not its directory (a node
+    // with no name must not fall back to the name "" it had before it was linked).
+    fs::remove_file(r.join("d/a")).unwrap();
+    fs::remove_file(r.join("d/named")).unwrap();
+    // SAFETY: fstat into a zeroed stat of our fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
+    assert_eq!(
+        (st.st_nlink, st.st_mode & libc::S_IFMT, st.st_size),
+        (0, libc::S_IFREG, 7)
+    );
+    assert!(
+        get_flags(fd).is_ok(),
+        "inode flags through the fd: {:?}",
+        get_flags(fd)
+    );
+    assert_eq!(
+        fs::read_to_string(format!("/proc/self/fd/{fd}")).unwrap(),
+        "tmpdata"
+    );
     // SAFETY: closing our fd.
     unsafe { libc::close(fd) };
     // O_EXCL: never linkable; O_RDONLY: refused by the kernel.
@@ -1884,6 +1913,54 @@ fn o_tmpfile_files() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["a", "named"]);
+    assert!(names.is_empty(), "{names:?}");
+    m.umount().unwrap();
+}
+
+/// A file opened with O_APPEND through a plain handle (a CREATE): the kernel gives the
+/// user's writes the end offset itself, and writes shared mmap pages back at their own
+/// offsets through such a handle too, so the real file must not be O_APPEND.
+#[test]
+fn append_handle_and_shared_mmap() {
+    require_fuse();
+    let ls = LayerSet::new("append-mmap", 1);
+    ls.lower(0).file("keep", "x\n");
+    let m = StrataMount::new(&ls.spec());
+    let p = m.root().join("m");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&p)
+        .unwrap();
+    f.write_all(b"head").unwrap();
+    f.set_len(8192).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: a fresh shared mapping of 8192 bytes of our open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: offsets 100..106 lie inside the mapping.
+    unsafe { std::ptr::copy_nonoverlapping(b"mapped".as_ptr(), map.cast::<u8>().add(100), 6) };
+    // SAFETY: the mapping made above.
+    assert_eq!(unsafe { libc::msync(map, 8192, libc::MS_SYNC) }, 0);
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(map, 8192) };
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let got = fs::read(&p).unwrap();
+    assert_eq!(got.len(), 8196);
+    assert_eq!(&got[..4], b"head");
+    assert_eq!(&got[100..106], b"mapped", "shared mmap pages went elsewhere");
+    assert_eq!(&got[8192..], b"tail");
+    assert_eq!(fs::read(ls.spec().upper.join("m")).unwrap(), got);
     m.umount().unwrap();
 }

@@ -923,7 +923,10 @@ impl Filesystem for FuseFs {
         let Some(op) = overlay::FileAttrIoctl::from_cmd(cmd) else {
             return reply.error(Errno::ENOTTY);
         };
-        match self.ov.fileattr(ino.0, Some(fh.0), op, in_data) {
+        let r = self.ov.fileattr(ino.0, Some(fh.0), op, in_data);
+        // A set may have copied the object up.
+        self.flush_stale();
+        match r {
             Ok(v) => reply.ioctl(0, &v),
             Err(e) => reply.error(errno(e)),
         }

@@ -187,7 +187,8 @@ impl Overlay {
             (true, false) => st.place(ufd, name, RenameFlags::empty())?,
             (false, _) => st.place(ufd, name, RenameFlags::NOREPLACE)?,
         }
-        let attr = self.lookup(parent, name)?;
+        // Fresh, as on the direct path: its inode number may be a deleted object's.
+        let attr = self.lookup_as(parent, name, true)?;
         Ok((attr, fd))
     }
 
@@ -237,7 +238,7 @@ impl Overlay {
             Ok(Some(sys::open_beneath(d, n, oflags, perm)?))
         })?;
         let fd = fd.ok_or(Errno::IO)?;
-        Ok((attr, self.add_file(attr.ino, fd)))
+        Ok((attr, self.add_file(attr.ino, fd, true)))
     }
 
     /// An unnamed file in `parent` (O_TMPFILE), open with `flags`: made in the upper
@@ -274,8 +275,10 @@ impl Overlay {
             }
             st = rustix::fs::fstat(&fd)?;
         }
+        // Its number is its own: drop any cached one an earlier object of the same real
+        // inode left (nothing is left behind if it is never named).
         let ino = self.map_ino(st.st_dev, st.st_ino);
-        self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
+        self.origins.write().unwrap().remove(&(st.st_dev, st.st_ino));
         let found = Found {
             kind: Kind::File,
             upper: true,
@@ -289,7 +292,7 @@ impl Overlay {
         let attr = self.remember_as(parent, OsStr::new(""), found, true, true);
         // No name: what acts by name fails (ESTALE) and the rest goes through the handle.
         self.forget_name(ino, parent, OsStr::new(""));
-        Ok((attr, self.add_file(ino, fd)))
+        Ok((attr, self.add_file(ino, fd, true)))
     }
 
     /// link: a new name for an existing object.

@@ -17,12 +17,13 @@ const READ_AHEAD_FROM: u32 = 512 * 1024;
 impl Overlay {
     // ----- files ---------------------------------------------------------------------
 
-    pub(crate) fn add_file(&self, ino: u64, fd: OwnedFd) -> u64 {
+    /// Register an open real file of `ino`; `upper`: it is the upper layer's.
+    pub(crate) fn add_file(&self, ino: u64, fd: OwnedFd, upper: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .write()
             .unwrap()
-            .insert(fh, (ino, Arc::new(fd), AtomicU64::new(0)));
+            .insert(fh, (ino, Arc::new(fd), AtomicU64::new(0), upper));
         fh
     }
 
@@ -31,20 +32,22 @@ impl Overlay {
             .read()
             .unwrap()
             .get(&fh)
-            .map(|(_, fd, _)| fd.clone())
+            .map(|(_, fd, _, _)| fd.clone())
             .ok_or(Errno::BADF)
     }
 
     /// Some open file of `ino`: how an unlinked-but-open file is reached when the kernel
     /// asks without a handle (fstat, fchmod, fchown send none). A scan, but only orphans
-    /// need it.
+    /// need it. Once the node is upper, only a handle on the upper file: one opened before
+    /// the copy-up holds the lower file, which must be neither shown nor changed.
     pub(crate) fn any_open_fd(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        let upper = self.is_upper(ino);
         self.files
             .read()
             .unwrap()
             .values()
-            .find(|(i, _, _)| *i == ino)
-            .map(|(_, fd, _)| fd.clone())
+            .find(|(i, _, _, u)| *i == ino && (*u || !upper))
+            .map(|(_, fd, _, _)| fd.clone())
     }
 
     /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.
@@ -85,17 +88,22 @@ impl Overlay {
                 let fd = self.any_open_fd(ino).ok_or(e)?;
                 let again = sys::reopen(fd.as_fd(), open_flags(flags))?;
                 let upper = self.is_upper(ino);
-                return Ok((self.add_file(ino, again), upper));
+                return Ok((self.add_file(ino, again, upper), upper));
             }
             r => r?,
         };
-        let fd = sys::open_beneath(
-            loc.dir()?,
-            &loc.name,
-            open_flags(flags) | OFlags::NOFOLLOW,
-            Mode::empty(),
-        )?;
-        Ok((self.add_file(ino, fd), loc.upper))
+        let oflags = open_flags(flags) | OFlags::NOFOLLOW;
+        let fd = match sys::open_beneath(loc.dir()?, &loc.name, oflags, Mode::empty()) {
+            // An append-only (chattr +a) file opens for writing only with O_APPEND, which
+            // overlayfs passes on. Not by default: on a plain handle the kernel also
+            // writes back shared mmap pages at their offsets, which O_APPEND would move to
+            // the end; the kernel gives a user's O_APPEND writes the end offset itself.
+            Err(Errno::PERM) if write && flags & libc::O_APPEND != 0 => {
+                sys::open_beneath(loc.dir()?, &loc.name, oflags | OFlags::APPEND, Mode::empty())?
+            }
+            r => r?,
+        };
+        Ok((self.add_file(ino, fd, loc.upper), loc.upper))
     }
 
     /// May the kernel write the file behind `fh` directly (FUSE passthrough)? Its writes
@@ -134,7 +142,7 @@ impl Overlay {
         let size64 = u64::from(size);
         let (fd, sequential) = {
             let files = self.files.read().unwrap();
-            let (_, fd, end) = files.get(&fh).ok_or(Errno::BADF)?;
+            let (_, fd, end, _) = files.get(&fh).ok_or(Errno::BADF)?;
             // Does this big READ follow the handle's previous one? Readahead READs can be
             // served out of order by the workers, so "follows" allows a gap of two READs
             // either way. A random big read (or the first) prefetches nothing.
@@ -252,9 +260,7 @@ impl Overlay {
 /// kernel passes explicit offsets; O_DIRECT would need aligned buffers; creation flags are
 /// handled by the caller.
 pub(crate) fn open_flags(flags: i32) -> OFlags {
-    // O_APPEND as overlayfs opens the real file: an append-only (chattr +a) file opens for
-    // writing only with it, and every WRITE through the handle lands at the real end.
-    let keep =
-        libc::O_ACCMODE | libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_LARGEFILE;
+    // No O_APPEND: see `open_file`.
+    let keep = libc::O_ACCMODE | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_LARGEFILE;
     OFlags::from_bits_retain((flags & keep) as u32)
 }

@@ -202,14 +202,16 @@ impl Overlay {
                 }
             }
             Some(n) => {
-                n.orphan = false;
+                // An orphan's recorded name is gone (or, for an O_TMPFILE file, never was):
+                // not a name to keep.
+                let keep_old = !std::mem::replace(&mut n.orphan, false);
                 if n.parent != parent || *n.name != *name {
                     let old = (
                         std::mem::replace(&mut n.parent, parent),
                         std::mem::replace(&mut n.name, name.into()).into_os_string(),
                     );
                     n.links.retain(|l| !(l.0 == parent && l.1 == name));
-                    if n.kind != Kind::Dir && !n.links.contains(&old) {
+                    if keep_old && n.kind != Kind::Dir && !n.links.contains(&old) {
                         n.links.push(old);
                     }
                 }

@@ -272,11 +272,16 @@ impl Overlay {
 
     /// lookup: resolve and count one reference for the caller.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        self.lookup_as(parent, name, false)
+    }
+
+    /// `lookup`; `fresh`: the object was just created (see `remember_as`).
+    pub(crate) fn lookup_as(&self, parent: u64, name: &OsStr, fresh: bool) -> Result<Attr> {
         // Resolve and record under one read lock: a rename or unlink (write lock) happens
         // wholly before or wholly after, so the table never gets a name already gone.
         let _ns = self.ns_lock.read().unwrap();
         let found = self.resolve(parent, name)?;
-        Ok(self.remember(parent, name, found, true))
+        Ok(self.remember_as(parent, name, found, true, fresh))
     }
 
     /// Attributes of a node (through an open handle when given, which also works after the

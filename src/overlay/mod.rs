@@ -99,7 +99,9 @@ impl Loc {
 
 /// An open file: its inode, its fd, and where its last big READ ended (0 for none; see
 /// `read`).
-type OpenFile = (u64, Arc<OwnedFd>, AtomicU64);
+/// An open handle: node, real file, end of its last big READ (see `read`), and whether the
+/// real file is the upper one (a handle opened before a copy-up keeps the lower file).
+type OpenFile = (u64, Arc<OwnedFd>, AtomicU64, bool);
 
 /// The merged filesystem.
 #[derive(Debug)]

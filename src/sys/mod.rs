@@ -1148,16 +1148,14 @@ const FSXATTR_SIZE: usize = 28;
 impl FileAttrIoctl {
     /// The ioctl a FUSE request names by its command number.
     pub fn from_cmd(cmd: u32) -> Option<FileAttrIoctl> {
-        // _IOR('X', 31, struct fsxattr) and _IOW('X', 32, struct fsxattr); libc lacks them.
-        const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
-        const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
-        match cmd {
-            c if c == libc::FS_IOC_GETFLAGS as u32 => Some(FileAttrIoctl::GetFlags),
-            c if c == libc::FS_IOC_SETFLAGS as u32 => Some(FileAttrIoctl::SetFlags),
-            FS_IOC_FSGETXATTR => Some(FileAttrIoctl::GetXattr),
-            FS_IOC_FSSETXATTR => Some(FileAttrIoctl::SetXattr),
-            _ => None,
-        }
+        [
+            FileAttrIoctl::GetFlags,
+            FileAttrIoctl::SetFlags,
+            FileAttrIoctl::GetXattr,
+            FileAttrIoctl::SetXattr,
+        ]
+        .into_iter()
+        .find(|op| op.request() as u32 == cmd)
     }
 
     pub fn sets(self) -> bool {
@@ -1176,8 +1174,9 @@ impl FileAttrIoctl {
         match self {
             FileAttrIoctl::GetFlags => libc::FS_IOC_GETFLAGS,
             FileAttrIoctl::SetFlags => libc::FS_IOC_SETFLAGS,
-            FileAttrIoctl::GetXattr => 0x801c_581f as libc::Ioctl,
-            FileAttrIoctl::SetXattr => 0x401c_5820 as libc::Ioctl,
+            // _IOR('X', 31, struct fsxattr) and _IOW('X', 32, ...); libc names neither.
+            FileAttrIoctl::GetXattr => libc::_IOR::<[u8; FSXATTR_SIZE]>(b'X' as u32, 31),
+            FileAttrIoctl::SetXattr => libc::_IOW::<[u8; FSXATTR_SIZE]>(b'X' as u32, 32),
         }
     }
 }
@@ -1193,8 +1192,9 @@ pub fn fileattr_ioctl(fd: BorrowedFd<'_>, op: FileAttrIoctl, arg: &mut [u8]) -> 
     // bytes is always valid.
     let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), 32) };
     bytes[..arg.len()].copy_from_slice(arg);
-    // SAFETY: the request takes a pointer to an int or a struct fsxattr, both within `buf`.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), op.request(), buf.as_mut_ptr()) };
+    // SAFETY: the request takes a pointer to an int or a struct fsxattr, both within the
+    // 32 bytes behind `bytes`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), op.request(), bytes.as_mut_ptr()) };
     if r < 0 {
         return Err(Errno::from_raw_os_error(
             std::io::Error::last_os_error()
