@@ -92,17 +92,18 @@ impl Overlay {
     pub(crate) fn remember_new(&self, parent: u64, name: &OsStr, st: rustix::fs::Stat) -> Attr {
         let ino = self.map_ino(st.st_dev, st.st_ino);
         self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
-        let found = Found {
-            kind: Kind::from_mode(st.st_mode),
-            upper: true,
-            lower: None,
-            lower_dirs: vec![],
-            st,
-            ino,
-            fds: None,
-            redirected: false,
+        self.remember_as(parent, name, Found::upper_only(st, ino), true, true)
+    }
+
+    /// For making an object in `parent`: the caller as stored in the layer (ID mapping),
+    /// and the parent's fds once it is copied up.
+    fn upper_parent(&self, parent: u64, who: Caller) -> Result<(Caller, Arc<DirFds>)> {
+        let who = Caller {
+            uid: self.ids.stored_uid(who.uid),
+            gid: self.ids.stored_gid(who.gid),
         };
-        self.remember_as(parent, name, found, true, true)
+        self.copy_up(parent)?;
+        Ok((who, self.dir_fds(parent)?))
     }
 
     /// Create a new object `name` in `parent` with `make(dir, name)`, replacing an upper
@@ -123,13 +124,7 @@ impl Overlay {
             // refused as fuse-overlayfs refuses them.
             return Err(Errno::INVAL);
         }
-        // The owner as stored in the layer (ID mapping).
-        let who = Caller {
-            uid: self.ids.stored_uid(who.uid),
-            gid: self.ids.stored_gid(who.gid),
-        };
-        self.copy_up(parent)?;
-        let pfds = self.dir_fds(parent)?;
+        let (who, pfds) = self.upper_parent(parent, who)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
         let opaque = kind == Kind::Dir && self.lower_positive(parent, name)?;
         if !opaque {
@@ -248,12 +243,7 @@ impl Overlay {
     pub fn tmpfile(&self, parent: u64, mode: u32, flags: i32, who: Caller) -> Result<(Attr, u64)> {
         let _changed = self.changing(parent);
         self.upper()?;
-        let who = Caller {
-            uid: self.ids.stored_uid(who.uid),
-            gid: self.ids.stored_gid(who.gid),
-        };
-        self.copy_up(parent)?;
-        let pfds = self.dir_fds(parent)?;
+        let (who, pfds) = self.upper_parent(parent, who)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
         let fd = sys::open_tmpfile(ufd, open_flags(flags), Mode::from_raw_mode(mode & 0o7777))?;
         let pst = rustix::fs::fstat(ufd)?;
@@ -279,17 +269,7 @@ impl Overlay {
         // inode left (nothing is left behind if it is never named).
         let ino = self.map_ino(st.st_dev, st.st_ino);
         self.origins.write().unwrap().remove(&(st.st_dev, st.st_ino));
-        let found = Found {
-            kind: Kind::File,
-            upper: true,
-            lower: None,
-            lower_dirs: vec![],
-            st,
-            ino,
-            fds: None,
-            redirected: false,
-        };
-        let attr = self.remember_as(parent, OsStr::new(""), found, true, true);
+        let attr = self.remember_as(parent, OsStr::new(""), Found::upper_only(st, ino), true, true);
         // No name: what acts by name fails (ESTALE) and the rest goes through the handle.
         self.forget_name(ino, parent, OsStr::new(""));
         Ok((attr, self.add_file(ino, fd, true)))

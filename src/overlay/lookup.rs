@@ -48,17 +48,7 @@ impl Overlay {
                     // One lookup under one lock: an unlink may drop the entry meanwhile.
                     let cached = self.origins.read().unwrap().get(&(st.st_dev, st.st_ino)).copied();
                     let ino = cached.unwrap_or_else(|| self.map_ino(st.st_dev, st.st_ino));
-                    let kind = Kind::from_mode(st.st_mode);
-                    return Ok(Found {
-                        kind,
-                        upper: true,
-                        lower: None,
-                        lower_dirs: vec![],
-                        st,
-                        ino,
-                        fds: None,
-                        redirected: false,
-                    });
+                    return Ok(Found::upper_only(st, ino));
                 }
                 Ok(st) => {
                     let t = XTarget::At(ufd, name);

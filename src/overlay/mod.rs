@@ -76,6 +76,22 @@ pub(crate) struct Found {
     redirected: bool,
 }
 
+impl Found {
+    /// An object that exists only in the upper layer, with no merged lower directories.
+    fn upper_only(st: rustix::fs::Stat, ino: u64) -> Found {
+        Found {
+            kind: Kind::from_mode(st.st_mode),
+            upper: true,
+            lower: None,
+            lower_dirs: vec![],
+            st,
+            ino,
+            fds: None,
+            redirected: false,
+        }
+    }
+}
+
 /// Where a non-directory lives: the real directory that holds it and its name there.
 pub(crate) struct Loc {
     parent: u64,
