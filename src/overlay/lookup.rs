@@ -59,16 +59,7 @@ impl Overlay {
                         .unwrap_or_else(|| self.map_ino(st.st_dev, st.st_ino));
                     let kind = Kind::from_mode(st.st_mode);
                     if kind != Kind::Dir {
-                        return Ok(Found {
-                            kind,
-                            upper: true,
-                            lower: None,
-                            lower_dirs: vec![],
-                            st,
-                            ino,
-                            fds: None,
-                            redirected: false,
-                        });
+                        return Ok(Found::upper_only(st, ino));
                     }
                     let ufd_child = sys::open_dir_beneath(ufd, name)?;
                     let xattr_opaque = whiteout::upper_is_opaque_in(t, &xnames, self.ns);
