@@ -1599,7 +1599,7 @@ fn a_reused_inode_number_is_a_new_object() {
     let hold = |p: &Path| {
         let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid C string; the fd is closed below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
         assert!(fd >= 0, "O_PATH open of {}", p.display());
         fd
     };
@@ -1808,7 +1808,13 @@ fn o_tmpfile_files() {
     let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let dir = c(&r.join("d"));
     // SAFETY: a valid C string; the fds are closed below.
-    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o640) };
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0o640,
+        )
+    };
     assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
     // SAFETY: writing 7 bytes from a static buffer to our fd.
     assert_eq!(unsafe { libc::write(fd, b"tmpdata".as_ptr().cast(), 7) }, 7);
@@ -1886,7 +1892,7 @@ fn o_tmpfile_files() {
     let fd = unsafe {
         libc::open(
             dir.as_ptr(),
-            libc::O_TMPFILE | libc::O_WRONLY | libc::O_EXCL,
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_EXCL | libc::O_CLOEXEC,
             0o600,
         )
     };

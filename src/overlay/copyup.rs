@@ -315,15 +315,8 @@ impl Overlay {
                 n.set_lower(None);
                 n.no_xattrs = false;
                 self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if n.parent != loc.parent || *n.name != **name {
-                    // Make the name we copied up the primary one.
-                    let old = (
-                        std::mem::replace(&mut n.parent, loc.parent),
-                        std::mem::replace(&mut n.name, name.as_os_str().into()).into_os_string(),
-                    );
-                    n.links.retain(|x| !(x.0 == loc.parent && x.1 == *name));
-                    n.links.push(old);
-                }
+                // Make the name we copied up the primary one.
+                n.set_primary(loc.parent, name, true);
             }
         }
         if loc.kind == Kind::File && st.st_nlink > 1 {
@@ -446,8 +439,8 @@ impl Overlay {
             }
             let mut nodes = self.nodes.write().unwrap();
             if let Some(n) = nodes.get_mut(&ino) {
-                if !n.links.iter().any(|x| x.0 == parent && x.1 == base) {
-                    n.links.push((parent, base.to_owned()));
+                if !n.name.links().iter().any(|x| x.0 == parent && x.1 == base) {
+                    n.name.push_link((parent, base.to_owned()));
                 }
             }
         }

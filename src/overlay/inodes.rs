@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::node::{DirFds, Links, LowerSet, Node, NodeTable};
+use super::node::{DirFds, LowerSet, Node, NodeTable};
 use super::*;
 use crate::sys::XTarget;
 
@@ -117,7 +117,7 @@ impl Overlay {
         }
         let (names, upper, lower, kind) = self.with_node(ino, |n| {
             let mut v = vec![(n.parent, n.name.to_os_string())];
-            v.extend(n.links.iter().cloned());
+            v.extend(n.name.links().iter().cloned());
             (v, n.upper, n.lower(), n.kind)
         })?;
         let mut last = Errno::NOENT;
@@ -185,7 +185,6 @@ impl Overlay {
                 n.gen = n.gen.wrapping_add(1);
                 n.parent = parent;
                 n.name = name.into();
-                n.links = Links::default();
                 n.orphan = false;
                 n.no_xattrs = false;
                 n.probes = 0;
@@ -205,16 +204,8 @@ impl Overlay {
                 // An orphan's recorded name is gone (or, for an O_TMPFILE file, never was):
                 // not a name to keep.
                 let keep_old = !std::mem::replace(&mut n.orphan, false);
-                if n.parent != parent || *n.name != *name {
-                    let old = (
-                        std::mem::replace(&mut n.parent, parent),
-                        std::mem::replace(&mut n.name, name.into()).into_os_string(),
-                    );
-                    n.links.retain(|l| !(l.0 == parent && l.1 == name));
-                    if keep_old && n.kind != Kind::Dir && !n.links.contains(&old) {
-                        n.links.push(old);
-                    }
-                }
+                let keep_old = keep_old && n.kind != Kind::Dir;
+                n.set_primary(parent, name, keep_old);
                 if n.upper != found.upper || n.lower() != found.lower {
                     n.no_xattrs = false;
                     self.xattr_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -273,15 +264,15 @@ impl Overlay {
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {
             if n.parent == parent && *n.name == *name {
-                match n.links.pop() {
+                match n.name.pop_link() {
                     Some(next) => {
                         n.parent = next.0;
-                        n.name = next.1.into();
+                        n.name.set(&next.1);
                     }
                     None => n.orphan = true,
                 }
             } else {
-                n.links.retain(|l| !(l.0 == parent && l.1 == name));
+                n.name.retain_links(|l| !(l.0 == parent && l.1 == name));
             }
         }
     }
@@ -354,10 +345,10 @@ impl Overlay {
         if let Some(n) = nodes.get_mut(&ino) {
             if n.parent == op && *n.name == *on {
                 n.parent = np;
-                n.name = nn.into();
+                n.name.set(nn);
             } else {
-                n.links.retain(|l| !(l.0 == op && l.1 == on));
-                n.links.push((np, nn.to_owned()));
+                n.name.retain_links(|l| !(l.0 == op && l.1 == on));
+                n.name.push_link((np, nn.to_owned()));
             }
         }
     }
