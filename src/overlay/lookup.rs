@@ -83,10 +83,7 @@ impl Overlay {
                         lower_dirs: vec![],
                         st,
                         ino,
-                        fds: Some(DirFds {
-                            upper: Some(Arc::new(ufd_child)),
-                            lowers: vec![],
-                        }),
+                        fds: Some(DirFds::new(Some(Arc::new(ufd_child)), vec![])),
                         redirected: false,
                     };
                     if opaque {
@@ -185,10 +182,7 @@ impl Overlay {
                             lower_dirs: vec![l],
                             st,
                             ino,
-                            fds: Some(DirFds {
-                                upper: None,
-                                lowers: vec![(l, Arc::new(cfd))],
-                            }),
+                            fds: Some(DirFds::new(None, vec![(l, Arc::new(cfd))])),
                             redirected: false,
                         });
                         if opaque {

@@ -236,6 +236,7 @@ impl Overlay {
                 .enumerate()
                 .map(|(i, l)| (i as u16, l.fd.clone()))
                 .collect(),
+            ..Default::default()
         };
         let mut root = Node::new(
             ROOT,
