@@ -199,11 +199,9 @@ impl Overlay {
                 .unwrap()
                 .insert((ust.st_dev, ust.st_ino), ino);
         }
-        // (the lower fds are shared with the old set: not to be read in place)
         let new = DirFds {
             upper: Some(Arc::new(d)),
             lowers: fds.lowers.clone(),
-            ..Default::default()
         };
         let mut nodes = self.nodes.write().unwrap();
         if let Some(n) = nodes.get_mut(&ino) {

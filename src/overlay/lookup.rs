@@ -83,7 +83,10 @@ impl Overlay {
                         lower_dirs: vec![],
                         st,
                         ino,
-                        fds: Some(DirFds::new(Some(Arc::new(ufd_child)), vec![])),
+                        fds: Some(DirFds {
+                            upper: Some(Arc::new(ufd_child)),
+                            lowers: vec![],
+                        }),
                         redirected: false,
                     };
                     if opaque {
@@ -182,7 +185,10 @@ impl Overlay {
                             lower_dirs: vec![l],
                             st,
                             ino,
-                            fds: Some(DirFds::new(None, vec![(l, Arc::new(cfd))])),
+                            fds: Some(DirFds {
+                                upper: None,
+                                lowers: vec![(l, Arc::new(cfd))],
+                            }),
                             redirected: false,
                         });
                         if opaque {

@@ -236,7 +236,6 @@ impl Overlay {
                 .enumerate()
                 .map(|(i, l)| (i as u16, l.fd.clone()))
                 .collect(),
-            ..Default::default()
         };
         let mut root = Node::new(
             ROOT,

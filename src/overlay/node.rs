@@ -4,7 +4,7 @@ use std::ffi::{OsStr, OsString};
 use std::hash::BuildHasher;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use rustix::io::Errno;
@@ -15,40 +15,13 @@ use crate::sys;
 /// Open fds of every real directory merged into one directory: the upper one (if it exists
 /// there) and each contributing lower layer's. They follow renames of the upper directory,
 /// so a cached set never goes stale.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct DirFds {
     pub upper: Option<Arc<OwnedFd>>,
     pub lowers: Vec<(u16, Arc<OwnedFd>)>,
-    /// The lower fds were opened for this set and no one has read their entries: the first
-    /// to claim them (`claim_unread`) may read them in place instead of opening each again.
-    pub unread: AtomicBool,
-}
-
-impl Clone for DirFds {
-    /// A copy shares the fds: it never reads them in place (the original still may, as the
-    /// only one that can).
-    fn clone(&self) -> DirFds {
-        DirFds {
-            upper: self.upper.clone(),
-            lowers: self.lowers.clone(),
-            unread: AtomicBool::new(false),
-        }
-    }
 }
 
 impl DirFds {
-    /// Fresh fds of freshly opened directories.
-    pub fn new(upper: Option<Arc<OwnedFd>>, lowers: Vec<(u16, Arc<OwnedFd>)>) -> DirFds {
-        DirFds {
-            upper,
-            lowers,
-            unread: AtomicBool::new(true),
-        }
-    }
-    /// Take the right to read the lower fds' entries in place (once per set).
-    pub fn claim_unread(&self) -> bool {
-        self.unread.swap(false, Ordering::AcqRel)
-    }
     pub fn upper(&self) -> Option<BorrowedFd<'_>> {
         self.upper.as_ref().map(|f| f.as_fd())
     }
@@ -81,7 +54,7 @@ impl DirFds {
             let p = parent.lower(l).ok_or(Errno::IO)?;
             lowers.push((l, Arc::new(sys::open_dir_beneath(p, name)?)));
         }
-        Ok(DirFds::new(upper, lowers))
+        Ok(DirFds { upper, lowers })
     }
 }
 

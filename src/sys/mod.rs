@@ -72,38 +72,6 @@ pub fn dir_stream(dir: BorrowedFd<'_>) -> SysResult<rustix::fs::Dir> {
     rustix::fs::Dir::new(fd)
 }
 
-/// Call `f` with the name, type and inode number of each entry of directory `dir` ("." and
-/// ".." included). With `own_position` the caller vouches that no one else reads `dir`'s
-/// entries and that it was never read (a fresh fd: at offset 0): it is read in place,
-/// without opening the directory again. Otherwise, or where `dir` cannot be read (an O_PATH
-/// fd), through `dir_stream`.
-pub fn for_each_dirent(
-    dir: BorrowedFd<'_>,
-    own_position: bool,
-    mut f: impl FnMut(&[u8], rustix::fs::FileType, u64) -> SysResult<()>,
-) -> SysResult<()> {
-    if own_position {
-        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
-        let mut raw = rustix::fs::RawDir::new(dir, &mut buf);
-        let mut first = true;
-        loop {
-            match raw.next() {
-                None => return Ok(()),
-                Some(Ok(e)) => f(e.file_name().to_bytes(), e.file_type(), e.ino())?,
-                // Nothing was read yet: let the reopen below answer (or fail) as usual.
-                Some(Err(Errno::BADF)) if first => break,
-                Some(Err(e)) => return Err(e),
-            }
-            first = false;
-        }
-    }
-    for ent in dir_stream(dir)? {
-        let ent = ent?;
-        f(ent.file_name().to_bytes(), ent.file_type(), ent.ino())?;
-    }
-    Ok(())
-}
-
 /// Start reading `len` bytes at `off` of `fd` into the page cache, without waiting
 /// (`POSIX_FADV_WILLNEED`). Only a hint: errors are ignored.
 pub fn will_need(fd: BorrowedFd<'_>, off: u64, len: u64) {
@@ -1097,48 +1065,6 @@ pub fn readonly_recursive(fd: BorrowedFd<'_>) -> SysResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The entries of a directory read in place from a fresh fd, through a reopen, and from
-    /// an O_PATH fd (which falls back to the reopen): the same names, types and numbers.
-    #[test]
-    fn dirents_in_place_and_reopened() {
-        let t = std::env::temp_dir().join(format!("strata-dirents-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&t);
-        std::fs::create_dir_all(t.join("sub")).unwrap();
-        for i in 0..700 {
-            // Enough names for several getdents calls of the in-place buffer.
-            std::fs::write(t.join(format!("file-with-a-longish-name-{i:04}")), "x").unwrap();
-        }
-        let list = |fd: BorrowedFd<'_>, own: bool| {
-            let mut v = Vec::new();
-            for_each_dirent(fd, own, |n, ft, ino| {
-                v.push((n.to_vec(), ft.as_raw_mode(), ino));
-                Ok(())
-            })
-            .unwrap();
-            v.sort();
-            v
-        };
-        let open = |flags| rustix::fs::open(&t, flags | OFlags::DIRECTORY, Mode::empty()).unwrap();
-        let fresh = open(OFlags::RDONLY);
-        let in_place = list(fresh.as_fd(), true);
-        let reopened = list(fresh.as_fd(), false);
-        let o_path = list(open(OFlags::PATH).as_fd(), true);
-        assert_eq!(in_place.len(), 703, "700 files, sub, . and ..");
-        let sub = in_place.iter().find(|e| e.0 == b"sub").unwrap();
-        assert_eq!(sub.1, rustix::fs::FileType::Directory.as_raw_mode());
-        assert_eq!(
-            sub.2,
-            std::fs::metadata(t.join("sub"))
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                .unwrap()
-        );
-        assert_eq!(in_place, reopened);
-        assert_eq!(in_place, o_path);
-        // Read in place once, the fd is at its end: why only one reader may claim it.
-        assert!(list(fresh.as_fd(), true).is_empty());
-        std::fs::remove_dir_all(&t).unwrap();
-    }
 
     /// The xattr calls on a name in a directory and on an O_PATH fd, through the *xattrat
     /// syscalls and through /proc paths (what a kernel before 6.13 gets).
