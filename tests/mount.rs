@@ -1248,6 +1248,65 @@ fn transport_workout(root: &Path) {
 /// With the fuse module's `enable_uring` on (scripts/test turns it on), requests come
 /// through one io_uring queue per possible CPU, served by workers of the daemon; with
 /// `-o uring=off`, through /dev/fuse. Both give the same, correct results.
+/// Pages of `p` in the page cache (cachestat, through strata's syscall seam).
+fn cached_pages(p: &Path) -> u64 {
+    let f = fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len();
+    strata::sys::cached_pages(std::os::fd::AsFd::as_fd(&f), 0, len)
+        .expect("cachestat (Linux 6.5+) must work here")
+}
+
+#[test]
+fn cold_sequential_reads_of_a_lower_file_are_not_cached_twice() {
+    enable_uring();
+    for uring in [true, false] {
+        let ls = LayerSet::new(if uring { "direct-uring" } else { "direct-devfuse" }, 1);
+        let len = (16 << 20) + 777;
+        let data: Vec<u8> = (0..len as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+            .collect();
+        let lower = ls.lower(0).root.join("big");
+        fs::write(&lower, &data).unwrap();
+        let spec = ls.spec();
+        let mut opts = spec.options();
+        if !uring {
+            opts.push_str(",uring=off");
+        }
+        let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, spec.mnt.display().to_string()];
+        let m = StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"));
+        let f = fs::File::open(&lower).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert_eq!(cached_pages(&lower), 0);
+        let mut got = Vec::with_capacity(len);
+        let mut mf = fs::File::open(m.root().join("big")).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = mf.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(mf);
+        assert!(
+            got == data,
+            "uring={uring}: the file read through the mount differs"
+        );
+        // The big READs went past the lower file's page cache (the data are cached once,
+        // for the FUSE file); only the first, smaller readahead READs may have used it.
+        let pages = len.div_ceil(4096) as u64;
+        let cached = cached_pages(&lower);
+        assert!(
+            cached < pages / 4,
+            "uring={uring}: {cached} of {pages} pages of the lower file cached after a cold read"
+        );
+        // Read again (now from the FUSE page cache, or again from the layer): same bytes.
+        assert!(fs::read(m.root().join("big")).unwrap() == data);
+        m.umount().unwrap();
+    }
+}
+
 #[test]
 fn requests_come_through_io_uring_unless_turned_off() {
     enable_uring();

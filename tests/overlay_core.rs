@@ -185,6 +185,83 @@ fn truncating_open_copies_no_data() {
     );
 }
 
+/// The page cache pages of `p` (cachestat through strata's syscall seam).
+fn cached_pages(p: &Path) -> u64 {
+    let f = fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len();
+    strata::sys::cached_pages(std::os::fd::AsFd::as_fd(&f), 0, len)
+        .expect("cachestat (Linux 6.5+) must work here")
+}
+
+/// Write back and drop the page cache pages of `p`.
+fn drop_cache(p: &Path) {
+    let f = fs::File::open(p).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    assert_eq!(cached_pages(p), 0, "{} still cached", p.display());
+}
+
+#[test]
+fn big_reads_of_uncached_lower_files_bypass_the_page_cache() {
+    let e = env();
+    // Three and a bit MiB, so the last read ends inside a page.
+    let len = (3 << 20) + 1000;
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let lower = e.l1.join("big");
+    fs::write(&lower, &data).unwrap();
+    let o = ov(&e);
+    let a = o.lookup(ROOT, OsStr::new("big")).unwrap();
+    let fh = o.open(a.ino, libc::O_RDONLY).unwrap();
+    // A page-aligned buffer, as the FUSE adapter's are.
+    let mut mem = vec![0u8; (1 << 20) + 8192];
+    let at = mem.as_ptr().align_offset(4096);
+
+    // Cold: read with O_DIRECT, so the lower file's pages stay out of the page cache.
+    drop_cache(&lower);
+    let mut got = Vec::new();
+    for off in (0..).step_by(1 << 20) {
+        let buf = &mut mem[at..at + (1 << 20)];
+        let n = o.read_into(fh, off as u64, buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+        if n < 1 << 20 {
+            break;
+        }
+    }
+    assert!(got == data, "cold read through O_DIRECT differs");
+    assert_eq!(
+        cached_pages(&lower),
+        0,
+        "the cold big reads went through the page cache"
+    );
+
+    // A read past the end returns nothing.
+    assert_eq!(o.read_into(fh, 8 << 20, &mut mem[at..at + (1 << 20)]).unwrap(), 0);
+
+    // An unaligned buffer or a small read goes through the page cache, as before.
+    let buf = &mut mem[at + 1..at + 1 + (1 << 20)];
+    assert_eq!(o.read_into(fh, 1 << 20, buf).unwrap(), 1 << 20);
+    assert!(buf[..] == data[1 << 20..2 << 20], "unaligned read differs");
+    assert!(
+        cached_pages(&lower) >= 256,
+        "the unaligned read bypassed the page cache"
+    );
+    let buf = &mut mem[at..at + 4096];
+    assert_eq!(o.read_into(fh, 4096, buf).unwrap(), 4096);
+    assert!(buf[..] == data[4096..8192]);
+
+    // Cached pages are copied from the page cache (and the result is the same).
+    let _ = fs::read(&lower).unwrap();
+    let before = cached_pages(&lower);
+    let buf = &mut mem[at..at + (1 << 20)];
+    assert_eq!(o.read_into(fh, 2 << 20, buf).unwrap(), 1 << 20);
+    assert!(buf[..] == data[2 << 20..3 << 20], "cached read differs");
+    assert_eq!(cached_pages(&lower), before);
+    assert!(o.read(fh, 3 << 20, 1 << 20).unwrap() == data[3 << 20..]);
+    o.release(fh);
+}
+
 #[test]
 fn rmdir_then_mkdir_gives_opaque_dir_without_whiteouts_inside() {
     let e = env();

@@ -113,11 +113,22 @@ impl Loc {
     }
 }
 
-/// An open file: its inode, its fd, and where its last big READ ended (0 for none; see
-/// `read`).
-/// An open handle: node, real file, end of its last big READ (see `read`), and whether the
-/// real file is the upper one (a handle opened before a copy-up keeps the lower file).
-type OpenFile = (u64, Arc<OwnedFd>, AtomicU64, bool);
+/// An open handle.
+#[derive(Debug)]
+struct OpenFile {
+    /// Its node.
+    ino: u64,
+    /// The real file.
+    fd: Arc<OwnedFd>,
+    /// Where its last big READ ended (0 for none; see `read_plan`).
+    end: AtomicU64,
+    /// Whether the real file is the upper one (a handle opened before a copy-up keeps the
+    /// lower file).
+    upper: bool,
+    /// The lower file opened again with O_DIRECT, once a big READ found its pages
+    /// uncached; None inside if that open or a read through it failed (see `read_plan`).
+    direct: std::sync::OnceLock<Option<Arc<OwnedFd>>>,
+}
 
 /// The merged filesystem.
 #[derive(Debug)]

@@ -83,6 +83,53 @@ pub fn will_need(fd: BorrowedFd<'_>, off: u64, len: u64) {
     );
 }
 
+/// How many of the pages of `len` bytes at `off` of `fd` are in the page cache, asked
+/// without reading anything (`cachestat`, Linux 6.5+). None where the kernel cannot tell.
+pub fn cached_pages(fd: BorrowedFd<'_>, off: u64, len: u64) -> Option<u64> {
+    // The syscall number is the same on every architecture (the unified table of new
+    // calls); libc does not name it for x86_64 yet.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off, len };
+    let mut st = CacheStat::default();
+    // SAFETY: both structs are the kernel's layout and outlive the call; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut CacheStat,
+            0u32,
+        )
+    };
+    (r == 0).then_some(st.nr_cache)
+}
+
+/// A second open file of what `fd` is open on, read-only with O_DIRECT: reads through it
+/// go from the disk straight into the caller's buffer, past the page cache. Through
+/// /proc/self/fd, which reopens the very file (not a path that may have changed).
+pub fn reopen_direct(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::open(
+        path.as_str(),
+        OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+}
+
 /// lstat of one name in a directory.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<rustix::fs::Stat> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
@@ -423,6 +470,41 @@ pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
             None => rustix::fs::removexattr(p, name),
         },
     )
+}
+
+/// `pread` into `buf` until it is full or the file ends; the count read.
+pub fn pread_into(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> SysResult<usize> {
+    let mut have = 0;
+    while have < buf.len() {
+        match rustix::io::pread(fd, &mut buf[have..], off + have as u64) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(have)
+}
+
+/// `pread_into` through an O_DIRECT file (offset and buffer page-aligned): a read that
+/// ends off a page boundary ended at the end of the file, and the next one, at an
+/// unaligned offset, would be refused.
+pub fn pread_direct(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> SysResult<usize> {
+    let mut have = 0;
+    while have < buf.len() {
+        match rustix::io::pread(fd, &mut buf[have..], off + have as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                have += n;
+                if n % 4096 != 0 {
+                    break;
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(have)
 }
 
 /// Read up to `len` bytes at `off`, fewer only at end of file, into a new buffer that is

@@ -150,6 +150,45 @@ impl ReplyRaw {
     pub(crate) fn error(self, err: ll::Errno) {
         self.send_ll(&ll::ResponseErrno(err));
     }
+
+    /// strata patch: reply with the data `fill` writes into the buffer it is given (of
+    /// `max` bytes), or with the error it returns. See `ReplyData::data_with`.
+    pub(crate) fn send_filled(
+        mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, ll::Errno>,
+    ) {
+        let sender = self.sender.take().unwrap();
+        let res = match &sender {
+            ReplySender::Uring(u) if u.fits(max) => u.send_filled(max, fill),
+            _ => FILL_BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                // Page-aligned, as an io_uring payload is, so that `fill` may read into it
+                // with O_DIRECT.
+                if b.len() < max + PAGE {
+                    b.resize(max + PAGE, 0);
+                }
+                let at = b.as_ptr().align_offset(PAGE);
+                let buf = &mut b[at..at + max];
+                match fill(buf) {
+                    Ok(n) => ll::ResponseSlice(&buf[..n.min(max)])
+                        .with_iovec(self.unique, |iov| sender.send(iov)),
+                    Err(e) => ll::ResponseErrno(e).with_iovec(self.unique, |iov| sender.send(iov)),
+                }
+            }),
+        };
+        if let Err(err) = res {
+            error!("Failed to send FUSE reply: {err}");
+        }
+    }
+}
+
+const PAGE: usize = 4096;
+
+thread_local! {
+    /// strata patch: the buffer `send_filled` lends to a reply that cannot be written into
+    /// an io_uring entry, kept for the thread's next one (no allocation per READ).
+    static FILL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Drop for ReplyRaw {
@@ -212,6 +251,16 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// strata patch: reply with data written in place. `fill` gets a buffer of `max` bytes
+    /// and returns how many of them it wrote (the rest are not sent), or an error to reply
+    /// with instead. For a request that came through io_uring the buffer is the ring
+    /// entry's payload, which the kernel reads the reply from, so the data are not copied
+    /// again after `fill` wrote them; otherwise it is a buffer the thread keeps for its
+    /// next such reply.
+    pub fn data_with(self, max: usize, fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>) {
+        self.reply.send_filled(max, fill);
     }
 
     /// Reply to a request with the given error code

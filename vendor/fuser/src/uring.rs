@@ -39,6 +39,7 @@ use log::debug;
 use log::error;
 use log::warn;
 
+use crate::Errno;
 use crate::Filesystem;
 use crate::channel::ChannelSender;
 use crate::ll;
@@ -150,6 +151,53 @@ impl UringSender {
             at += d.len();
         }
         e.reply_len.store(total, Ordering::SeqCst);
+        e.busy.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the payload buffer takes a reply body of `len` bytes.
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        len <= self.entry.payload_len
+    }
+
+    /// Like `send`, but `fill` writes the body (at most `max` bytes, `fits(max)`) straight
+    /// into the payload buffer and says how long it is, or the error to reply instead: the
+    /// body of a READ is then not copied once more on its way to the kernel.
+    pub(crate) fn send_filled(
+        &self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    ) -> io::Result<()> {
+        let e = &self.entry;
+        assert!(max <= e.payload_len);
+        e.busy.store(true, Ordering::SeqCst);
+        if e.current
+            .compare_exchange(self.unique, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            e.busy.store(false, Ordering::SeqCst);
+            return Err(io::Error::other(
+                "reply to an io_uring request sent twice or late",
+            ));
+        }
+        // SAFETY: taking `current` gave this call the entry until `busy` is cleared; the
+        // payload buffer is `payload_len` bytes of initialised (mapped) memory, and the
+        // request's copy of it was taken before dispatch.
+        let body = unsafe { std::slice::from_raw_parts_mut(e.payload, max) };
+        let (len, error) = match fill(body) {
+            Ok(n) => (OUT_HEADER_LEN + n.min(max), 0),
+            Err(err) => (OUT_HEADER_LEN, -err.code()),
+        };
+        let mut h = [0u8; OUT_HEADER_LEN];
+        h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&error.to_ne_bytes());
+        h[8..16].copy_from_slice(&self.unique.to_ne_bytes());
+        // SAFETY: as above.
+        unsafe {
+            let in_out = std::ptr::addr_of_mut!((*e.header).in_out).cast::<u8>();
+            std::ptr::copy_nonoverlapping(h.as_ptr(), in_out, OUT_HEADER_LEN);
+        }
+        e.reply_len.store(len, Ordering::SeqCst);
         e.busy.store(false, Ordering::SeqCst);
         Ok(())
     }
