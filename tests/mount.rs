@@ -1248,6 +1248,17 @@ fn transport_workout(root: &Path) {
 /// With the fuse module's `enable_uring` on (scripts/test turns it on), requests come
 /// through one io_uring queue per possible CPU, served by workers of the daemon; with
 /// `-o uring=off`, through /dev/fuse. Both give the same, correct results.
+/// Mount `ls` with requests through io_uring (`uring`) or through /dev/fuse.
+fn mount_transport(ls: &LayerSet, uring: bool) -> StrataMount {
+    let spec = ls.spec();
+    let mut opts = spec.options();
+    if !uring {
+        opts.push_str(",uring=off");
+    }
+    let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, spec.mnt.display().to_string()];
+    StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Pages of `p` in the page cache (cachestat, through strata's syscall seam).
 fn cached_pages(p: &Path) -> u64 {
     let f = fs::File::open(p).unwrap();
@@ -1267,13 +1278,7 @@ fn cold_sequential_reads_of_a_lower_file_are_not_cached_twice() {
             .collect();
         let lower = ls.lower(0).root.join("big");
         fs::write(&lower, &data).unwrap();
-        let spec = ls.spec();
-        let mut opts = spec.options();
-        if !uring {
-            opts.push_str(",uring=off");
-        }
-        let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, spec.mnt.display().to_string()];
-        let m = StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"));
+        let m = mount_transport(&ls, uring);
         let f = fs::File::open(&lower).unwrap();
         f.sync_all().unwrap();
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
@@ -1323,13 +1328,7 @@ fn requests_come_through_io_uring_unless_turned_off() {
         let ls = LayerSet::new(if uring { "uring-on" } else { "uring-off" }, 1);
         let data: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
         fs::write(ls.lower(0).root.join("lowerfile"), &data).unwrap();
-        let spec = ls.spec();
-        let mut opts = spec.options();
-        if !uring {
-            opts.push_str(",uring=off");
-        }
-        let args: Vec<String> = vec!["mount".into(), "-o".into(), opts, spec.mnt.display().to_string()];
-        let m = StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"));
+        let m = mount_transport(&ls, uring);
         let before = uring_workers(m.root());
         transport_workout(m.root());
         let after = uring_workers(m.root());
