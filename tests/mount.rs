@@ -1308,6 +1308,14 @@ fn cold_sequential_reads_of_a_lower_file_are_not_cached_twice() {
         );
         // Read again (now from the FUSE page cache, or again from the layer): same bytes.
         assert!(fs::read(m.root().join("big")).unwrap() == data);
+        // A layer on a FUSE mount (as this one) never gets O_DIRECT reads: its page cache
+        // is not the one that holds the data.
+        let through = fs::File::open(m.root().join("big")).unwrap();
+        assert_eq!(
+            strata::sys::reopen_direct(std::os::fd::AsFd::as_fd(&through)).err(),
+            Some(rustix::io::Errno::OPNOTSUPP)
+        );
+        drop(through);
         m.umount().unwrap();
     }
 }

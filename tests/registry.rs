@@ -1894,6 +1894,16 @@ fn ctrl_c_during_pull_then_resume() {
         .stdin(Stdio::null())
         .stdout(fs::File::create(&outf).unwrap())
         .stderr(fs::File::create(&errf).unwrap());
+    // A Ctrl-C at a terminal finds `strata pull` with SIGINT's default action. The harness
+    // itself may run with SIGINT ignored (a background job of a shell without job
+    // control), which exec would hand down: the pull then ran to the end and exited 0.
+    // SAFETY: signal(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().unwrap();
     let t0 = Instant::now();
     while px.blob_gets_started() == 0 {

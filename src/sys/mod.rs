@@ -121,7 +121,17 @@ pub fn cached_pages(fd: BorrowedFd<'_>, off: u64, len: u64) -> Option<u64> {
 /// A second open file of what `fd` is open on, read-only with O_DIRECT: reads through it
 /// go from the disk straight into the caller's buffer, past the page cache. Through
 /// /proc/self/fd, which reopens the very file (not a path that may have changed).
+///
+/// Refused (EOPNOTSUPP) on a file system stacked on others (overlayfs, FUSE), whose own
+/// page cache is not where the data are cached: `cached_pages` would find nothing there
+/// and every read would go to the disk, however warm the real file is.
 pub fn reopen_direct(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
+    const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+    let kind = rustix::fs::fstatfs(fd)?.f_type as u64;
+    if kind == OVERLAYFS_SUPER_MAGIC || kind == FUSE_SUPER_MAGIC {
+        return Err(Errno::OPNOTSUPP);
+    }
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     rustix::fs::open(
         path.as_str(),
