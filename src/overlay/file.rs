@@ -194,9 +194,10 @@ impl Overlay {
     /// pages there are not in the page cache, it is read with O_DIRECT (when `direct_ok`):
     /// the disk writes straight into the reply's buffer, and the data are not cached twice,
     /// once for the lower file and once for the FUSE file (the kernel's overlayfs caches
-    /// them once). A cold sequential read of 1 GiB took 400-440 ms of daemon CPU instead of
-    /// 900-1020. Pages that are cached (another reader of the layer) are copied from there.
-    /// Otherwise a sequential big READ has the lower disk fetch the next ones meanwhile.
+    /// them once). A cold sequential read of 1 GiB took 350-440 ms of daemon CPU instead of
+    /// 830-1070 through the page cache. Pages that are cached (another reader of the
+    /// layer) are copied from there. Otherwise a sequential big READ has the lower disk
+    /// fetch the next ones meanwhile.
     fn read_plan(&self, fh: u64, off: u64, size: u32, direct_ok: bool) -> Result<Read> {
         let size64 = u64::from(size);
         let big = size >= READ_AHEAD_FROM;
