@@ -1245,9 +1245,6 @@ fn transport_workout(root: &Path) {
     assert_eq!(errno_of(fs::metadata(d.join("f1"))), libc::ENOENT);
 }
 
-/// With the fuse module's `enable_uring` on (scripts/test turns it on), requests come
-/// through one io_uring queue per possible CPU, served by workers of the daemon; with
-/// `-o uring=off`, through /dev/fuse. Both give the same, correct results.
 /// Mount `ls` with requests through io_uring (`uring`) or through /dev/fuse.
 fn mount_transport(ls: &LayerSet, uring: bool) -> StrataMount {
     let spec = ls.spec();
@@ -1320,6 +1317,9 @@ fn cold_sequential_reads_of_a_lower_file_are_not_cached_twice() {
     }
 }
 
+/// With the fuse module's `enable_uring` on (scripts/test turns it on), requests come
+/// through one io_uring queue per possible CPU, served by workers of the daemon; with
+/// `-o uring=off`, through /dev/fuse. Both give the same, correct results.
 #[test]
 fn requests_come_through_io_uring_unless_turned_off() {
     enable_uring();

@@ -11,7 +11,7 @@ use rustix::io::Errno;
 use super::*;
 use crate::sys::{self, XTarget};
 
-/// READs at least this big trigger an asynchronous read of what follows (see `read_fd`).
+/// READs at least this big trigger an asynchronous read of what follows (see `read_plan`).
 const READ_AHEAD_FROM: u32 = 512 * 1024;
 
 /// Which open file a READ goes through (see `Overlay::read_plan`).
@@ -167,14 +167,14 @@ impl Overlay {
         // page covers every block size in use.
         let aligned = (off | size as u64 | buf.as_ptr() as u64) % 4096 == 0;
         match self.read_plan(fh, off, size, aligned)? {
-            Read::Cached(fd) => sys::pread_into(fd.as_fd(), buf, off),
-            Read::Direct(fd) => match sys::pread_direct(fd.as_fd(), buf, off) {
+            Read::Cached(fd) => sys::pread_into(fd.as_fd(), buf, off, false),
+            Read::Direct(fd) => match sys::pread_into(fd.as_fd(), buf, off, true) {
                 Err(Errno::INVAL) => {
                     // The filesystem takes O_DIRECT opens but not these reads: never again
                     // for this handle.
                     let plain = self.file(fh)?;
                     self.no_direct(fh);
-                    sys::pread_into(plain.as_fd(), buf, off)
+                    sys::pread_into(plain.as_fd(), buf, off, false)
                 }
                 r => r,
             },
@@ -239,6 +239,7 @@ impl Overlay {
         }
         Ok(Read::Cached(fd))
     }
+
     /// write to an open file. With `kill_suidgid` (an unprivileged writer, as the kernel
     /// judged) setuid and group-executable setgid bits go, as a local write would drop them;
     /// strata writes as root, which the underlying filesystem would let keep them.

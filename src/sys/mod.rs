@@ -482,31 +482,18 @@ pub fn removexattr(t: XTarget<'_>, name: &OsStr) -> SysResult<()> {
     )
 }
 
-/// `pread` into `buf` until it is full or the file ends; the count read.
-pub fn pread_into(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> SysResult<usize> {
-    let mut have = 0;
-    while have < buf.len() {
-        match rustix::io::pread(fd, &mut buf[have..], off + have as u64) {
-            Ok(0) => break,
-            Ok(n) => have += n,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(have)
-}
-
-/// `pread_into` through an O_DIRECT file (offset and buffer page-aligned): a read that
-/// ends off a page boundary ended at the end of the file, and the next one, at an
-/// unaligned offset, would be refused.
-pub fn pread_direct(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> SysResult<usize> {
+/// `pread` into `buf` until it is full or the file ends; the count read. With `direct`
+/// (an O_DIRECT file, offset and buffer page-aligned), a read that ends off a page
+/// boundary ended at the end of the file, and the next one, at an unaligned offset, would
+/// be refused: it stops there.
+pub fn pread_into(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64, direct: bool) -> SysResult<usize> {
     let mut have = 0;
     while have < buf.len() {
         match rustix::io::pread(fd, &mut buf[have..], off + have as u64) {
             Ok(0) => break,
             Ok(n) => {
                 have += n;
-                if n % 4096 != 0 {
+                if direct && n % 4096 != 0 {
                     break;
                 }
             }
