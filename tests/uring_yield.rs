@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 use common::*;
 
+/// The tests of this binary one at a time: the hogs of one would spoil the other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const SCHED_OTHER: u32 = 0;
 const SCHED_IDLE: u32 = 5;
 
@@ -195,6 +198,7 @@ fn yielded(moved: u64, served: &[(String, u32)]) -> bool {
 
 #[test]
 fn uring_workers_keep_the_caller_on_its_cpu_only_while_nothing_else_runs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     require_fuse();
     enable_uring();
     let ls = LayerSet::new("uring-yield", 1);
@@ -285,6 +289,148 @@ fn uring_workers_keep_the_caller_on_its_cpu_only_while_nothing_else_runs() {
     assert!(
         served.iter().all(|(_, p)| *p == SCHED_OTHER),
         "with every CPU busy, a worker waits as SCHED_IDLE: {served:?}"
+    );
+    m.umount().unwrap();
+}
+
+/// Pin the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+/// Requests are served at idle priority while the machine is idle, and one that takes
+/// longer than a millisecond or two is promoted to a normal thread: here every CPU gets a
+/// busy task after the daemon last looked (its load line says idle throughout). The
+/// worker that serves a copy-up of 256 MiB must become a normal thread while it runs
+/// (with the promotion turned off it stayed SCHED_IDLE and took 2.3 s here, 0.7 s with).
+#[test]
+fn a_request_at_idle_priority_is_promoted_when_its_cpu_is_busy() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_fuse();
+    enable_uring();
+    if !may_leave_sched_idle() {
+        eprintln!(
+            "a thread here cannot return from SCHED_IDLE: workers never yield (checked by the test above)"
+        );
+        return;
+    }
+    let ls = LayerSet::new("uring-promote", 1);
+    let big: Vec<u8> = (0..256u32 << 20).map(|i| (i % 251) as u8).collect();
+    ls.lower(0).file("big", &big);
+    ls.lower(0).file("d/f0", "x\n");
+    let line = ls.env.fresh_dir("load-").join("loadavg");
+    fs::write(&line, "0.00 0.00 0.00 1/100 1\n").unwrap();
+
+    // One worker per queue (as many threads as CPUs): the one that serves this test's
+    // requests from CPU 0 has served, and waits at idle priority, before the copy-up.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spec = ls.fresh_spec();
+    let args: Vec<String> = vec![
+        "mount".into(),
+        "--threads".into(),
+        cpus.to_string(),
+        "-o".into(),
+        spec.options(),
+        spec.mnt.display().to_string(),
+    ];
+    let mut cmd = std::process::Command::new(strata_bin());
+    cmd.args(&args).env("FUSER_URING_LOADAVG", &line);
+    let m = StrataMount::with_command(&spec, cmd, &args).unwrap_or_else(|e| panic!("{e}"));
+    let root = m.root().to_path_buf();
+    let copying = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let (r, took, before, promoted) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            // Workers seen as normal threads during the copy-up.
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(Ordering::SeqCst) {
+                if copying.load(Ordering::SeqCst) {
+                    for (t, (_, p)) in workers(&root) {
+                        if p == SCHED_OTHER {
+                            seen.insert(t);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            seen
+        });
+        let copier = s.spawn(|| {
+            pin(0);
+            let mut n = 0;
+            let before = loop {
+                lookups(&root.join("d"), &format!("warm{n}"), 1);
+                let w = workers(&root);
+                n += 1;
+                if w.values().any(|(_, p)| *p == SCHED_IDLE) || n == 100 {
+                    break w;
+                }
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let hogs: Vec<_> = (0..cpus)
+                .map(|cpu| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        pin(cpu);
+                        while !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            copying.store(true, Ordering::SeqCst);
+            let t0 = std::time::Instant::now();
+            let r = fs::OpenOptions::new()
+                .append(true)
+                .open(root.join("big"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"!"));
+            let took = t0.elapsed();
+            copying.store(false, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+            for h in hogs {
+                h.join().unwrap();
+            }
+            (r, took, before)
+        });
+        let (r, took, before) = copier.join().unwrap();
+        done.store(true, Ordering::SeqCst);
+        (r, took, before, sampler.join().unwrap())
+    });
+    r.unwrap();
+    let data = fs::read(root.join("big")).unwrap();
+    assert_eq!(data.len(), big.len() + 1);
+    assert!(
+        data[..big.len()] == big[..] && data[big.len()] == b'!',
+        "copied-up data differ"
+    );
+    // The worker that waited at idle priority before the copy-up served it, and became a
+    // normal thread while it ran.
+    let idle: Vec<&String> = before
+        .iter()
+        .filter(|(_, (_, p))| *p == SCHED_IDLE)
+        .map(|(t, _)| t)
+        .collect();
+    assert!(
+        !idle.is_empty(),
+        "no worker waited at idle priority after the lookups: {before:?}"
+    );
+    assert!(
+        idle.iter().any(|t| promoted.contains(*t)),
+        "no worker that waited at idle priority became a normal thread during the copy-up (idle before: {idle:?}; seen normal: {promoted:?})"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "copy-up beside a busy task on every CPU took {took:?}"
     );
     m.umount().unwrap();
 }

@@ -288,7 +288,7 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
     let per_queue = threads.div_ceil(queues);
     let yield_ok = yield_cpu && can_yield();
     debug!("io_uring: commits yield the CPU when the machine is idle: {yield_ok}");
-    let census = yield_ok.then(|| Arc::new(Census::new(queues)));
+    let census = yield_ok.then(|| Arc::new(Census::new(queues, queues * per_queue.max(1))));
     let mut w = Workers {
         handles: Vec::new(),
         starts: Vec::new(),
@@ -300,7 +300,10 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
             let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
             let (start_tx, start_rx) = mpsc::channel::<Start<FS>>();
             let census = census.clone();
+            let slot = w.handles.len();
             let h = thread::Builder::new().name(name.clone()).spawn(move || {
+                // However the worker ends, the promoter learns of it (see `Census::left`).
+                let _left = census.clone().map(Left);
                 pin_to_cpu(qid);
                 let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
                 let (ring, entry) = match made {
@@ -312,7 +315,7 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
                 };
                 let _ = ready_tx.send(Ok(()));
                 match start_rx.recv() {
-                    Ok(start) => serve(ring, entry, start, qid as u16, census),
+                    Ok(start) => serve(ring, entry, start, qid as u16, census.map(|c| (c, slot))),
                     // The session stays on /dev/fuse (or never ran).
                     Err(_) => Ok(()),
                 }
@@ -326,6 +329,15 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
     for r in readies {
         r.recv()
             .map_err(|_| io::Error::other("io_uring worker died"))??;
+    }
+    if let Some(c) = census {
+        // Started once every worker is: the census counts them all, so its count of the
+        // live ones reaches 0, and the promoter ends, when the last one ends.
+        let c2 = c.clone();
+        let t = thread::Builder::new()
+            .name("fuser-promoter".into())
+            .spawn(move || promoter(&c2))?;
+        let _ = c.promoter.set(t.thread().clone());
     }
     Ok(w)
 }
@@ -391,7 +403,7 @@ fn serve<FS: Filesystem>(
     entry: Arc<Entry>,
     start: Start<FS>,
     qid: u16,
-    census: Option<Arc<Census>>,
+    census: Option<(Arc<Census>, usize)>,
 ) -> io::Result<()> {
     let Start { se, fd } = start;
     let payload_len = entry.payload_len;
@@ -411,7 +423,7 @@ fn serve<FS: Filesystem>(
 
     let mut req_buf: Vec<u8> = Vec::with_capacity(IN_HEADER_LEN + OP_IN_LEN + 4096);
     let mut served = false;
-    let mut yielder = census.and_then(|c| Yielder::new(c, usize::from(qid)));
+    let mut yielder = census.and_then(|(c, slot)| Yielder::new(c, usize::from(qid), slot));
     loop {
         if let Some(y) = yielder.as_mut() {
             y.sleeping();
@@ -498,12 +510,15 @@ fn serve<FS: Filesystem>(
         // Nobody waits for the reply to a RELEASE: its caller runs on (see `Yielder`).
         let async_op = op == FUSE_RELEASE || op == FUSE_RELEASEDIR;
         if let Some(y) = yielder.as_mut() {
-            // A request that usually takes microseconds stays SCHED_IDLE if the worker is
-            // and the machine is still idle (no switch); anything else is served as a
-            // normal thread, whatever it may take (a copy-up, a directory index).
-            let idle = short_request(op) && y.idle && y.machine_idle(usize::from(async_op));
+            // Served as the SCHED_IDLE thread the worker woke as while the machine is still
+            // idle (no switch), as a normal thread otherwise; one that takes a millisecond
+            // or more at idle priority is promoted (see `promoter`).
+            let idle = y.idle && y.machine_idle(usize::from(async_op));
             if !y.set_idle(idle) {
                 yielder = None;
+            }
+            if let Some(y) = yielder.as_mut() {
+                y.serving();
             }
         }
         entry.reply_len.store(0, Ordering::SeqCst);
@@ -521,6 +536,9 @@ fn serve<FS: Filesystem>(
                     req.dispatch(&se);
                 }
             }
+        }
+        if let Some(y) = yielder.as_mut() {
+            y.served();
         }
         // Take the entry back: a reply not sent by now goes nowhere. Wait for a sender
         // that claimed it from another thread to finish its copy.
@@ -570,38 +588,16 @@ fn serve<FS: Filesystem>(
     }
 }
 
-/// Requests whose handling is usually a syscall or two on one file, never a copy-up or a
-/// listing (at worst strata reopens a directory's evicted fds, or a RELEASE frees an
-/// unlinked file's blocks): served as SCHED_IDLE when the worker already is one and the
-/// machine is still idle, with no policy switch.
-fn short_request(opcode: u32) -> bool {
-    // include/uapi/linux/fuse.h
-    const GETATTR: u32 = 3;
-    const READLINK: u32 = 5;
-    const STATFS: u32 = 17;
-    const GETXATTR: u32 = 22;
-    const LISTXATTR: u32 = 23;
-    const FLUSH: u32 = 25;
-    const ACCESS: u32 = 34;
-    matches!(
-        opcode,
-        GETATTR
-            | READLINK
-            | STATFS
-            | GETXATTR
-            | LISTXATTR
-            | FLUSH
-            | ACCESS
-            | FUSE_RELEASE
-            | FUSE_RELEASEDIR
-    )
-}
-
 /// Set this thread's scheduling policy (priority 0, nice unchanged); false if refused.
 fn set_policy(policy: libc::c_int) -> bool {
+    set_policy_of(0, policy)
+}
+
+/// Set thread `tid`'s scheduling policy (0: this thread); false if refused.
+fn set_policy_of(tid: libc::pid_t, policy: libc::c_int) -> bool {
     let p = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `p` is a valid sched_param.
-    unsafe { libc::sched_setscheduler(0, policy, &p) == 0 }
+    // SAFETY: `p` is a valid sched_param; a stale tid fails with ESRCH.
+    unsafe { libc::sched_setscheduler(tid, policy, &p) == 0 }
 }
 
 /// Whether a thread of this process may go SCHED_IDLE and come back to SCHED_OTHER
@@ -616,21 +612,128 @@ fn can_yield() -> bool {
         .unwrap_or(false)
 }
 
-/// Which workers are SCHED_IDLE, for `Yielder::machine_idle`.
+/// Which workers are SCHED_IDLE, for `Yielder::machine_idle`, and which of them serve a
+/// request, for `promoter`.
 #[derive(Debug, Default)]
 pub(crate) struct Census {
     /// SCHED_IDLE workers that are awake (running or runnable), all queues.
     awake: AtomicUsize,
     /// Per queue: SCHED_IDLE workers, and those of them awake.
     queues: Vec<(AtomicUsize, AtomicUsize)>,
+    /// Per worker: what it serves (`Slot`).
+    slots: Vec<Slot>,
+    /// Workers not ended yet.
+    alive: AtomicUsize,
+    /// The promoter sleeps until a worker serves at idle priority.
+    parked: AtomicBool,
+    promoter: std::sync::OnceLock<thread::Thread>,
+    /// A promotion was refused (logged once).
+    refused: AtomicBool,
 }
 
+/// A worker's kernel thread id and, in `state`, the number of the request it serves
+/// (shifted left by 2) with one of `NONE`, `SERVING`, `PROMOTING`, `PROMOTED`.
+#[derive(Debug, Default)]
+struct Slot {
+    tid: std::sync::atomic::AtomicI32,
+    state: AtomicU64,
+}
+
+/// Not serving at idle priority (or the promotion was refused: still SCHED_IDLE).
+const NONE: u64 = 0;
+/// Serving a request as a SCHED_IDLE thread.
+const SERVING: u64 = 1;
+/// The promoter is making the worker a normal thread.
+const PROMOTING: u64 = 2;
+/// The worker is a normal thread again.
+const PROMOTED: u64 = 3;
+const STATE: u64 = 3;
+
+/// The promoter's period; a request runs at idle priority for one to two of them at most.
+const TICK: std::time::Duration = std::time::Duration::from_millis(1);
+/// Ticks without a worker serving at idle priority before the promoter sleeps.
+const QUIET_TICKS: u32 = 10;
+
 impl Census {
-    pub(crate) fn new(queues: usize) -> Census {
+    pub(crate) fn new(queues: usize, workers: usize) -> Census {
         Census {
-            awake: AtomicUsize::new(0),
             queues: (0..queues).map(|_| Default::default()).collect(),
+            slots: (0..workers).map(|_| Default::default()).collect(),
+            alive: AtomicUsize::new(workers),
+            ..Default::default()
         }
+    }
+
+    fn wake_promoter(&self) {
+        if let Some(t) = self.promoter.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// Tells the census that a worker ended, when dropped.
+struct Left(Arc<Census>);
+
+impl Drop for Left {
+    fn drop(&mut self) {
+        if self.0.alive.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.wake_promoter();
+        }
+    }
+}
+
+/// Makes a worker that has served one request at idle priority for a tick or more a
+/// normal thread. Beside a busy task a SCHED_IDLE thread gets almost no CPU, and a worker
+/// is pinned to its CPU, so a request that meets a busy task there (one that started
+/// after the worker last found the machine idle) would wait for it; and a copy-up or a
+/// big listing must not hold the CPU at idle priority anyway. Ticks while workers serve
+/// at idle priority and sleeps after `QUIET_TICKS` ticks without; ends with the workers.
+fn promoter(census: &Census) {
+    let mut last = vec![0u64; census.slots.len()];
+    let mut quiet = 0;
+    while census.alive.load(Ordering::SeqCst) > 0 {
+        if quiet >= QUIET_TICKS {
+            census.parked.store(true, Ordering::SeqCst);
+            // A worker that started serving before `parked` was set is seen here; one that
+            // starts after it sees `parked` and wakes this thread.
+            let serving = census
+                .slots
+                .iter()
+                .any(|s| s.state.load(Ordering::SeqCst) & STATE == SERVING);
+            if !serving && census.alive.load(Ordering::SeqCst) > 0 {
+                thread::park();
+            }
+            census.parked.store(false, Ordering::SeqCst);
+            quiet = 0;
+            last.fill(0);
+            continue;
+        }
+        thread::sleep(TICK);
+        let mut any = false;
+        for (s, seen) in census.slots.iter().zip(last.iter_mut()) {
+            let v = s.state.load(Ordering::SeqCst);
+            if v & STATE == SERVING {
+                any = true;
+                // The same request as a tick ago: served at idle priority for a tick.
+                let claimed = v == *seen
+                    && s.state
+                        .compare_exchange(v, v & !STATE | PROMOTING, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok();
+                if claimed {
+                    let ok = set_policy_of(s.tid.load(Ordering::SeqCst), libc::SCHED_OTHER);
+                    if !ok && !census.refused.swap(true, Ordering::SeqCst) {
+                        error!(
+                            "io_uring: cannot make a worker a normal thread again: {}",
+                            io::Error::last_os_error()
+                        );
+                    }
+                    let done = if ok { PROMOTED } else { NONE };
+                    s.state.store(v & !STATE | done, Ordering::SeqCst);
+                }
+            }
+            *seen = v;
+        }
+        quiet = if any { 0 } else { quiet + 1 };
     }
 }
 
@@ -646,12 +749,11 @@ impl Census {
 /// waking task, and a waking normal task preempts a SCHED_IDLE one at once. So a worker
 /// commits its reply, and waits for the next request, as a SCHED_IDLE thread: the caller
 /// is woken on this CPU, and the caller's next request wakes the worker without
-/// preempting the caller. The worker serves that request as a normal thread again, unless
-/// it is one of the few that usually take microseconds (`short_request`) and the machine
-/// is still idle: a copy-up, a lookup or a listing never runs at idle priority. A RELEASE,
-/// which nobody waits for, is one of those: it often runs beside the worker that serves
-/// the caller's next request, and a normal thread on the CPU would send the caller away
-/// again.
+/// preempting the caller. The worker serves that request at idle priority too while the
+/// machine is still idle (switching policy twice per request was a sixth of the daemon's
+/// CPU in an untar), and `promoter` makes it a normal thread if it takes a millisecond or
+/// more. A RELEASE, which nobody waits for, often runs beside the worker that serves the
+/// caller's next request; a normal thread on the CPU would send the caller away again.
 ///
 /// Only while nothing else can run: `/proc/loadavg` counts no runnable task but this
 /// worker, the SCHED_IDLE workers that are awake, one more if a SCHED_IDLE worker of its
@@ -659,25 +761,32 @@ impl Census {
 /// RELEASE its caller. The worker is then alone on its CPU, owed no time and owing
 /// none, so if a busy task starts there while it sleeps, its wake-up waits about one time
 /// slice of that task, not the long wait of a SCHED_IDLE thread that has run for a while;
-/// a short request checks the load again on waking, anything else is served as a normal
-/// thread, and the next commit sees the load. While anything else runs, workers stay
-/// normal threads, and the check is made at most once a millisecond.
+/// it checks the load again on waking, and the next commit sees the load. While anything
+/// else runs, workers stay normal threads, and the check is made at most once a
+/// millisecond; a check that found the machine idle is trusted for `IDLE_TRUST` (reading
+/// /proc/loadavg for every request was another sixth of that CPU).
 struct Yielder {
     loadavg: std::fs::File,
     buf: [u8; 128],
     census: Arc<Census>,
     qid: usize,
+    /// This worker's entry in `census.slots`.
+    slot: usize,
+    /// The number of the request it serves.
+    seq: u64,
     /// This thread is SCHED_IDLE.
     idle: bool,
     /// Between a wake-up and the next wait.
     awake: bool,
     /// No check before this: the last one found other tasks runnable.
     busy_until: std::time::Instant,
+    /// No check before this either: the last one found nothing else runnable.
+    idle_until: std::time::Instant,
 }
 
 impl Yielder {
-    fn new(census: Arc<Census>, qid: usize) -> Option<Yielder> {
-        if qid >= census.queues.len() {
+    fn new(census: Arc<Census>, qid: usize, slot: usize) -> Option<Yielder> {
+        if qid >= census.queues.len() || slot >= census.slots.len() {
             return None;
         }
         // SAFETY: no arguments but this thread (0).
@@ -689,14 +798,20 @@ impl Yielder {
         // yield on a machine it does not own (other work may run there) writes an idle line.
         let path = std::env::var_os("FUSER_URING_LOADAVG").unwrap_or("/proc/loadavg".into());
         let loadavg = std::fs::File::open(path).ok()?;
+        // SAFETY: no arguments.
+        let tid = unsafe { libc::gettid() };
+        census.slots[slot].tid.store(tid, Ordering::SeqCst);
         Some(Yielder {
             loadavg,
             buf: [0; 128],
             census,
             qid,
+            slot,
+            seq: 0,
             idle: false,
             awake: false,
             busy_until: std::time::Instant::now(),
+            idle_until: std::time::Instant::now(),
         })
     }
 
@@ -715,6 +830,50 @@ impl Yielder {
             if self.awake {
                 op(&q.1);
                 op(&self.census.awake);
+            }
+        }
+    }
+
+    /// Before serving a request: if at idle priority, show it to the promoter.
+    fn serving(&mut self) {
+        if !self.idle {
+            return;
+        }
+        self.seq += 1;
+        let s = &self.census.slots[self.slot];
+        s.state.store(self.seq << 2 | SERVING, Ordering::SeqCst);
+        if self.census.parked.load(Ordering::SeqCst) {
+            self.census.wake_promoter();
+        }
+    }
+
+    /// After serving it: take it back from the promoter, and learn whether it promoted
+    /// this thread.
+    fn served(&mut self) {
+        if !self.idle {
+            return;
+        }
+        let s = &self.census.slots[self.slot];
+        let v = self.seq << 2;
+        if s.state
+            .compare_exchange(v | SERVING, v, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+        loop {
+            match s.state.load(Ordering::SeqCst) & STATE {
+                // The promoter is between its claim and its syscall.
+                PROMOTING => thread::yield_now(),
+                PROMOTED => {
+                    self.count(false);
+                    self.idle = false;
+                    self.count(true);
+                    s.state.store(v, Ordering::SeqCst);
+                    return;
+                }
+                // Refused: still SCHED_IDLE.
+                _ => return,
             }
         }
     }
@@ -752,11 +911,16 @@ impl Yielder {
         if now < self.busy_until {
             return false;
         }
+        if now < self.idle_until {
+            return true;
+        }
         let idle = match self.loadavg.read_at(&mut self.buf, 0) {
             Ok(n) => runnable(&self.buf[..n]).is_some_and(|r| r as usize <= 1 + callers + others),
             Err(_) => false,
         };
-        if !idle {
+        if idle {
+            self.idle_until = now + IDLE_TRUST;
+        } else {
             // A busy machine stays busy for a while: spare the check until then.
             self.busy_until = now + std::time::Duration::from_millis(1);
         }
@@ -790,6 +954,9 @@ impl Yielder {
         true
     }
 }
+
+/// How long a check that found nothing else runnable is trusted.
+const IDLE_TRUST: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// The runnable count of a /proc/loadavg line ("0.00 0.01 0.05 1/123 4567").
 fn runnable(line: &[u8]) -> Option<u32> {
