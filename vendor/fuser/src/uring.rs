@@ -302,8 +302,9 @@ pub(crate) fn spawn_workers<FS: Filesystem>(
             let census = census.clone();
             let slot = w.handles.len();
             let h = thread::Builder::new().name(name.clone()).spawn(move || {
-                // However the worker ends, the promoter learns of it (see `Census::left`).
-                let _left = census.clone().map(Left);
+                // However the worker ends (even by a panic in a request), the promoter
+                // learns of it (see `Left`).
+                let _left = census.clone().map(|c| Left(c, slot));
                 pin_to_cpu(qid);
                 let made = build_ring().and_then(|r| Ok((r, new_entry(payload_len)?)));
                 let (ring, entry) = match made {
@@ -631,11 +632,12 @@ pub(crate) struct Census {
     refused: AtomicBool,
 }
 
-/// A worker's kernel thread id and, in `state`, the number of the request it serves
-/// (shifted left by 2) with one of `NONE`, `SERVING`, `PROMOTING`, `PROMOTED`.
+/// A worker's kernel thread id, its queue, and, in `state`, the number of the request it
+/// serves (shifted left by 2) with one of `NONE`, `SERVING`, `PROMOTING`, `PROMOTED`.
 #[derive(Debug, Default)]
 struct Slot {
     tid: std::sync::atomic::AtomicI32,
+    qid: AtomicUsize,
     state: AtomicU64,
 }
 
@@ -649,7 +651,8 @@ const PROMOTING: u64 = 2;
 const PROMOTED: u64 = 3;
 const STATE: u64 = 3;
 
-/// The promoter's period; a request runs at idle priority for one to two of them at most.
+/// The promoter's period: a request that runs at idle priority for two of them is promoted
+/// (a little later when the promoter was asleep, or when it waits for a CPU itself).
 const TICK: std::time::Duration = std::time::Duration::from_millis(1);
 /// Ticks without a worker serving at idle priority before the promoter sleeps.
 const QUIET_TICKS: u32 = 10;
@@ -671,11 +674,24 @@ impl Census {
     }
 }
 
-/// Tells the census that a worker ended, when dropped.
-struct Left(Arc<Census>);
+/// Tells the census that the worker of slot `.1` ended, when dropped.
+struct Left(Arc<Census>, usize);
 
 impl Drop for Left {
     fn drop(&mut self) {
+        // A worker that dies serving (a panic) must not be promoted later by its thread
+        // id, which the kernel may give to another thread.
+        let s = &self.0.slots[self.1];
+        loop {
+            let v = s.state.load(Ordering::SeqCst);
+            match v & STATE {
+                SERVING => {
+                    let _ = s.state.compare_exchange(v, v & !STATE, Ordering::SeqCst, Ordering::SeqCst);
+                }
+                PROMOTING => thread::yield_now(),
+                _ => break,
+            }
+        }
         if self.0.alive.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.wake_promoter();
         }
@@ -721,7 +737,15 @@ fn promoter(census: &Census) {
                         .is_ok();
                 if claimed {
                     let ok = set_policy_of(s.tid.load(Ordering::SeqCst), libc::SCHED_OTHER);
-                    if !ok && !census.refused.swap(true, Ordering::SeqCst) {
+                    if ok {
+                        // Out of the census now, not when the request ends: a sibling on
+                        // the same CPU must see this worker as the normal thread it is.
+                        // The worker leaves the census alone while it serves.
+                        let q = &census.queues[s.qid.load(Ordering::SeqCst)];
+                        q.0.fetch_sub(1, Ordering::SeqCst);
+                        q.1.fetch_sub(1, Ordering::SeqCst);
+                        census.awake.fetch_sub(1, Ordering::SeqCst);
+                    } else if !census.refused.swap(true, Ordering::SeqCst) {
                         error!(
                             "io_uring: cannot make a worker a normal thread again: {}",
                             io::Error::last_os_error()
@@ -750,7 +774,7 @@ fn promoter(census: &Census) {
 /// commits its reply, and waits for the next request, as a SCHED_IDLE thread: the caller
 /// is woken on this CPU, and the caller's next request wakes the worker without
 /// preempting the caller. The worker serves that request at idle priority too while the
-/// machine is still idle (switching policy twice per request was a sixth of the daemon's
+/// machine is still idle (switching policy twice per request was an eighth of the daemon's
 /// CPU in an untar), and `promoter` makes it a normal thread if it takes a millisecond or
 /// more. A RELEASE, which nobody waits for, often runs beside the worker that serves the
 /// caller's next request; a normal thread on the CPU would send the caller away again.
@@ -764,7 +788,7 @@ fn promoter(census: &Census) {
 /// it checks the load again on waking, and the next commit sees the load. While anything
 /// else runs, workers stay normal threads, and the check is made at most once a
 /// millisecond; a check that found the machine idle is trusted for `IDLE_TRUST` (reading
-/// /proc/loadavg for every request was another sixth of that CPU).
+/// /proc/loadavg for every request was another eighth of that CPU).
 struct Yielder {
     loadavg: std::fs::File,
     buf: [u8; 128],
@@ -801,6 +825,7 @@ impl Yielder {
         // SAFETY: no arguments.
         let tid = unsafe { libc::gettid() };
         census.slots[slot].tid.store(tid, Ordering::SeqCst);
+        census.slots[slot].qid.store(qid, Ordering::SeqCst);
         Some(Yielder {
             loadavg,
             buf: [0; 128],
@@ -866,9 +891,8 @@ impl Yielder {
                 // The promoter is between its claim and its syscall.
                 PROMOTING => thread::yield_now(),
                 PROMOTED => {
-                    self.count(false);
+                    // The promoter took this worker out of the census already.
                     self.idle = false;
-                    self.count(true);
                     s.state.store(v, Ordering::SeqCst);
                     return;
                 }

@@ -22,9 +22,11 @@ pub struct Config {
     /// CPU; at least one each), when the filesystem asks for FUSE_OVER_IO_URING in `init`
     /// and the kernel agrees; 0 = none.
     pub uring_threads: usize,
-    /// strata patch: io_uring workers commit replies, and wait for requests, as SCHED_IDLE
-    /// threads while nothing else runs, so that a caller stays on its CPU (see
-    /// `uring::Yielder`); ignored where the process cannot return a thread to SCHED_OTHER.
+    /// strata patch: io_uring workers commit replies, wait for requests, and serve them,
+    /// as SCHED_IDLE threads while nothing else runs, so that a caller stays on its CPU
+    /// (see `uring::Yielder`; a thread of the session promotes a worker that serves one
+    /// request for a millisecond or more); ignored where the process cannot return a
+    /// thread to SCHED_OTHER.
     pub uring_yield: bool,
 }
 
