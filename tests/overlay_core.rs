@@ -691,6 +691,42 @@ fn xattr_misses_are_remembered_and_never_hide_one() {
     assert_eq!(o.getxattr(low.ino, user).unwrap(), b"low");
     o.setxattr(low.ino, user, b"w", 0).unwrap();
     assert_eq!(o.getxattr(low.ino, user).unwrap(), b"w");
+    // A new file is known to have no xattrs when it has none, but one that inherits an
+    // ACL from its directory's default ACL shows it (and says it lacks the rest).
+    let d = o.mkdir(ROOT, OsStr::new("acl"), 0o755, ROOTC).unwrap();
+    // system.posix_acl_default: version 2, then (tag, perm, id) for user::rwx,
+    // user:1234:rwx, group::r-x, mask::rwx, other::r-x.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 7u16, u32::MAX),
+        (2, 7, 1234),
+        (4, 5, u32::MAX),
+        (0x10, 7, u32::MAX),
+        (0x20, 5, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    xattr_set(&e.upper.join("acl"), "system.posix_acl_default", &acl);
+    let (f, fh) = o
+        .create(d.ino, OsStr::new("f"), 0o644, libc::O_WRONLY, ROOTC)
+        .unwrap();
+    o.release(fh);
+    let inherited = o.getxattr(f.ino, OsStr::new("system.posix_acl_access")).unwrap();
+    assert!(inherited.len() > 4, "inherited ACL: {inherited:?}");
+    assert_eq!(o.getxattr(f.ino, cap).err(), Some(Errno::NODATA));
+    let (g, fh) = o
+        .create(ROOT, OsStr::new("plain"), 0o644, libc::O_WRONLY, ROOTC)
+        .unwrap();
+    o.release(fh);
+    assert_eq!(o.getxattr(g.ino, cap).err(), Some(Errno::NODATA));
+    o.setxattr(g.ino, user, b"g", 0).unwrap();
+    assert_eq!(
+        o.getxattr(g.ino, user).unwrap(),
+        b"g",
+        "a set xattr is never hidden"
+    );
 }
 
 fn xattr_set(p: &Path, name: &str, v: &[u8]) {

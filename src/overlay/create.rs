@@ -233,6 +233,7 @@ impl Overlay {
             Ok(Some(sys::open_beneath(d, n, oflags, perm)?))
         })?;
         let fd = fd.ok_or(Errno::IO)?;
+        self.note_fresh_xattrs(attr.ino, fd.as_fd());
         Ok((attr, self.add_file(attr.ino, fd, true)))
     }
 

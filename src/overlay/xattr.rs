@@ -8,7 +8,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::sys::{self};
+use crate::sys::{self, XTarget};
 
 /// Which namespace the overlay-private xattrs live in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,21 @@ impl Overlay {
         if self.with_node(ino, |n| n.no_xattrs).unwrap_or(false) {
             if let Some(n) = self.nodes.write().unwrap().get_mut(&ino) {
                 n.no_xattrs = false;
+            }
+        }
+    }
+
+    /// A file just made, through its open `fd`: if it carries no xattrs (no ACL inherited
+    /// from the parent, no LSM label), say so now, so the kernel's `security.capability`
+    /// check before its first write costs no syscall (rather than a getxattr and a
+    /// listxattr by path).
+    pub(crate) fn note_fresh_xattrs(&self, ino: u64, fd: BorrowedFd<'_>) {
+        let epoch = self.xattr_epoch.load(Ordering::SeqCst);
+        if sys::listxattr(XTarget::Fd(fd)).is_ok_and(|l| l.is_empty()) {
+            if let Some(n) = self.nodes.write().unwrap().get_mut(&ino) {
+                if self.xattr_epoch.load(Ordering::SeqCst) == epoch {
+                    n.no_xattrs = true;
+                }
             }
         }
     }
