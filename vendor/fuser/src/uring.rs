@@ -102,6 +102,22 @@ unsafe impl Send for Entry {}
 // SAFETY: as above.
 unsafe impl Sync for Entry {}
 
+/// Write a fuse_out_header (reply length, error, request id) into the entry's header.
+///
+/// # Safety
+/// `header` is the entry's mapped header buffer, and the caller holds the entry.
+unsafe fn write_out_header(header: *mut ReqHeader, len: usize, error: i32, unique: u64) {
+    let mut h = [0u8; OUT_HEADER_LEN];
+    h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&error.to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    // SAFETY: per the contract above; in_out is at least OUT_HEADER_LEN bytes.
+    unsafe {
+        let in_out = std::ptr::addr_of_mut!((*header).in_out).cast::<u8>();
+        std::ptr::copy_nonoverlapping(h.as_ptr(), in_out, OUT_HEADER_LEN);
+    }
+}
+
 /// Where the handler of a request that came through a ring entry writes its reply.
 #[derive(Clone, Debug)]
 pub(crate) struct UringSender {
@@ -120,16 +136,7 @@ impl UringSender {
         if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > e.payload_len {
             return Err(io::Error::other(format!("io_uring reply of {total} bytes")));
         }
-        e.busy.store(true, Ordering::SeqCst);
-        if e.current
-            .compare_exchange(self.unique, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            e.busy.store(false, Ordering::SeqCst);
-            return Err(io::Error::other(
-                "reply to an io_uring request sent twice or late",
-            ));
-        }
+        self.claim()?;
         let mut at = 0usize;
         for d in data {
             let mut d: &[u8] = d;
@@ -150,9 +157,31 @@ impl UringSender {
             }
             at += d.len();
         }
-        e.reply_len.store(total, Ordering::SeqCst);
-        e.busy.store(false, Ordering::SeqCst);
+        self.release(total);
         Ok(())
+    }
+
+    /// Take the entry for this reply (`serve` waits while `busy` is set); an error if the
+    /// request is no longer the entry's (a second or late reply).
+    fn claim(&self) -> io::Result<()> {
+        let e = &self.entry;
+        e.busy.store(true, Ordering::SeqCst);
+        if e.current
+            .compare_exchange(self.unique, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            e.busy.store(false, Ordering::SeqCst);
+            return Err(io::Error::other(
+                "reply to an io_uring request sent twice or late",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Give the entry back with a reply of `len` bytes written.
+    fn release(&self, len: usize) {
+        self.entry.reply_len.store(len, Ordering::SeqCst);
+        self.entry.busy.store(false, Ordering::SeqCst);
     }
 
     /// Whether the payload buffer takes a reply body of `len` bytes.
@@ -170,16 +199,7 @@ impl UringSender {
     ) -> io::Result<()> {
         let e = &self.entry;
         assert!(max <= e.payload_len);
-        e.busy.store(true, Ordering::SeqCst);
-        if e.current
-            .compare_exchange(self.unique, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            e.busy.store(false, Ordering::SeqCst);
-            return Err(io::Error::other(
-                "reply to an io_uring request sent twice or late",
-            ));
-        }
+        self.claim()?;
         // SAFETY: taking `current` gave this call the entry until `busy` is cleared; the
         // payload buffer is `payload_len` bytes of initialised (mapped) memory, and the
         // request's copy of it was taken before dispatch.
@@ -188,17 +208,9 @@ impl UringSender {
             Ok(n) => (OUT_HEADER_LEN + n.min(max), 0),
             Err(err) => (OUT_HEADER_LEN, -err.code()),
         };
-        let mut h = [0u8; OUT_HEADER_LEN];
-        h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
-        h[4..8].copy_from_slice(&error.to_ne_bytes());
-        h[8..16].copy_from_slice(&self.unique.to_ne_bytes());
         // SAFETY: as above.
-        unsafe {
-            let in_out = std::ptr::addr_of_mut!((*e.header).in_out).cast::<u8>();
-            std::ptr::copy_nonoverlapping(h.as_ptr(), in_out, OUT_HEADER_LEN);
-        }
-        e.reply_len.store(len, Ordering::SeqCst);
-        e.busy.store(false, Ordering::SeqCst);
+        unsafe { write_out_header(e.header, len, error, self.unique) };
+        self.release(len);
         Ok(())
     }
 }
@@ -552,15 +564,8 @@ fn serve<FS: Filesystem>(
             reply_len - OUT_HEADER_LEN
         } else {
             // No reply (a request fuser could not parse): EIO.
-            let mut h = [0u8; OUT_HEADER_LEN];
-            h[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
-            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            h[8..16].copy_from_slice(&unique.to_ne_bytes());
             // SAFETY: the entry is ours until the commit.
-            unsafe {
-                let in_out = std::ptr::addr_of_mut!((*header).in_out).cast::<u8>();
-                std::ptr::copy_nonoverlapping(h.as_ptr(), in_out, OUT_HEADER_LEN);
-            }
+            unsafe { write_out_header(header, OUT_HEADER_LEN, -libc::EIO, unique) };
             0
         };
         // SAFETY: as above.
