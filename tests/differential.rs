@@ -87,6 +87,95 @@ fn truncate_lower_file() {
     });
 }
 
+/// A lower file opened for reading, then written and appended to through another handle
+/// (the copy-up happens then): the reader sees both, as overlayfs moves an open file to
+/// its copy. What the reader read before the copy-up (cached by the kernel) stays right.
+#[test]
+fn reader_opened_before_copy_up_sees_later_writes() {
+    require_fuse();
+    let k = LayerSet::new("rdcu-k", 1);
+    let s = LayerSet::new("rdcu-s", 1);
+    let old: Vec<u8> = (0..=255u8).cycle().take(2 << 20).collect();
+    for ls in [&k, &s] {
+        ls.lower(0).file("f", &old).file("g", &old);
+    }
+    let km = KernelMount::new(&k.spec());
+    let sm = StrataMount::new(&s.spec());
+    let got: Vec<_> = [km.root(), sm.root()]
+        .iter()
+        .map(|root| reader_sees_writes(root, old.len() as u64))
+        .collect();
+    sm.umount().expect("strata umount");
+    km.umount().expect("kernel umount");
+    let mid = (1536 << 10) + 100;
+    let want = (
+        old[..4].to_vec(),
+        b"XXXX".to_vec(),
+        b"TAIL".to_vec(),
+        old.len() as u64 + 4,
+        old[mid..mid + 4].to_vec(),
+        0,
+    );
+    for (name, g) in ["kernel", "strata"].iter().zip(&got) {
+        assert_eq!(
+            g, &want,
+            "{name}: reads through a handle opened before the copy-up"
+        );
+    }
+    for ls in [&k, &s] {
+        assert_eq!(
+            std::fs::read(ls.lower(0).path("f")).unwrap(),
+            old,
+            "lower f untouched"
+        );
+        assert_eq!(
+            std::fs::read(ls.lower(0).path("g")).unwrap(),
+            old,
+            "lower g untouched"
+        );
+    }
+}
+
+/// In `root`: read `f` and `g` through handles opened before each is copied up (`f` by a
+/// write and an append, `g` by a truncating open). Returns f's first bytes (read before),
+/// the written bytes, the appended bytes, f's size by fstat, g's bytes before and how
+/// many bytes g's reader gets after.
+fn reader_sees_writes(root: &std::path::Path, len: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>, u64, Vec<u8>, usize) {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let mid = (1536 << 10) + 100;
+    let f = root.join("f");
+    let r = std::fs::File::open(&f).unwrap();
+    let mut first = vec![0u8; 4];
+    r.read_exact_at(&mut first, 0).unwrap();
+    let w = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    w.write_all_at(b"XXXX", mid).unwrap();
+    drop(w);
+    let mut a = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+    std::io::Write::write_all(&mut a, b"TAIL").unwrap();
+    drop(a);
+    let mut written = vec![0u8; 4];
+    r.read_exact_at(&mut written, mid).unwrap();
+    let mut appended = vec![0u8; 4];
+    r.read_exact_at(&mut appended, len).unwrap();
+    let size = r.metadata().unwrap().len();
+
+    let g = root.join("g");
+    let mut rg = std::fs::File::open(&g).unwrap();
+    let mut before = vec![0u8; 4];
+    rg.read_exact_at(&mut before, mid).unwrap();
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&g)
+            .unwrap(),
+    );
+    let mut rest = Vec::new();
+    let after = rg.read_to_end(&mut rest).unwrap();
+    (first, written, appended, size, before, after)
+}
+
 #[test]
 fn chmod_chown_utimes_lower_file() {
     run_case("attrs", 1, base, |o| {

@@ -185,6 +185,57 @@ fn truncating_open_copies_no_data() {
     );
 }
 
+#[test]
+fn read_handles_opened_before_a_copy_up_read_the_copy() {
+    let e = env();
+    let old: Vec<u8> = (0..64u8).cycle().take(64 << 10).collect();
+    fs::write(e.l1.join("f"), &old).unwrap();
+    fs::write(e.l1.join("g"), &old).unwrap();
+    let o = ov(&e);
+    let f = o.lookup(ROOT, OsStr::new("f")).unwrap();
+    let g = o.lookup(ROOT, OsStr::new("g")).unwrap();
+    let r1 = o.open(f.ino, libc::O_RDONLY).unwrap();
+    let r2 = o.open(f.ino, libc::O_RDONLY).unwrap();
+    let rg = o.open(g.ino, libc::O_RDONLY).unwrap();
+    let mut buf = vec![0u8; 8];
+    assert_eq!(o.read_into(r1, 0, &mut buf).unwrap(), 8);
+    assert_eq!(buf, old[..8]);
+
+    // Another handle writes the middle and appends: the copy-up happens here.
+    let w = o.open(f.ino, libc::O_WRONLY).unwrap();
+    assert_eq!(o.write(w, 1000, b"XXXX", false).unwrap(), 4);
+    assert_eq!(o.write(w, old.len() as u64, b"TAIL", false).unwrap(), 4);
+    o.release(w);
+    for r in [r1, r2] {
+        assert_eq!(o.read_into(r, 1000, &mut buf[..4]).unwrap(), 4);
+        assert_eq!(
+            &buf[..4],
+            b"XXXX",
+            "a handle opened before the copy-up sees the write"
+        );
+        assert_eq!(
+            o.read_into(r, old.len() as u64, &mut buf).unwrap(),
+            4,
+            "and the append"
+        );
+        assert_eq!(&buf[..4], b"TAIL");
+    }
+    assert_eq!(fs::read(e.l1.join("f")).unwrap(), old, "lower untouched");
+
+    // A truncating open of another file: its earlier reader sees it empty.
+    let t = o.open(g.ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    o.release(t);
+    assert_eq!(
+        o.read_into(rg, 0, &mut buf).unwrap(),
+        0,
+        "truncated by the copy-up"
+    );
+    for r in [r1, r2, rg] {
+        o.release(r);
+    }
+    assert_eq!(fs::read(e.l1.join("g")).unwrap(), old, "lower untouched");
+}
+
 /// The page cache pages of `p` (cachestat through strata's syscall seam).
 fn cached_pages(p: &Path) -> u64 {
     let f = fs::File::open(p).unwrap();

@@ -238,6 +238,8 @@ impl Overlay {
             Some(rustix::fs::Uid::from_raw(st.st_uid)),
             Some(rustix::fs::Gid::from_raw(st.st_gid)),
         );
+        // A regular file's copy, for the read handles opened on the lower file.
+        let mut copy: Option<OwnedFd> = None;
         {
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => {
@@ -265,6 +267,7 @@ impl Overlay {
                     if !self.volatile && n > 0 {
                         rustix::fs::fsync(&dst)?;
                     }
+                    copy = Some(dst);
                 }
                 FileType::Symlink => {
                     let target = rustix::fs::readlinkat(src_dir, name, Vec::new())?;
@@ -318,6 +321,9 @@ impl Overlay {
                 // Make the name we copied up the primary one.
                 n.set_primary(loc.parent, name, true);
             }
+        }
+        if let Some(c) = copy {
+            self.handles_follow_copy_up(ino, c.as_fd());
         }
         if loc.kind == Kind::File && st.st_nlink > 1 {
             // The caller links the rest of the lower link set, after releasing the stripe

@@ -1,7 +1,7 @@
 //! Open files: open, read, write, fsync and the other calls on a file handle.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -53,7 +53,8 @@ impl Overlay {
     /// Some open file of `ino`: how an unlinked-but-open file is reached when the kernel
     /// asks without a handle (fstat, fchmod, fchown send none). A scan, but only orphans
     /// need it. Once the node is upper, only a handle on the upper file: one opened before
-    /// the copy-up holds the lower file, which must be neither shown nor changed.
+    /// the copy-up that could not move to the copy holds the lower file, which must be
+    /// neither shown nor changed.
     pub(crate) fn any_open_fd(&self, ino: u64) -> Option<Arc<OwnedFd>> {
         let upper = self.is_upper(ino);
         self.files
@@ -62,6 +63,41 @@ impl Overlay {
             .values()
             .find(|f| f.ino == ino && (f.upper || !upper))
             .map(|f| f.fd.clone())
+    }
+
+    /// A copy-up made `copy` the file of node `ino`: its handles opened before, on the
+    /// lower file, read the copy from now on, as overlayfs moves an open file to the copy
+    /// when it is next used. Without that, what another handle writes would not show
+    /// through them wherever the kernel had not cached their pages (an append past them,
+    /// say). A handle whose reopen fails keeps the lower file (the same bytes until written).
+    pub(crate) fn handles_follow_copy_up(&self, ino: u64, copy: BorrowedFd<'_>) {
+        let stale: Vec<u64> = {
+            let files = self.files.read().unwrap();
+            files
+                .iter()
+                .filter(|(_, f)| f.ino == ino && !f.upper)
+                .map(|(fh, _)| *fh)
+                .collect()
+        };
+        if stale.is_empty() {
+            return;
+        }
+        // One read-only open of the copy serves them all (they only ever read).
+        let fd = match sys::reopen(copy, OFlags::RDONLY) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                log::warn!("read handles of inode {ino} keep the lower file after its copy-up: {e}");
+                return;
+            }
+        };
+        let mut files = self.files.write().unwrap();
+        for fh in stale {
+            if let Some(f) = files.get_mut(&fh) {
+                f.fd = fd.clone();
+                f.upper = true;
+                f.direct = OnceLock::new();
+            }
+        }
     }
 
     /// open: a write (or O_TRUNC) open copies up first; O_TRUNC copies no data.

@@ -122,8 +122,9 @@ struct OpenFile {
     fd: Arc<OwnedFd>,
     /// Where its last big READ ended (0 for none; see `read_plan`).
     end: AtomicU64,
-    /// Whether the real file is the upper one (a handle opened before a copy-up keeps the
-    /// lower file).
+    /// Whether the real file is the upper one (a handle opened before a copy-up moves to
+    /// the copy then, see `handles_follow_copy_up`; it keeps the lower file only if that
+    /// reopen failed).
     upper: bool,
     /// The lower file opened again with O_DIRECT, once a big READ found its pages
     /// uncached; None inside if that open or a read through it failed (see `read_plan`).
