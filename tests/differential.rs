@@ -87,6 +87,90 @@ fn truncate_lower_file() {
     });
 }
 
+/// Files and directories held open while they are changed, moved and removed: reads and
+/// fstat through the held fds (the random part holds some too).
+#[test]
+fn handles_held_across_changes() {
+    let log = run_case_redirect("held", 1, base, |o| {
+        o.hold(0, "a");
+        o.hold(1, "dir/f1");
+        o.hold(2, "secret");
+        o.hold(3, "empty");
+        // A write copies `a` up; an unlink then leaves only the held fd.
+        o.append("a", b"more\n");
+        o.read_held(0);
+        o.fstat_held(0);
+        o.unlink("a");
+        o.read_held(0);
+        o.fstat_held(0);
+        // Metadata copy-up and a move to another directory.
+        o.chmod("dir/f1", 0o600);
+        o.fstat_held(1);
+        o.rename("dir/f1", "other/moved");
+        o.read_held(1);
+        o.fstat_held(1);
+        o.append("other/moved", b"x");
+        o.read_held(1);
+        // A held directory: chmod, then removed by a rename over it.
+        o.chmod("secret", 0o700);
+        o.fstat_held(2);
+        o.read_held(2);
+        o.mkdir("nd", 0o755);
+        o.rename("nd", "empty");
+        o.fstat_held(3);
+        o.rmdir("empty");
+        o.mkdir("gone", 0o711);
+        o.hold(3, "gone");
+        o.rmdir("gone");
+        o.fstat_held(3);
+        o.stat("gone");
+    });
+    // Both agreed; and this is what they agreed on.
+    let held = |i: &str| format!("hold {i}");
+    let (h0, h1, h2, h3, h3b) = (
+        held("0 a"),
+        held("1 dir/f1"),
+        held("2 secret"),
+        held("3 empty"),
+        held("3 gone"),
+    );
+    expect(
+        &log,
+        &[
+            (&h0, Ok("")),
+            (&h1, Ok("")),
+            (&h2, Ok("")),
+            (&h3, Ok("")),
+            ("append a \"more\\n\"", Ok("")),
+            ("read_held 0", Ok("\"lower a\\nmore\\n\"")),
+            ("fstat_held 0", Ok("File 0644 0:0 nlink=1 size=13")),
+            ("unlink a", Ok("")),
+            ("read_held 0", Ok("\"lower a\\nmore\\n\"")),
+            ("fstat_held 0", Ok("File 0644 0:0 nlink=0 size=13")),
+            ("chmod dir/f1 600", Ok("")),
+            ("fstat_held 1", Ok("File 0600 0:0 nlink=1 size=3")),
+            ("rename dir/f1 other/moved", Ok("")),
+            ("read_held 1", Ok("\"f1\\n\"")),
+            ("fstat_held 1", Ok("File 0600 0:0 nlink=1 size=3")),
+            ("append other/moved \"x\"", Ok("")),
+            ("read_held 1", Ok("\"f1\\nx\"")),
+            ("chmod secret 700", Ok("")),
+            ("fstat_held 2", Ok("Dir 0700 1000:1000 nlink=1")),
+            ("read_held 2", Err("EISDIR")),
+            ("mkdir nd 755", Ok("")),
+            ("rename nd empty", Ok("")),
+            // The lower directory a rename replaced is still there below.
+            ("fstat_held 3", Ok("Dir 0755 0:0 nlink=2")),
+            ("rmdir empty", Ok("")),
+            ("mkdir gone 711", Ok("")),
+            (&h3b, Ok("")),
+            ("rmdir gone", Ok("")),
+            ("fstat_held 3", Ok("Dir 0711 0:0 nlink=0")),
+            ("stat gone", Err("ENOENT")),
+        ],
+    );
+}
+
 /// A lower file opened for reading, then written and appended to through another handle
 /// (the copy-up happens then): the reader sees both, as overlayfs moves an open file to
 /// its copy. What the reader read before the copy-up (cached by the kernel) stays right.
@@ -1238,6 +1322,10 @@ enum Op {
     GetXattr(String),
     ListXattr(String),
     Read(String),
+    /// Open read-only and keep the file in a slot across the next operations.
+    Hold(usize, String),
+    ReadHeld(usize),
+    FstatHeld(usize),
     Stat(String),
     Readdir(String),
     Mkfifo(String),
@@ -1289,7 +1377,10 @@ fn gen_ops(rng: &mut Rng, n: usize, redirect: bool) -> Vec<Op> {
             74..=75 => Op::RemoveXattr(p),
             76..=77 => Op::GetXattr(p),
             78 => Op::ListXattr(p),
-            79..=88 => Op::Read(p),
+            79..=84 => Op::Read(p),
+            85..=86 => Op::Hold(rng.below(HELD_SLOTS), p),
+            87 => Op::ReadHeld(rng.below(HELD_SLOTS)),
+            88 => Op::FstatHeld(rng.below(HELD_SLOTS)),
             89..=93 => Op::Stat(p),
             94..=98 => Op::Readdir(if rng.chance(70) {
                 rng.pick(DIRS).to_string()
@@ -1323,6 +1414,9 @@ fn exec(o: &mut Ops, op: &Op) {
         Op::GetXattr(p) => o.getxattr(p, "user.x"),
         Op::ListXattr(p) => o.listxattr(p),
         Op::Read(p) => o.read(p),
+        Op::Hold(i, p) => o.hold(*i, p),
+        Op::ReadHeld(i) => o.read_held(*i),
+        Op::FstatHeld(i) => o.fstat_held(*i),
         Op::Stat(p) => o.stat(p),
         Op::Readdir(p) => o.readdir(p),
         Op::Mkfifo(p) => o.mkfifo(p, 0o644),

@@ -259,6 +259,45 @@ impl Overlay {
         }
     }
 
+    /// Directory `f` was removed (rmdir, or a rename over it). If that was its last name
+    /// and the kernel still holds it, keep its topmost real directory: an fstat of an fd
+    /// open on it (or of a cwd inside it) shows that directory, as overlayfs does (no
+    /// links for a removed upper directory, the lower one's as they are, 1 if merged).
+    pub(crate) fn dir_gone(&self, f: &Found) {
+        let Some(fds) = f.fds.as_ref().filter(|_| f.kind == Kind::Dir) else {
+            return;
+        };
+        let (top, lower) = match (&fds.upper, fds.lowers.first()) {
+            (Some(u), _) => (u.clone(), None),
+            (None, Some((l, fd))) => (fd.clone(), Some(*l)),
+            (None, None) => return,
+        };
+        let merged = (f.upper && !f.lower_dirs.is_empty()) || (!f.upper && f.lower_dirs.len() > 1);
+        let nodes = self.nodes.read().unwrap();
+        if nodes.get(&f.ino).is_some_and(|n| n.orphan) {
+            self.gone_dirs
+                .lock()
+                .unwrap()
+                .insert(f.ino, super::GoneDir { top, lower, merged });
+        }
+    }
+
+    /// Attributes of a removed directory the kernel still holds (see `dir_gone`).
+    pub(crate) fn gone_dir_attr(&self, ino: u64) -> Option<Result<Attr>> {
+        let (top, lower, merged) = {
+            let g = self.gone_dirs.lock().unwrap();
+            let d = g.get(&ino)?;
+            (d.top.clone(), d.lower, d.merged)
+        };
+        Some((|| {
+            let mut st = rustix::fs::fstat(&*top)?;
+            if let Some(l) = lower {
+                self.lower_stat(l, XTarget::Fd(std::os::fd::AsFd::as_fd(&*top)), &mut st);
+            }
+            Ok(self.attr_of(&st, ino, merged))
+        })())
+    }
+
     /// A name went away (unlink, rmdir, rename over it).
     pub(crate) fn forget_name(&self, ino: u64, parent: u64, name: &OsStr) {
         let mut nodes = self.nodes.write().unwrap();
@@ -324,6 +363,7 @@ impl Overlay {
         for ino in gone {
             self.drop_index(ino);
             self.dir_changed(ino);
+            self.gone_dirs.lock().unwrap().remove(&ino);
         }
     }
 

@@ -87,6 +87,7 @@ impl Overlay {
         self.drop_cached(&found);
         self.dir_changed(found.ino);
         self.forget_name(found.ino, parent, name);
+        self.dir_gone(&found);
         Ok(())
     }
 }

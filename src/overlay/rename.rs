@@ -197,6 +197,7 @@ impl Overlay {
             } else {
                 self.drop_cached(d);
                 self.forget_name(d.ino, newparent, newname);
+                self.dir_gone(d);
             }
         }
         self.rename_node(src.ino, parent, name, newparent, newname);

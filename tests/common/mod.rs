@@ -1054,6 +1054,23 @@ pub fn errno_name(e: i32) -> String {
     n.to_string()
 }
 
+/// Type, mode, owner, link count and (but for a directory) size, as the op logs show them.
+fn show_meta(m: &fs::Metadata) -> String {
+    let k = Kind::from_mode(m.mode());
+    let size = if k == Kind::Dir {
+        String::new()
+    } else {
+        format!(" size={}", m.len())
+    };
+    format!(
+        "{k:?} {:04o} {}:{} nlink={}{size}",
+        m.mode() & 0o7777,
+        m.uid(),
+        m.gid(),
+        m.nlink()
+    )
+}
+
 fn io_err(e: &io::Error) -> String {
     errno_name(e.raw_os_error().unwrap_or(-1))
 }
@@ -1283,7 +1300,12 @@ pub type OpResult = Result<String, String>;
 pub struct Ops {
     pub root: PathBuf,
     pub log: Vec<(String, OpResult)>,
+    /// Files held open across operations (`hold`), by slot.
+    held: Vec<Option<File>>,
 }
+
+/// Slots of `Ops::hold`.
+pub const HELD_SLOTS: usize = 4;
 
 fn unit(r: io::Result<()>) -> OpResult {
     r.map(|_| String::new()).map_err(|e| io_err(&e))
@@ -1294,6 +1316,7 @@ impl Ops {
         Ops {
             root: root.to_path_buf(),
             log: Vec::new(),
+            held: (0..HELD_SLOTS).map(|_| None).collect(),
         }
     }
 
@@ -1468,23 +1491,48 @@ impl Ops {
     /// lstat summary (no times, no inode number, no dir size).
     pub fn stat(&mut self, rel: &str) {
         let r = fs::symlink_metadata(self.p(rel))
-            .map(|m| {
-                let k = Kind::from_mode(m.mode());
-                let size = if k == Kind::Dir {
-                    String::new()
-                } else {
-                    format!(" size={}", m.len())
-                };
-                format!(
-                    "{k:?} {:04o} {}:{} nlink={}{size}",
-                    m.mode() & 0o7777,
-                    m.uid(),
-                    m.gid(),
-                    m.nlink()
-                )
-            })
+            .map(|m| show_meta(&m))
             .map_err(|e| io_err(&e));
         self.rec(format!("stat {rel}"), r)
+    }
+
+    /// Open `rel` read-only (following symlinks) and keep it in `slot` across later
+    /// operations, closing what the slot held.
+    pub fn hold(&mut self, slot: usize, rel: &str) {
+        self.held[slot] = None;
+        let r = self.open(rel, false, 0, false).map(|f| {
+            self.held[slot] = Some(f);
+        });
+        self.rec(format!("hold {slot} {rel}"), unit(r))
+    }
+
+    /// Read what the file held in `slot` holds now, from offset 0 (pread).
+    pub fn read_held(&mut self, slot: usize) {
+        use std::os::unix::fs::FileExt;
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => {
+                let mut v = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match f.read_at(&mut buf, v.len() as u64) {
+                        Ok(0) => break Ok(show_bytes(&v)),
+                        Ok(n) => v.extend_from_slice(&buf[..n]),
+                        Err(e) => break Err(io_err(&e)),
+                    }
+                }
+            }
+        };
+        self.rec(format!("read_held {slot}"), r)
+    }
+
+    /// fstat of the file held in `slot`.
+    pub fn fstat_held(&mut self, slot: usize) {
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => f.metadata().map(|m| show_meta(&m)).map_err(|e| io_err(&e)),
+        };
+        self.rec(format!("fstat_held {slot}"), r)
     }
 
     pub fn setxattr(&mut self, rel: &str, name: &str, value: &[u8]) {
