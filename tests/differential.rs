@@ -123,7 +123,20 @@ fn handles_held_across_changes() {
         o.hold(3, "gone");
         o.rmdir("gone");
         o.fstat_held(3);
+        o.chmod_held(3, 0o750);
+        o.fstat_held(3);
         o.stat("gone");
+        // A fifo (the kernel opens it itself): a lower one, then one made in the upper.
+        o.hold(0, "fifo");
+        o.unlink("fifo");
+        o.fstat_held(0);
+        o.mkfifo("fifo2", 0o640);
+        o.hold(1, "fifo2");
+        o.chmod_held(1, 0o600);
+        o.rename("b", "fifo2");
+        o.fstat_held(1);
+        o.chmod_held(1, 0o604);
+        o.fstat_held(1);
     });
     // Both agreed; and this is what they agreed on.
     let held = |i: &str| format!("hold {i}");
@@ -166,7 +179,20 @@ fn handles_held_across_changes() {
             (&h3b, Ok("")),
             ("rmdir gone", Ok("")),
             ("fstat_held 3", Ok("Dir 0711 0:0 nlink=0")),
+            ("chmod_held 3 750", Ok("")),
+            ("fstat_held 3", Ok("Dir 0750 0:0 nlink=0")),
             ("stat gone", Err("ENOENT")),
+            ("hold 0 fifo", Ok("")),
+            ("unlink fifo", Ok("")),
+            // The lower fifo is still there below its whiteout.
+            ("fstat_held 0", Ok("Fifo 0644 0:0 nlink=1 size=0")),
+            ("mkfifo fifo2 640", Ok("")),
+            ("hold 1 fifo2", Ok("")),
+            ("chmod_held 1 600", Ok("")),
+            ("rename b fifo2", Ok("")),
+            ("fstat_held 1", Ok("Fifo 0600 0:0 nlink=0 size=0")),
+            ("chmod_held 1 604", Ok("")),
+            ("fstat_held 1", Ok("Fifo 0604 0:0 nlink=0 size=0")),
         ],
     );
 }
@@ -1324,8 +1350,13 @@ enum Op {
     Read(String),
     /// Open read-only and keep the file in a slot across the next operations.
     Hold(usize, String),
+    HoldRw(usize, String),
     ReadHeld(usize),
     FstatHeld(usize),
+    WriteHeld(usize, u64, Vec<u8>),
+    TruncateHeld(usize, u64),
+    ChmodHeld(usize, u32),
+    ReaddirHeld(usize),
     Stat(String),
     Readdir(String),
     Mkfifo(String),
@@ -1339,7 +1370,13 @@ fn gen_ops(rng: &mut Rng, n: usize, redirect: bool) -> Vec<Op> {
     let pool = pool();
     let moved = ["d0", "d1", "d0/s"];
     let mut ops = Vec::with_capacity(n);
+    // Slots a hold filled in this chunk (held files are closed between chunks): the ops on
+    // held files pick one of them.
+    let mut filled: Vec<usize> = Vec::new();
     for _ in 0..n {
+        if ops.len() % CHUNK == 0 {
+            filled.clear();
+        }
         let mut p = rng.pick(&pool).clone();
         let q = rng.pick(&pool).clone();
         if redirect && rng.chance(15) {
@@ -1377,10 +1414,27 @@ fn gen_ops(rng: &mut Rng, n: usize, redirect: bool) -> Vec<Op> {
             74..=75 => Op::RemoveXattr(p),
             76..=77 => Op::GetXattr(p),
             78 => Op::ListXattr(p),
-            79..=84 => Op::Read(p),
-            85..=86 => Op::Hold(rng.below(HELD_SLOTS), p),
-            87 => Op::ReadHeld(rng.below(HELD_SLOTS)),
-            88 => Op::FstatHeld(rng.below(HELD_SLOTS)),
+            79..=80 => Op::Read(p),
+            81..=88 if filled.is_empty() || rng.chance(30) => {
+                let slot = rng.below(HELD_SLOTS);
+                filled.push(slot);
+                if rng.chance(30) {
+                    Op::HoldRw(slot, p)
+                } else {
+                    Op::Hold(slot, p)
+                }
+            }
+            81..=84 => Op::ReadHeld(*rng.pick(&filled)),
+            85..=88 => {
+                let slot = *rng.pick(&filled);
+                match rng.below(5) {
+                    0 => Op::WriteHeld(slot, rng.below(30) as u64, rng.data(10)),
+                    1 => Op::TruncateHeld(slot, rng.below(40) as u64),
+                    2 => Op::ChmodHeld(slot, *rng.pick(&[0o644, 0o600, 0o755, 0o4755, 0o000])),
+                    3 => Op::ReaddirHeld(slot),
+                    _ => Op::FstatHeld(slot),
+                }
+            }
             89..=93 => Op::Stat(p),
             94..=98 => Op::Readdir(if rng.chance(70) {
                 rng.pick(DIRS).to_string()
@@ -1415,13 +1469,21 @@ fn exec(o: &mut Ops, op: &Op) {
         Op::ListXattr(p) => o.listxattr(p),
         Op::Read(p) => o.read(p),
         Op::Hold(i, p) => o.hold(*i, p),
+        Op::HoldRw(i, p) => o.hold_rw(*i, p),
         Op::ReadHeld(i) => o.read_held(*i),
         Op::FstatHeld(i) => o.fstat_held(*i),
+        Op::WriteHeld(i, off, d) => o.write_held(*i, *off, d),
+        Op::TruncateHeld(i, n) => o.truncate_held(*i, *n),
+        Op::ChmodHeld(i, m) => o.chmod_held(*i, *m),
+        Op::ReaddirHeld(i) => o.readdir_held(*i),
         Op::Stat(p) => o.stat(p),
         Op::Readdir(p) => o.readdir(p),
         Op::Mkfifo(p) => o.mkfifo(p, 0o644),
     };
 }
+
+/// Operations applied (and compared) at a time.
+const CHUNK: usize = 100;
 
 const DEFAULT_SEEDS: [u64; 6] = [
     0x5eed_0001,
@@ -1500,8 +1562,8 @@ fn random_case(index: usize) {
     if !run.ok() {
         run.check();
     }
-    for (i, chunk) in ops.chunks(100).enumerate() {
-        let end = i * 100 + chunk.len();
+    for (i, chunk) in ops.chunks(CHUNK).enumerate() {
+        let end = i * CHUNK + chunk.len();
         if !run.apply(|o| chunk.iter().for_each(|op| exec(o, op))) {
             // Later results diverge anyway; report the first bad chunk with
             // the view at that point.

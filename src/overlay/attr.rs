@@ -55,6 +55,21 @@ impl Overlay {
             return Err(Errno::EXIST);
         }
         if orphan {
+            // A removed upper directory or special file still held: its own inode changes,
+            // as on overlayfs.
+            if let Some(top) = self.gone_upper(ino) {
+                if sa.size.is_some() {
+                    // (the kernel refuses to truncate a directory or special file first)
+                    return Err(Errno::INVAL);
+                }
+                let owner = (sa.uid.is_some() || sa.gid.is_some()).then_some((sa.uid, sa.gid));
+                let times = (sa.atime.is_some() || sa.mtime.is_some()).then(|| Timestamps {
+                    last_access: sa.atime_spec(),
+                    last_modification: sa.mtime_spec(),
+                });
+                sys::setattr_by_fd_path(top.as_fd(), owner, sa.mode, times.as_ref())?;
+                return self.gone_attr(ino).unwrap_or(Err(Errno::STALE));
+            }
             // Unlinked but open: only the open file itself can be changed.
             let fd = sa
                 .fh

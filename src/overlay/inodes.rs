@@ -259,33 +259,69 @@ impl Overlay {
         }
     }
 
-    /// Directory `f` was removed (rmdir, or a rename over it). If that was its last name
-    /// and the kernel still holds it, keep its topmost real directory: an fstat of an fd
-    /// open on it (or of a cwd inside it) shows that directory, as overlayfs does (no
-    /// links for a removed upper directory, the lower one's as they are, 1 if merged).
-    pub(crate) fn dir_gone(&self, f: &Found) {
-        let Some(fds) = f.fds.as_ref().filter(|_| f.kind == Kind::Dir) else {
-            return;
+    /// Before removing `f` (named `name` in the directory whose fds are `pfds`): an O_PATH
+    /// fd of its real object if it is a fifo, socket or device the kernel holds. strata has
+    /// no open file for those (the kernel opens them itself), so this is what answers an
+    /// fstat once the name is gone (see `object_gone`).
+    pub(crate) fn special_fd(&self, f: &Found, pfds: &DirFds, name: &OsStr) -> Option<OwnedFd> {
+        if !matches!(f.kind, Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block)
+            || self.with_node(f.ino, |_| ()).is_err()
+        {
+            return None;
+        }
+        let dir = if f.upper {
+            pfds.upper()?
+        } else {
+            pfds.lower(f.lower?)?
         };
-        let (top, lower) = match (&fds.upper, fds.lowers.first()) {
-            (Some(u), _) => (u.clone(), None),
-            (None, Some((l, fd))) => (fd.clone(), Some(*l)),
-            (None, None) => return,
+        crate::sys::open_beneath(
+            dir,
+            name,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
+    }
+
+    /// `f` lost its last name (unlink, rmdir, a rename over it) while the kernel still holds
+    /// it (an fd open on it, a cwd). Keep its topmost real object: fstat shows that, as
+    /// overlayfs does (no links for a removed upper one, a lower one as it still is, 1 for
+    /// a merged directory), and chmod, chown and utimes through the fd change a removed
+    /// upper one. A directory's comes from its fds; a special file's from `special_fd`.
+    /// Regular files need none: their open handles answer.
+    pub(crate) fn object_gone(&self, f: &Found, special: Option<OwnedFd>) {
+        let (top, lower, merged) = if f.kind == Kind::Dir {
+            let Some(fds) = f.fds.as_ref() else { return };
+            let merged = (f.upper && !f.lower_dirs.is_empty()) || (!f.upper && f.lower_dirs.len() > 1);
+            match (&fds.upper, fds.lowers.first()) {
+                (Some(u), _) => (u.clone(), None, merged),
+                (None, Some((l, fd))) => (fd.clone(), Some(*l), merged),
+                (None, None) => return,
+            }
+        } else {
+            let Some(fd) = special else { return };
+            (Arc::new(fd), f.lower.filter(|_| !f.upper), false)
         };
-        let merged = (f.upper && !f.lower_dirs.is_empty()) || (!f.upper && f.lower_dirs.len() > 1);
         let nodes = self.nodes.read().unwrap();
         if nodes.get(&f.ino).is_some_and(|n| n.orphan) {
-            self.gone_dirs
+            self.gone
                 .lock()
                 .unwrap()
-                .insert(f.ino, super::GoneDir { top, lower, merged });
+                .insert(f.ino, super::Gone { top, lower, merged });
         }
     }
 
-    /// Attributes of a removed directory the kernel still holds (see `dir_gone`).
-    pub(crate) fn gone_dir_attr(&self, ino: u64) -> Option<Result<Attr>> {
+    /// The upper object of a removed node the kernel still holds, if that is its topmost
+    /// real one (see `object_gone`).
+    pub(crate) fn gone_upper(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        let g = self.gone.lock().unwrap();
+        g.get(&ino).filter(|d| d.lower.is_none()).map(|d| d.top.clone())
+    }
+
+    /// Attributes of a removed node the kernel still holds (see `object_gone`).
+    pub(crate) fn gone_attr(&self, ino: u64) -> Option<Result<Attr>> {
         let (top, lower, merged) = {
-            let g = self.gone_dirs.lock().unwrap();
+            let g = self.gone.lock().unwrap();
             let d = g.get(&ino)?;
             (d.top.clone(), d.lower, d.merged)
         };
@@ -363,7 +399,7 @@ impl Overlay {
         for ino in gone {
             self.drop_index(ino);
             self.dir_changed(ino);
-            self.gone_dirs.lock().unwrap().remove(&ino);
+            self.gone.lock().unwrap().remove(&ino);
         }
     }
 

@@ -286,7 +286,7 @@ impl Overlay {
         }
         // Unlinked but open: fstat comes without a handle.
         if self.with_node(ino, |n| n.orphan)? {
-            if let Some(r) = self.gone_dir_attr(ino) {
+            if let Some(r) = self.gone_attr(ino) {
                 return r;
             }
             let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;

@@ -131,11 +131,11 @@ struct OpenFile {
     direct: std::sync::OnceLock<Option<Arc<OwnedFd>>>,
 }
 
-/// A removed directory the kernel still holds: its topmost real directory (the upper one,
-/// removed too, or a lower one, which stays), whether that is a lower layer's, and whether
-/// it was merged.
+/// A removed node the kernel still holds: its topmost real object (the upper one, removed
+/// too, or a lower one, which stays), whether that is a lower layer's (which one), and
+/// whether it was a merged directory.
 #[derive(Debug)]
-struct GoneDir {
+struct Gone {
     top: Arc<OwnedFd>,
     lower: Option<u16>,
     merged: bool,
@@ -175,9 +175,9 @@ pub struct Overlay {
     /// (upper dev, upper ino) -> reported ino, for upper objects already checked for an
     /// origin (and for overlay xattrs we do not support), or made by us.
     origins: RwLock<HashMap<(u64, u64), u64>>,
-    /// Removed directories the kernel still holds (an open fd, a cwd), for fstat (see
-    /// `dir_gone`).
-    gone_dirs: Mutex<HashMap<u64, GoneDir>>,
+    /// Removed directories and special files the kernel still holds (an open fd, a cwd),
+    /// for fstat and fchmod (see `object_gone`).
+    gone: Mutex<HashMap<u64, Gone>>,
     /// How many more directory fds may be kept open.
     fd_budget: FdBudget,
     /// Nodes with cached fds, oldest first (see `cache_fds`).
@@ -240,7 +240,7 @@ impl Overlay {
             single_dev,
             devs: RwLock::new(devs),
             origins: RwLock::new(HashMap::new()),
-            gone_dirs: Mutex::new(HashMap::new()),
+            gone: Mutex::new(HashMap::new()),
             // Beyond the layers' own fds and a few more, half the fd limit goes to cached
             // directory fds and half stays for open files and directories opened for one
             // operation.

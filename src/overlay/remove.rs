@@ -24,6 +24,7 @@ impl Overlay {
         let ufd = pfds.upper().ok_or(Errno::IO)?;
         // No lookup may resolve the name before this and record it after (see `ns_lock`).
         let _ns = self.ns_lock.write().unwrap();
+        let special = self.special_fd(&found, &pfds, name);
         if found.upper {
             if self.lower_positive(parent, name)? {
                 let mut s = self.stage()?;
@@ -37,6 +38,7 @@ impl Overlay {
         }
         self.drop_cached(&found);
         self.forget_name(found.ino, parent, name);
+        self.object_gone(&found, special);
         Ok(())
     }
 
@@ -87,7 +89,7 @@ impl Overlay {
         self.drop_cached(&found);
         self.dir_changed(found.ino);
         self.forget_name(found.ino, parent, name);
-        self.dir_gone(&found);
+        self.object_gone(&found, None);
         Ok(())
     }
 }

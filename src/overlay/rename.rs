@@ -106,6 +106,10 @@ impl Overlay {
         let nfd = nfds.upper().ok_or(Errno::IO)?;
         let src_lower = self.lower_positive(parent, name)?;
         let dst_lower = self.lower_positive(newparent, newname)?;
+        let dst_special = match &dst {
+            Some(d) if !exchange => self.special_fd(d, &nfds, newname),
+            _ => None,
+        };
         let old_merged = !self.with_node(parent, |n| n.lower_dirs.is_empty())?;
         let new_merged = !self.with_node(newparent, |n| n.lower_dirs.is_empty())?;
         // A directory with lower content takes a redirect to it before it moves (so a
@@ -197,7 +201,7 @@ impl Overlay {
             } else {
                 self.drop_cached(d);
                 self.forget_name(d.ino, newparent, newname);
-                self.dir_gone(d);
+                self.object_gone(d, dst_special);
             }
         }
         self.rename_node(src.ino, parent, name, newparent, newname);

@@ -1292,6 +1292,31 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<OwnedFd> {
     rustix::fs::open(path.as_str(), flags | OFlags::CLOEXEC, Mode::empty())
 }
 
+/// chown, chmod and utimes of the object `fd` is open on (O_PATH too, which the f* calls
+/// refuse), through /proc/self/fd. Owner first: chown clears setuid.
+pub fn setattr_by_fd_path(
+    fd: BorrowedFd<'_>,
+    owner: Option<(Option<u32>, Option<u32>)>,
+    mode: Option<u32>,
+    times: Option<&rustix::fs::Timestamps>,
+) -> SysResult<()> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if let Some((uid, gid)) = owner {
+        rustix::fs::chown(
+            path.as_str(),
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+        )?;
+    }
+    if let Some(m) = mode {
+        rustix::fs::chmod(path.as_str(), Mode::from_raw_mode(m & 0o7777))?;
+    }
+    if let Some(t) = times {
+        rustix::fs::utimensat(rustix::fs::CWD, path.as_str(), t, AtFlags::empty())?;
+    }
+    Ok(())
+}
+
 /// An unnamed file in directory `dir` (O_TMPFILE), open with `flags` (which must write).
 pub fn open_tmpfile(dir: BorrowedFd<'_>, flags: OFlags, mode: Mode) -> SysResult<OwnedFd> {
     rustix::fs::openat(dir, ".", flags | OFlags::TMPFILE | OFlags::CLOEXEC, mode)

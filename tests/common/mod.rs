@@ -1506,6 +1506,61 @@ impl Ops {
         self.rec(format!("hold {slot} {rel}"), unit(r))
     }
 
+    /// Open `rel` read-write (no create: a lower file is copied up) and keep it in `slot`.
+    pub fn hold_rw(&mut self, slot: usize, rel: &str) {
+        self.held[slot] = None;
+        let r = self.open(rel, true, 0, false).map(|f| {
+            self.held[slot] = Some(f);
+        });
+        self.rec(format!("hold_rw {slot} {rel}"), unit(r))
+    }
+
+    /// pwrite through the file held in `slot` (EBADF if it was opened read-only).
+    pub fn write_held(&mut self, slot: usize, off: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => unit(f.write_all_at(data, off)),
+        };
+        self.rec(format!("write_held {slot} @{off} {}", show_bytes(data)), r)
+    }
+
+    /// ftruncate of the file held in `slot`.
+    pub fn truncate_held(&mut self, slot: usize, len: u64) {
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => unit(f.set_len(len)),
+        };
+        self.rec(format!("truncate_held {slot} {len}"), r)
+    }
+
+    /// fchmod of the file held in `slot`.
+    pub fn chmod_held(&mut self, slot: usize, mode: u32) {
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => unit(f.set_permissions(fs::Permissions::from_mode(mode))),
+        };
+        self.rec(format!("chmod_held {slot} {mode:o}"), r)
+    }
+
+    /// List the directory held in `slot` (opened again through /proc/self/fd).
+    pub fn readdir_held(&mut self, slot: usize) {
+        use std::os::fd::AsRawFd;
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => read_dir_raw(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
+                .map(|mut v| {
+                    v.sort();
+                    v.iter()
+                        .map(|(n, t)| format!("{n}:{:?}", Kind::from_dtype(*t)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .map_err(|e| io_err(&e)),
+        };
+        self.rec(format!("readdir_held {slot}"), r)
+    }
+
     /// Read what the file held in `slot` holds now, from offset 0 (pread).
     pub fn read_held(&mut self, slot: usize) {
         use std::os::unix::fs::FileExt;
