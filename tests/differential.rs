@@ -1357,6 +1357,7 @@ enum Op {
     TruncateHeld(usize, u64),
     ChmodHeld(usize, u32),
     ReaddirHeld(usize),
+    StatAtHeld(usize, String),
     Stat(String),
     Readdir(String),
     Mkfifo(String),
@@ -1427,7 +1428,8 @@ fn gen_ops(rng: &mut Rng, n: usize, redirect: bool) -> Vec<Op> {
             81..=84 => Op::ReadHeld(*rng.pick(&filled)),
             85..=88 => {
                 let slot = *rng.pick(&filled);
-                match rng.below(5) {
+                match rng.below(7) {
+                    5..=6 => Op::StatAtHeld(slot, rng.pick(NAMES).to_string()),
                     0 => Op::WriteHeld(slot, rng.below(30) as u64, rng.data(10)),
                     1 => Op::TruncateHeld(slot, rng.below(40) as u64),
                     2 => Op::ChmodHeld(slot, *rng.pick(&[0o644, 0o600, 0o755, 0o4755, 0o000])),
@@ -1476,6 +1478,7 @@ fn exec(o: &mut Ops, op: &Op) {
         Op::TruncateHeld(i, n) => o.truncate_held(*i, *n),
         Op::ChmodHeld(i, m) => o.chmod_held(*i, *m),
         Op::ReaddirHeld(i) => o.readdir_held(*i),
+        Op::StatAtHeld(i, n) => o.stat_at_held(*i, n),
         Op::Stat(p) => o.stat(p),
         Op::Readdir(p) => o.readdir(p),
         Op::Mkfifo(p) => o.mkfifo(p, 0o644),

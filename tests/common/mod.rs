@@ -1543,6 +1543,40 @@ impl Ops {
         self.rec(format!("chmod_held {slot} {mode:o}"), r)
     }
 
+    /// lstat of `name` relative to the directory held in `slot` (fstatat): what a tree walk
+    /// that keeps directory fds (fts, `find`, `rm -rf`) sees after the directory moved.
+    pub fn stat_at_held(&mut self, slot: usize, name: &str) {
+        use std::os::fd::AsRawFd;
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => {
+                let c = CString::new(name).unwrap();
+                // SAFETY: a zeroed stat is a valid out-buffer; valid fd and path.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                let rc =
+                    unsafe { libc::fstatat(f.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+                if rc == 0 {
+                    let k = Kind::from_mode(st.st_mode);
+                    let size = if k == Kind::Dir {
+                        String::new()
+                    } else {
+                        format!(" size={}", st.st_size)
+                    };
+                    Ok(format!(
+                        "{k:?} {:04o} {}:{} nlink={}{size}",
+                        st.st_mode & 0o7777,
+                        st.st_uid,
+                        st.st_gid,
+                        st.st_nlink
+                    ))
+                } else {
+                    Err(io_err(&io::Error::last_os_error()))
+                }
+            }
+        };
+        self.rec(format!("stat_at_held {slot} {name}"), r)
+    }
+
     /// List the directory held in `slot` (opened again through /proc/self/fd).
     pub fn readdir_held(&mut self, slot: usize) {
         use std::os::fd::AsRawFd;
