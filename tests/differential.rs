@@ -732,6 +732,35 @@ fn mknod_fifo() {
     });
 }
 
+/// A character device 0:0 is what a whiteout is: neither overlay lets one be made through
+/// the mount (it would hide the name, and a lower file of that name with it). Other
+/// devices are made as asked.
+#[test]
+fn no_whiteout_devices_through_the_mount() {
+    let log = run_case_redirect("whiteout-dev", 1, base, |o| {
+        o.mknod_char("wh", 0, 0);
+        o.mknod_char("a", 0, 0);
+        o.stat("a");
+        o.readdir("");
+        o.mknod_char("null", 1, 3);
+        o.stat("null");
+    });
+    expect(
+        &log,
+        &[
+            ("mknod_char wh 0:0", Err("EPERM")),
+            ("mknod_char a 0:0", Err("EEXIST")),
+            ("stat a", Ok("File 0644 0:0 nlink=1 size=8")),
+            (
+                "readdir ",
+                Ok("a:File,b:File,dangling:Symlink,dir:Dir,dirlink:Symlink,empty:Dir,fifo:Fifo,link:Symlink,other:Dir,owned:File,secret:Dir,suid:File"),
+            ),
+            ("mknod_char null 1:3", Ok("")),
+            ("stat null", Ok("Char 0600 0:0 nlink=1 size=0")),
+        ],
+    );
+}
+
 #[test]
 fn xattrs_on_lower_entries() {
     run_case("xattr", 1, base, |o| {

@@ -191,6 +191,11 @@ impl Overlay {
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, who: Caller) -> Result<Attr> {
         let ft = FileType::from_raw_mode(mode);
         let kind = Kind::from_mode(mode);
+        // A character device 0:0 is a whiteout: made through the mount it would hide the
+        // name (and a lower object of that name). overlayfs refuses it the same way.
+        if kind == Kind::Char && rdev == 0 {
+            return Err(Errno::PERM);
+        }
         let perm = Mode::from_raw_mode(mode & 0o7777);
         self.create_with(parent, name, who, kind, mode, |d, n| {
             rustix::fs::mknodat(d, n, ft, perm, rdev)?;

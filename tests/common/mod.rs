@@ -1456,6 +1456,12 @@ impl Ops {
         self.rec(format!("mkfifo {rel} {mode:o}"), unit(r))
     }
 
+    /// mknod of a character device.
+    pub fn mknod_char(&mut self, rel: &str, major: u32, minor: u32) {
+        let r = mknod(&self.p(rel), libc::S_IFCHR | 0o600, major, minor);
+        self.rec(format!("mknod_char {rel} {major}:{minor}"), unit(r))
+    }
+
     /// chmod follows symlinks, like chmod(2).
     pub fn chmod(&mut self, rel: &str, mode: u32) {
         let r = fs::set_permissions(self.p(rel), fs::Permissions::from_mode(mode));
