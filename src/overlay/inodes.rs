@@ -172,6 +172,9 @@ impl Overlay {
         let mut attr = self.attr_of(&found.st, found.ino, merged);
         let fds = found.fds.map(Arc::new);
         let mut retired_dir = false;
+        // A node that was an orphan is another object now: what `object_gone` kept of the
+        // old one must not answer for it.
+        let mut unorphaned = false;
         let mut nodes = self.nodes.write().unwrap();
         let ino = found.ino;
         if fresh {
@@ -185,7 +188,7 @@ impl Overlay {
                 n.gen = n.gen.wrapping_add(1);
                 n.parent = parent;
                 n.name = name.into();
-                n.orphan = false;
+                unorphaned |= std::mem::replace(&mut n.orphan, false);
                 n.no_xattrs = false;
                 n.probes = 0;
                 retired_dir = n.kind == Kind::Dir;
@@ -203,8 +206,9 @@ impl Overlay {
             Some(n) => {
                 // An orphan's recorded name is gone (or, for an O_TMPFILE file, never was):
                 // not a name to keep.
-                let keep_old = !std::mem::replace(&mut n.orphan, false);
-                let keep_old = keep_old && n.kind != Kind::Dir;
+                let was_orphan = std::mem::replace(&mut n.orphan, false);
+                unorphaned |= was_orphan;
+                let keep_old = !was_orphan && n.kind != Kind::Dir;
                 n.set_primary(parent, name, keep_old);
                 if n.upper != found.upper || n.lower() != found.lower {
                     n.no_xattrs = false;
@@ -244,6 +248,9 @@ impl Overlay {
         }
         attr.gen = nodes.get(&ino).map_or(0, |n| u32::from(n.gen));
         drop(nodes);
+        if unorphaned {
+            self.gone.lock().unwrap().remove(&ino);
+        }
         if retired_dir {
             self.drop_index(ino);
             self.dir_changed(ino);
