@@ -87,6 +87,84 @@ fn truncate_lower_file() {
     });
 }
 
+/// Which of (mtime, ctime) of each of `watch` (relative to `root`) `op` changed.
+fn time_changes(root: &std::path::Path, watch: &[&str], op: impl FnOnce()) -> Vec<String> {
+    let snap = || -> Vec<(i64, i64, i64, i64)> {
+        watch
+            .iter()
+            .map(|w| {
+                let m = std::fs::symlink_metadata(root.join(w)).unwrap();
+                (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+            })
+            .collect()
+    };
+    let before = snap();
+    // Past the kernel's timestamp granularity (a jiffy).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    op();
+    let after = snap();
+    watch
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(w, (b, a))| {
+            let m = if (a.0, a.1) != (b.0, b.1) { "m" } else { "-" };
+            let c = if (a.2, a.3) != (b.2, b.3) { "c" } else { "-" };
+            format!("{w}:{m}{c}")
+        })
+        .collect()
+}
+
+/// A copy-up puts a directory or file into its upper parent, but changes nothing a user
+/// did to that parent: overlayfs keeps the parent's mtime (its ctime moves). Real changes
+/// (a create, an unlink, a rename) move both.
+#[test]
+fn copy_up_keeps_the_parents_mtime() {
+    require_fuse();
+    let k = LayerSet::new("times-k", 1);
+    let s = LayerSet::new("times-s", 1);
+    for ls in [&k, &s] {
+        ls.lower(0)
+            .dir("d")
+            .file("d/f", "f\n")
+            .file("d/g", "g\n")
+            .dir("e")
+            .file("e/t", "t\n");
+    }
+    let km = KernelMount::new(&k.spec());
+    let sm = StrataMount::new(&s.spec());
+    let run = |root: &std::path::Path| -> Vec<Vec<String>> {
+        let p = |r: &str| root.join(r);
+        vec![
+            // d is copied up into the root, f into d.
+            time_changes(root, &[".", "d", "d/f"], || {
+                std::fs::OpenOptions::new().append(true).open(p("d/f")).unwrap();
+            }),
+            time_changes(root, &["d", "d/g"], || {
+                std::fs::set_permissions(p("d/g"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .unwrap()
+            }),
+            time_changes(root, &[".", "e", "e/t"], || {
+                std::fs::File::create(p("e/t")).unwrap();
+            }),
+            time_changes(root, &["e"], || std::fs::write(p("e/new"), "n").unwrap()),
+            time_changes(root, &["d"], || std::fs::remove_file(p("d/g")).unwrap()),
+        ]
+    };
+    let got = [run(km.root()), run(sm.root())];
+    sm.umount().expect("strata umount");
+    km.umount().expect("kernel umount");
+    let want: Vec<Vec<&str>> = vec![
+        vec![".:-c", "d:-c", "d/f:-c"],
+        vec!["d:-c", "d/g:-c"],
+        vec![".:-c", "e:-c", "e/t:mc"],
+        vec!["e:mc"],
+        vec!["d:mc"],
+    ];
+    for (name, g) in ["kernel", "strata"].iter().zip(&got) {
+        assert_eq!(g, &want, "{name}: which times each operation changed");
+    }
+}
+
 /// Files and directories held open while they are changed, moved and removed: reads and
 /// fstat through the held fds (the random part holds some too).
 #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timesta
 use rustix::io::Errno;
 
 use super::node::DirFds;
+use super::staging::Staged;
 use super::{Found, Kind, LinkIndex, Overlay, Result, ROOT};
 use crate::sys::{self, FileHandle, XTarget};
 
@@ -155,6 +156,28 @@ impl Overlay {
         Ok(())
     }
 
+    /// Put a staged copy in place as `name` in the upper directory `pu` (node `parent`),
+    /// keeping that directory's times as they were: a copy-up is no change to the merged
+    /// directory, and overlayfs keeps its mtime too. Its ctime moves, as there; the kernel
+    /// is told to ask for the attributes again. (Without this, every copy-up set the
+    /// parent's mtime to now, which a commit then carried into the layer.)
+    fn place_copy(
+        &self,
+        staged: &mut Staged<'_>,
+        pu: BorrowedFd<'_>,
+        name: &OsStr,
+        parent: u64,
+    ) -> Result<()> {
+        let before = rustix::fs::fstat(pu).ok();
+        staged.place(pu, name, RenameFlags::NOREPLACE)?;
+        if let Some(st) = before {
+            // (best effort: an O_PATH fd of a directory the daemon may not read refuses it)
+            let _ = rustix::fs::futimens(pu, &times_of(&st));
+        }
+        self.attrs_went_stale(parent);
+        Ok(())
+    }
+
     fn origin_value(&self, dir: rustix::fd::BorrowedFd<'_>, name: &OsStr, layer: u16) -> Option<Vec<u8>> {
         let fh = sys::name_to_handle(dir, name).ok()?;
         Some(encode_origin(&self.lowers[layer as usize].uuid, &fh))
@@ -190,7 +213,7 @@ impl Overlay {
             }
             rustix::fs::fchmod(&d, Mode::from_raw_mode(st.st_mode & 0o7777))?;
             rustix::fs::futimens(&d, &times_of(&st))?;
-            staged.place(pu, &name, RenameFlags::NOREPLACE)?;
+            self.place_copy(&mut staged, pu, &name, parent)?;
             d
         };
         if let Ok(ust) = rustix::fs::fstat(&d) {
@@ -303,7 +326,7 @@ impl Overlay {
                     rustix::fs::utimensat(work, &tmp, &times_of(&st), AtFlags::SYMLINK_NOFOLLOW)?;
                 }
             }
-            staged.place(pu, name, RenameFlags::NOREPLACE)?;
+            self.place_copy(&mut staged, pu, name, loc.parent)?;
         }
         if let Ok(ust) = sys::stat_at(pu, name) {
             self.origins
@@ -325,6 +348,8 @@ impl Overlay {
         if let Some(c) = copy {
             self.handles_follow_copy_up(ino, c.as_fd());
         }
+        // The copy is a new inode: its ctime is now's (the kernel cached the lower one's).
+        self.attrs_went_stale(ino);
         if loc.kind == Kind::File && st.st_nlink > 1 {
             // The caller links the rest of the lower link set, after releasing the stripe
             // lock (that work copies up other directories, whose stripes may be this one).
