@@ -181,6 +181,7 @@ fn handles_held_across_changes() {
         o.unlink("a");
         o.read_held(0);
         o.fstat_held(0);
+        o.getxattr_held(0, "user.foo");
         // Metadata copy-up and a move to another directory.
         o.chmod("dir/f1", 0o600);
         o.fstat_held(1);
@@ -238,6 +239,7 @@ fn handles_held_across_changes() {
             ("unlink a", Ok("")),
             ("read_held 0", Ok("\"lower a\\nmore\\n\"")),
             ("fstat_held 0", Ok("File 0644 0:0 nlink=0 size=13")),
+            ("getxattr_held 0 user.foo", Ok("\"bar\"")),
             ("chmod dir/f1 600", Ok("")),
             ("fstat_held 1", Ok("File 0600 0:0 nlink=1 size=3")),
             ("rename dir/f1 other/moved", Ok("")),

@@ -146,7 +146,15 @@ impl Overlay {
             let fds = self.dir_fds(ino)?;
             f(XTarget::Fd(fds.top().ok_or(Errno::IO)?))
         } else {
-            let loc = self.loc(ino)?;
+            let loc = match self.loc(ino) {
+                // Unlinked but open: the xattrs of the file a handle holds, as overlayfs
+                // reads them from the unlinked real file.
+                Err(Errno::STALE) => {
+                    let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
+                    return f(XTarget::Fd(std::os::fd::AsFd::as_fd(&*fd)));
+                }
+                r => r?,
+            };
             f(XTarget::At(loc.dir()?, &loc.name))
         }
     }

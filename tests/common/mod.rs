@@ -1583,6 +1583,27 @@ impl Ops {
         self.rec(format!("stat_at_held {slot} {name}"), r)
     }
 
+    /// fgetxattr of `name` through the file held in `slot`.
+    pub fn getxattr_held(&mut self, slot: usize, name: &str) {
+        use std::os::fd::AsRawFd;
+        let r = match &self.held[slot] {
+            None => Err("nothing held".to_string()),
+            Some(f) => {
+                let c = CString::new(name).unwrap();
+                let mut buf = vec![0u8; 256];
+                // SAFETY: valid fd, NUL-terminated name, buffer of the given size.
+                let n =
+                    unsafe { libc::fgetxattr(f.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    Err(io_err(&io::Error::last_os_error()))
+                } else {
+                    Ok(show_bytes(&buf[..n as usize]))
+                }
+            }
+        };
+        self.rec(format!("getxattr_held {slot} {name}"), r)
+    }
+
     /// List the directory held in `slot` (opened again through /proc/self/fd).
     pub fn readdir_held(&mut self, slot: usize) {
         use std::os::fd::AsRawFd;
