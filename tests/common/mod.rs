@@ -1056,19 +1056,29 @@ pub fn errno_name(e: i32) -> String {
 
 /// Type, mode, owner, link count and (but for a directory) size, as the op logs show them.
 fn show_meta(m: &fs::Metadata) -> String {
-    let k = Kind::from_mode(m.mode());
+    show_attrs(m.mode(), m.uid(), m.gid(), m.nlink(), m.len())
+}
+
+fn show_attrs(mode: u32, uid: u32, gid: u32, nlink: u64, size: u64) -> String {
+    let k = Kind::from_mode(mode);
     let size = if k == Kind::Dir {
         String::new()
     } else {
-        format!(" size={}", m.len())
+        format!(" size={size}")
     };
-    format!(
-        "{k:?} {:04o} {}:{} nlink={}{size}",
-        m.mode() & 0o7777,
-        m.uid(),
-        m.gid(),
-        m.nlink()
-    )
+    format!("{k:?} {:04o} {uid}:{gid} nlink={nlink}{size}", mode & 0o7777)
+}
+
+/// A directory listing as the op logs show it: sorted `name:Kind` pairs.
+fn show_listing(r: io::Result<Vec<(String, u8)>>) -> OpResult {
+    r.map(|mut v| {
+        v.sort();
+        v.iter()
+            .map(|(n, t)| format!("{n}:{:?}", Kind::from_dtype(*t)))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+    .map_err(|e| io_err(&e))
 }
 
 fn io_err(e: &io::Error) -> String {
@@ -1562,18 +1572,12 @@ impl Ops {
                 let rc =
                     unsafe { libc::fstatat(f.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
                 if rc == 0 {
-                    let k = Kind::from_mode(st.st_mode);
-                    let size = if k == Kind::Dir {
-                        String::new()
-                    } else {
-                        format!(" size={}", st.st_size)
-                    };
-                    Ok(format!(
-                        "{k:?} {:04o} {}:{} nlink={}{size}",
-                        st.st_mode & 0o7777,
+                    Ok(show_attrs(
+                        st.st_mode,
                         st.st_uid,
                         st.st_gid,
-                        st.st_nlink
+                        st.st_nlink as u64,
+                        st.st_size as u64,
                     ))
                 } else {
                     Err(io_err(&io::Error::last_os_error()))
@@ -1609,15 +1613,10 @@ impl Ops {
         use std::os::fd::AsRawFd;
         let r = match &self.held[slot] {
             None => Err("nothing held".to_string()),
-            Some(f) => read_dir_raw(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())))
-                .map(|mut v| {
-                    v.sort();
-                    v.iter()
-                        .map(|(n, t)| format!("{n}:{:?}", Kind::from_dtype(*t)))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .map_err(|e| io_err(&e)),
+            Some(f) => show_listing(read_dir_raw(Path::new(&format!(
+                "/proc/self/fd/{}",
+                f.as_raw_fd()
+            )))),
         };
         self.rec(format!("readdir_held {slot}"), r)
     }
@@ -1678,15 +1677,7 @@ impl Ops {
 
     /// Sorted names with d_type.
     pub fn readdir(&mut self, rel: &str) {
-        let r = read_dir_raw(&self.p(rel))
-            .map(|mut v| {
-                v.sort();
-                v.iter()
-                    .map(|(n, t)| format!("{n}:{:?}", Kind::from_dtype(*t)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .map_err(|e| io_err(&e));
+        let r = show_listing(read_dir_raw(&self.p(rel)));
         self.rec(format!("readdir {rel}"), r)
     }
 }
