@@ -1512,6 +1512,13 @@ impl Ops {
         self.rec(format!("stat {rel}"), r)
     }
 
+    /// `op` on the file held in `slot` ("nothing held" if none).
+    fn on_held(&self, slot: usize, op: impl FnOnce(&File) -> OpResult) -> OpResult {
+        self.held[slot]
+            .as_ref()
+            .map_or_else(|| Err("nothing held".to_string()), op)
+    }
+
     /// Open `rel` read-only (following symlinks) and keep it in `slot` across later
     /// operations, closing what the slot held.
     pub fn hold(&mut self, slot: usize, rel: &str) {
@@ -1534,28 +1541,21 @@ impl Ops {
     /// pwrite through the file held in `slot` (EBADF if it was opened read-only).
     pub fn write_held(&mut self, slot: usize, off: u64, data: &[u8]) {
         use std::os::unix::fs::FileExt;
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => unit(f.write_all_at(data, off)),
-        };
+        let r = self.on_held(slot, |f| unit(f.write_all_at(data, off)));
         self.rec(format!("write_held {slot} @{off} {}", show_bytes(data)), r)
     }
 
     /// ftruncate of the file held in `slot`.
     pub fn truncate_held(&mut self, slot: usize, len: u64) {
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => unit(f.set_len(len)),
-        };
+        let r = self.on_held(slot, |f| unit(f.set_len(len)));
         self.rec(format!("truncate_held {slot} {len}"), r)
     }
 
     /// fchmod of the file held in `slot`.
     pub fn chmod_held(&mut self, slot: usize, mode: u32) {
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => unit(f.set_permissions(fs::Permissions::from_mode(mode))),
-        };
+        let r = self.on_held(slot, |f| {
+            unit(f.set_permissions(fs::Permissions::from_mode(mode)))
+        });
         self.rec(format!("chmod_held {slot} {mode:o}"), r)
     }
 
@@ -1563,90 +1563,77 @@ impl Ops {
     /// that keeps directory fds (fts, `find`, `rm -rf`) sees after the directory moved.
     pub fn stat_at_held(&mut self, slot: usize, name: &str) {
         use std::os::fd::AsRawFd;
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => {
-                let c = CString::new(name).unwrap();
-                // SAFETY: a zeroed stat is a valid out-buffer; valid fd and path.
-                let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                let rc =
-                    unsafe { libc::fstatat(f.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-                if rc == 0 {
-                    Ok(show_attrs(
-                        st.st_mode,
-                        st.st_uid,
-                        st.st_gid,
-                        st.st_nlink as u64,
-                        st.st_size as u64,
-                    ))
-                } else {
-                    Err(io_err(&io::Error::last_os_error()))
-                }
+        let r = self.on_held(slot, |f| {
+            let c = CString::new(name).unwrap();
+            // SAFETY: a zeroed stat is a valid out-buffer; valid fd and path.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::fstatat(f.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+            if rc == 0 {
+                Ok(show_attrs(
+                    st.st_mode,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_nlink as u64,
+                    st.st_size as u64,
+                ))
+            } else {
+                Err(io_err(&io::Error::last_os_error()))
             }
-        };
+        });
         self.rec(format!("stat_at_held {slot} {name}"), r)
     }
 
     /// fgetxattr of `name` through the file held in `slot`.
     pub fn getxattr_held(&mut self, slot: usize, name: &str) {
         use std::os::fd::AsRawFd;
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => {
-                let c = CString::new(name).unwrap();
-                let mut buf = vec![0u8; 256];
-                // SAFETY: valid fd, NUL-terminated name, buffer of the given size.
-                let n =
-                    unsafe { libc::fgetxattr(f.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(io_err(&io::Error::last_os_error()))
-                } else {
-                    Ok(show_bytes(&buf[..n as usize]))
-                }
+        let r = self.on_held(slot, |f| {
+            let c = CString::new(name).unwrap();
+            let mut buf = vec![0u8; 256];
+            // SAFETY: valid fd, NUL-terminated name, buffer of the given size.
+            let n = unsafe { libc::fgetxattr(f.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(io_err(&io::Error::last_os_error()))
+            } else {
+                Ok(show_bytes(&buf[..n as usize]))
             }
-        };
+        });
         self.rec(format!("getxattr_held {slot} {name}"), r)
     }
 
     /// List the directory held in `slot` (opened again through /proc/self/fd).
     pub fn readdir_held(&mut self, slot: usize) {
         use std::os::fd::AsRawFd;
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => show_listing(read_dir_raw(Path::new(&format!(
+        let r = self.on_held(slot, |f| {
+            show_listing(read_dir_raw(Path::new(&format!(
                 "/proc/self/fd/{}",
                 f.as_raw_fd()
-            )))),
-        };
+            ))))
+        });
         self.rec(format!("readdir_held {slot}"), r)
     }
 
     /// Read what the file held in `slot` holds now, from offset 0 (pread).
     pub fn read_held(&mut self, slot: usize) {
         use std::os::unix::fs::FileExt;
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => {
-                let mut v = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    match f.read_at(&mut buf, v.len() as u64) {
-                        Ok(0) => break Ok(show_bytes(&v)),
-                        Ok(n) => v.extend_from_slice(&buf[..n]),
-                        Err(e) => break Err(io_err(&e)),
-                    }
+        let r = self.on_held(slot, |f| {
+            let mut v = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match f.read_at(&mut buf, v.len() as u64) {
+                    Ok(0) => break Ok(show_bytes(&v)),
+                    Ok(n) => v.extend_from_slice(&buf[..n]),
+                    Err(e) => break Err(io_err(&e)),
                 }
             }
-        };
+        });
         self.rec(format!("read_held {slot}"), r)
     }
 
     /// fstat of the file held in `slot`.
     pub fn fstat_held(&mut self, slot: usize) {
-        let r = match &self.held[slot] {
-            None => Err("nothing held".to_string()),
-            Some(f) => f.metadata().map(|m| show_meta(&m)).map_err(|e| io_err(&e)),
-        };
+        let r = self.on_held(slot, |f| {
+            f.metadata().map(|m| show_meta(&m)).map_err(|e| io_err(&e))
+        });
         self.rec(format!("fstat_held {slot}"), r)
     }
 
