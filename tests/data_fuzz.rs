@@ -9,7 +9,9 @@
 //! lower files are checked on disk.
 //!
 //! Files start as big and small lower files (the first write copies them up while readers
-//! hold them) and one made through the mount. Each test runs one configuration: io_uring
+//! hold them; the big one has a second name, a hard link, used in turn with the first, and
+//! the two must stay one file) and one made through the mount. Files are also renamed away
+//! and back while held. Each test runs one configuration: io_uring
 //! (when the fuse module allows it), /dev/fuse, `passthrough=all` and `passthrough=off`.
 //!
 //! Run one seed longer: STRATA_DATA_SEED=N STRATA_DATA_OPS=N cargo test --test data_fuzz
@@ -83,6 +85,8 @@ struct Subject {
     rw: Option<File>,
     /// The original lower bytes, checked untouched at the end (None: made through the mount).
     lower: Option<Vec<u8>>,
+    /// A second name: a hard link in the lower layer (copied up with the first, as one set).
+    alias: Option<&'static str>,
 }
 
 fn errno() -> i32 {
@@ -198,11 +202,20 @@ struct Run {
     rng: Rng,
     log: Vec<String>,
     verbose: bool,
+    /// Which name `path` gives next.
+    turn: std::cell::Cell<u64>,
 }
 
 impl Run {
+    /// The file's path, by one of its names (a hard-linked file has two), in turn.
     fn path(&self, i: usize) -> PathBuf {
-        self.root.join(self.files[i].name)
+        let s = &self.files[i];
+        let turn = self.turn.get();
+        self.turn.set(turn.wrapping_add(1));
+        match s.alias {
+            Some(a) if turn % 3 == 1 => self.root.join(a),
+            _ => self.root.join(s.name),
+        }
     }
 
     fn note(&mut self, s: String) {
@@ -569,6 +582,15 @@ impl Run {
                     }
                 }
             }
+            // Rename away and back, handles held: they stay on the file.
+            94..=96 => {
+                let from = self.path(i);
+                let away = self.root.join("moved");
+                self.note(format!("{name}: rename {} away and back", from.display()));
+                fs::rename(&from, &away)
+                    .and_then(|_| fs::rename(&away, &from))
+                    .unwrap_or_else(|e| self.fail(format!("{name}: rename: {e}")));
+            }
             _ => {
                 self.note(format!("{name}: read whole"));
                 self.check_whole(i);
@@ -595,7 +617,10 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
     let big = rng.bytes(300 * 1024 + 123);
     let small = rng.bytes(3000);
     let ls = LayerSet::new(tag, 2);
-    ls.lower(1).file("big", &big).file("small", b"old");
+    ls.lower(1)
+        .file("big", &big)
+        .hardlink("twin", "big")
+        .file("small", b"old");
     ls.lower(0).file("small", &small);
     if !extra.contains("uring=off") {
         enable_uring();
@@ -618,7 +643,7 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
     if extra.contains("passthrough=all") {
         // With passthrough=all a reader of a lower file keeps writers out (ETXTBSY, in
         // docs/design.md): copy them up (a chmod keeps the data) before holding readers.
-        for n in ["big", "small"] {
+        for n in ["big", "twin", "small"] {
             fs::set_permissions(root.join(n), fs::Permissions::from_mode(0o644)).unwrap();
         }
     }
@@ -628,11 +653,12 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
         rng,
         log: Vec::new(),
         verbose: std::env::var_os("STRATA_DATA_VERBOSE").is_some(),
+        turn: std::cell::Cell::new(0),
     };
-    for (name, model, lower) in [
-        ("big", big.clone(), true),
-        ("small", small.clone(), true),
-        ("made", Vec::new(), false),
+    for (name, model, lower, alias) in [
+        ("big", big.clone(), true, Some("twin")),
+        ("small", small.clone(), true, None),
+        ("made", Vec::new(), false, None),
     ] {
         // Readers opened before anything is written: the lower files' are on the lower
         // file until the first write copies it up.
@@ -643,6 +669,7 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
             readers: vec![reader],
             rw: None,
             lower: lower.then_some(model),
+            alias,
         });
     }
     for i in 0..run.files.len() {
@@ -676,7 +703,11 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
     m.umount().unwrap();
     let upper = |n: &str| -> PathBuf { ls.upper.path(n) };
     for Subject {
-        name, model, lower, ..
+        name,
+        model,
+        lower,
+        alias,
+        ..
     } in &subjects
     {
         if !upper(name).exists() && lower.as_ref() == Some(model) {
@@ -688,6 +719,14 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
             "upper copy of {name} after umount: {}",
             first_difference(&got, model)
         );
+        if let Some(a) = alias {
+            let got = fs::read(upper(a)).unwrap_or_else(|e| panic!("upper copy of {a}: {e}"));
+            assert!(
+                &got == model,
+                "upper copy of {a}: {}",
+                first_difference(&got, model)
+            );
+        }
         if let Some(l) = lower {
             let layer = if *name == "big" { 1 } else { 0 };
             let on_disk = fs::read(ls.lower(layer).path(name)).unwrap();
