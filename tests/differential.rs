@@ -209,6 +209,7 @@ fn handles_held_across_changes() {
         o.hold(0, "fifo");
         o.unlink("fifo");
         o.fstat_held(0);
+        o.getxattr_held(0, "trusted.foo");
         o.mkfifo("fifo2", 0o640);
         o.hold(1, "fifo2");
         o.chmod_held(1, 0o600);
@@ -216,6 +217,7 @@ fn handles_held_across_changes() {
         o.fstat_held(1);
         o.chmod_held(1, 0o604);
         o.fstat_held(1);
+        o.getxattr_held(1, "trusted.foo");
     });
     // Both agreed; and this is what they agreed on.
     let held = |i: &str| format!("hold {i}");
@@ -266,6 +268,7 @@ fn handles_held_across_changes() {
             ("unlink fifo", Ok("")),
             // The lower fifo is still there below its whiteout.
             ("fstat_held 0", Ok("Fifo 0644 0:0 nlink=1 size=0")),
+            ("getxattr_held 0 trusted.foo", Err("ENODATA")),
             ("mkfifo fifo2 640", Ok("")),
             ("hold 1 fifo2", Ok("")),
             ("chmod_held 1 600", Ok("")),
@@ -273,6 +276,7 @@ fn handles_held_across_changes() {
             ("fstat_held 1", Ok("Fifo 0600 0:0 nlink=0 size=0")),
             ("chmod_held 1 604", Ok("")),
             ("fstat_held 1", Ok("Fifo 0604 0:0 nlink=0 size=0")),
+            ("getxattr_held 1 trusted.foo", Err("ENODATA")),
         ],
     );
 }

@@ -148,9 +148,21 @@ impl Overlay {
         } else {
             let loc = match self.loc(ino) {
                 // Unlinked but open: the xattrs of the file a handle holds, as overlayfs
-                // reads them from the unlinked real file.
+                // reads them from the unlinked real file; for a fifo, socket or device
+                // (which the kernel opens itself) the object `object_gone` kept. A change
+                // reaches here only for an upper one: the copy-up before it refuses a
+                // removed lower object.
                 Err(Errno::STALE) => {
-                    let fd = self.any_open_fd(ino).ok_or(Errno::STALE)?;
+                    let fd = match self.any_open_fd(ino) {
+                        Some(fd) => fd,
+                        None => self
+                            .gone
+                            .lock()
+                            .unwrap()
+                            .get(&ino)
+                            .map(|g| g.top.clone())
+                            .ok_or(Errno::STALE)?,
+                    };
                     return f(XTarget::Fd(std::os::fd::AsFd::as_fd(&*fd)));
                 }
                 r => r?,
