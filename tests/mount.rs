@@ -413,6 +413,52 @@ fn aufs_markers_in_the_upper() {
     m.umount().unwrap();
 }
 
+/// Lookups look for `.wh.` files only in an upper that held some at mount (strata never
+/// makes one): one deep in the tree is enough, and it still hides its lower name; an opaque
+/// marker deep down too. With none, the names show (and nothing else changes).
+#[test]
+fn aufs_markers_deep_in_the_upper() {
+    let ls = LayerSet::new("aufs-deep", 1);
+    ls.lower(0)
+        .file("top", "")
+        .dir("a/b/c")
+        .file("a/b/f", "")
+        .file("a/b/g", "")
+        .file("a/b/c/h", "");
+    ls.upper
+        .dir("a/b")
+        .aufs_whiteout("a/b/f")
+        .aufs_opaque("a/b/c")
+        .file("a/b/c/mine", "");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    assert!(
+        !r.join("a/b/f").exists(),
+        "a whiteout file deep in the upper still hides"
+    );
+    assert!(r.join("a/b/g").exists() && r.join("top").exists());
+    let c: Vec<_> = fs::read_dir(r.join("a/b/c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        c,
+        vec![std::ffi::OsString::from("mine")],
+        "opaque marker deep in the upper"
+    );
+    assert!(!r.join("a/b/c/h").exists());
+    m.umount().unwrap();
+    // The same layers with the markers gone: an upper without `.wh.` files.
+    fs::remove_file(ls.upper.path("a/b/.wh.f")).unwrap();
+    fs::remove_file(ls.upper.path("a/b/c/.wh..wh..opq")).unwrap();
+    let m = StrataMount::new(&ls.fresh_spec());
+    let r = m.root();
+    assert!(r.join("a/b/f").exists() && r.join("a/b/c/h").exists() && r.join("a/b/c/mine").exists());
+    fs::remove_file(r.join("a/b/f")).unwrap();
+    assert!(!r.join("a/b/f").exists());
+    m.umount().unwrap();
+}
+
 #[test]
 fn mount_helper_and_long_flags() {
     let ls = LayerSet::new("helper", 1);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::whiteout;
 use super::xattr::XattrNs;
 use crate::sys;
 
@@ -156,6 +157,10 @@ pub struct Upper {
     pub layer: Layer,
     /// `workdir/work`, where copy-ups and new objects are staged.
     pub work: OwnedFd,
+    /// Whether the upper held any `.wh.` name at mount (fuse-overlayfs's whiteout files
+    /// and opaque markers), or could not be read whole. strata never makes one, so
+    /// without any, lookups skip looking for them.
+    pub wh_files: bool,
 }
 
 fn bad(what: &'static str, path: &Path, err: impl ToString) -> SetupError {
@@ -288,8 +293,12 @@ impl Stack {
                         })
                         .map_err(|e| bad("workdir", w, std::io::Error::from(e)))?;
                 }
-                check_upper(&ul, ns)?;
-                Some(Upper { layer: ul, work })
+                let wh_files = check_upper(&ul, ns)?;
+                Some(Upper {
+                    layer: ul,
+                    work,
+                    wh_files,
+                })
             }
             _ => return Err(SetupError::UpperWithoutWork),
         };
@@ -340,7 +349,10 @@ pub fn remove_tree_at(dir: impl AsFd, name: &OsStr) -> Result<(), Errno> {
 
 /// Refuse an upper that uses a kernel feature we do not implement (metacopy).
 /// The walk reads only the upper, so its cost grows with the changes, not the image.
-fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
+/// Walk the whole upper: refuse a metacopy upper (as the kernel without `metacopy=on`),
+/// and say whether any name in it starts with `.wh.` (or some directory could not be read).
+fn check_upper(ul: &Layer, ns: XattrNs) -> Result<bool, SetupError> {
+    let mut wh_files = false;
     let mut stack = vec![(sys::open_dir_beneath(ul.fd.as_fd(), ".").ok(), PathBuf::new())];
     // Only the mount's own namespace counts, as for the kernel.
     let bad_names: Vec<String> = ["metacopy"]
@@ -351,16 +363,25 @@ fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
         // One unreadable directory must not end the whole check.
         let Some(dfd) = dfd else {
             log::warn!("upperdir: cannot open '{}' to check it", rel.display());
+            wh_files = true;
             continue;
         };
         let Ok(dir) = rustix::fs::Dir::read_from(&dfd) else {
+            wh_files = true;
             continue;
         };
-        for ent in dir.flatten() {
+        for ent in dir {
+            let Ok(ent) = ent else {
+                wh_files = true;
+                break;
+            };
             let nb = ent.file_name().to_bytes();
             if nb == b"." || nb == b".." {
                 continue;
             }
+            // (a file system without d_type: its subdirectories go unwalked)
+            wh_files |=
+                nb.starts_with(whiteout::WH_PREFIX) || ent.file_type() == rustix::fs::FileType::Unknown;
             let name = OsStr::from_bytes(nb);
             let t = sys::XTarget::At(dfd.as_fd(), name);
             if let Ok(list) = sys::listxattr(t) {
@@ -379,5 +400,5 @@ fn check_upper(ul: &Layer, ns: XattrNs) -> Result<(), SetupError> {
             }
         }
     }
-    Ok(())
+    Ok(wh_files)
 }

@@ -72,6 +72,7 @@ impl Overlay {
                     // lookup costs no extra syscall).
                     let opaque = xattr_opaque
                         || ((!lower_dirs.is_empty() || redirect.is_some())
+                            && self.upper_wh_files()
                             && whiteout::has_opaque_marker(ufd_child.as_fd()));
                     if opaque {
                         redirect = None;
@@ -99,9 +100,12 @@ impl Overlay {
                     found = Some(f);
                 }
                 // fuse-overlayfs writes `.wh.NAME` files where it cannot make a whiteout
-                // device; one in the upper hides the name below as a whiteout does.
+                // device; one in the upper hides the name below as a whiteout does. (An
+                // upper that held none at mount never gets one: not looked for then.)
                 Err(Errno::NOENT)
-                    if !lower_dirs.is_empty() && sys::stat_at(ufd, &whiteout::aufs_name(name)).is_ok() =>
+                    if !lower_dirs.is_empty()
+                        && self.upper_wh_files()
+                        && sys::stat_at(ufd, &whiteout::aufs_name(name)).is_ok() =>
                 {
                     return Err(Errno::NOENT);
                 }

@@ -326,6 +326,11 @@ impl Overlay {
         self.upper.as_ref().ok_or(Errno::ROFS)
     }
 
+    /// Whether the upper may hold `.wh.` files (see `Upper::wh_files`).
+    fn upper_wh_files(&self) -> bool {
+        self.upper.as_ref().is_some_and(|u| u.wh_files)
+    }
+
     /// Map a real (dev, ino) to the number we report. One filesystem: the real number
     /// (persistent, equal to the kernel's); several: the layer's index in the high bits.
     fn map_ino(&self, dev: u64, ino: u64) -> u64 {
