@@ -18,8 +18,12 @@ fn ino(p: &Path) -> u64 {
 
 fn is_whiteout(p: &Path) -> bool {
     fs::symlink_metadata(p)
-        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .map(|m| is_whiteout_meta(&m))
         .unwrap_or(false)
+}
+
+fn is_whiteout_meta(m: &fs::Metadata) -> bool {
+    m.file_type().is_char_device() && m.rdev() == 0
 }
 
 fn errno_of<T>(r: std::io::Result<T>) -> i32 {
@@ -456,6 +460,58 @@ fn aufs_markers_deep_in_the_upper() {
     assert!(r.join("a/b/f").exists() && r.join("a/b/c/h").exists() && r.join("a/b/c/mine").exists());
     fs::remove_file(r.join("a/b/f")).unwrap();
     assert!(!r.join("a/b/f").exists());
+    m.umount().unwrap();
+}
+
+/// Whiteouts are hard links to one whiteout kept in `work/work`, as the kernel's overlayfs
+/// shares one inode among its whiteouts: an `rm -rf` of lower files does not take an inode
+/// per file. The kernel reads them as whiteouts, and the next mount empties `work/work`.
+#[test]
+fn whiteouts_share_one_inode() {
+    let ls = LayerSet::new("wh-share", 1);
+    for i in 0..5 {
+        ls.lower(0).file(&format!("f{i}"), "lower");
+    }
+    ls.lower(0).dir("d").file("d/x", "x").file("keep", "kept");
+    let m = StrataMount::new(&ls.spec());
+    let r = m.root();
+    for i in 0..5 {
+        fs::remove_file(r.join(format!("f{i}"))).unwrap();
+    }
+    fs::remove_file(r.join("d/x")).unwrap();
+    fs::remove_dir(r.join("d")).unwrap();
+    let mut names: Vec<_> = fs::read_dir(r).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["keep"]);
+    let wh: Vec<_> = (0..5)
+        .map(|i| format!("f{i}"))
+        .chain(["d".to_string()])
+        .map(|n| fs::symlink_metadata(ls.upper.path(&n)).unwrap())
+        .collect();
+    assert!(wh.iter().all(is_whiteout_meta), "not all whiteouts");
+    assert!(
+        wh.iter().all(|m| m.ino() == wh[0].ino()),
+        "whiteouts on separate inodes: {:?}",
+        wh.iter().map(|m| m.ino()).collect::<Vec<_>>()
+    );
+    // The six in the upper, d/x's (in d, gone with it) no more, and the one in work/work.
+    assert_eq!(wh[0].nlink(), 7);
+    m.umount().unwrap();
+    let k = KernelMount::new(&ls.fresh_spec());
+    let mut kn: Vec<_> = fs::read_dir(k.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    kn.sort();
+    assert_eq!(kn, ["keep"], "the kernel reads the shared whiteouts");
+    k.umount().unwrap();
+    let m = StrataMount::new(&ls.spec());
+    let left: Vec<_> = fs::read_dir(ls.work.join("work"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "work/work after a remount: {left:?}");
+    assert!(!m.root().join("f0").exists() && m.root().join("keep").exists());
     m.umount().unwrap();
 }
 

@@ -193,6 +193,8 @@ pub struct Overlay {
     /// made for a child): the adapter tells the kernel (`take_stale_attrs`).
     stale_attrs: Mutex<Vec<u64>>,
     any_stale: std::sync::atomic::AtomicBool,
+    /// The whiteout that new whiteouts link to (see `put_whiteout`).
+    shared_whiteout: Mutex<remove::SharedWhiteout>,
 }
 
 fn ts(sec: i64, nsec: u64) -> (i64, u32) {
@@ -241,6 +243,7 @@ impl Overlay {
             devs: RwLock::new(devs),
             origins: RwLock::new(HashMap::new()),
             gone: Mutex::new(HashMap::new()),
+            shared_whiteout: Mutex::new(remove::SharedWhiteout::default()),
             // Beyond the layers' own fds and a few more, half the fd limit goes to cached
             // directory fds and half stays for open files and directories opened for one
             // operation.

@@ -1,6 +1,7 @@
 //! Removing objects: unlink and rmdir, with whiteouts where lower content must stay hidden.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use rustix::fs::{AtFlags, RenameFlags};
 use rustix::io::Errno;
@@ -8,7 +9,66 @@ use rustix::io::Errno;
 use super::*;
 use crate::sys::{self};
 
+/// The whiteout in `work/` that whiteouts are hard links to, as the kernel's overlayfs
+/// shares one inode among its whiteouts (Linux 5.8+): a `mknod` takes an inode per
+/// whiteout (an `rm -rf` of 100k lower files, 100k inodes of the upper file system), a
+/// link only a directory entry. Made at the first whiteout; a new one when the old one is
+/// full (EMLINK: ext4 allows 65000 links) or gone. The next mount empties `work/` (as the
+/// kernel's does); the whiteouts in the upper keep the inode.
+#[derive(Debug, Default)]
+pub(crate) struct SharedWhiteout {
+    /// Its name in `work/`, once made.
+    name: Option<OsString>,
+    /// Making or linking it failed otherwise: every whiteout gets an inode of its own.
+    off: bool,
+}
+
 impl Overlay {
+    /// Make a whiteout named `name` in `dir` (in the upper or `work/`): a link to the shared
+    /// whiteout, or its own `mknod` where linking is refused.
+    pub(crate) fn put_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let work = self.upper()?.work.as_fd();
+        // Twice at most: a shared whiteout found full or gone is replaced once.
+        for _ in 0..2 {
+            let shared = {
+                let mut sw = self.shared_whiteout.lock().unwrap();
+                if sw.off {
+                    break;
+                }
+                match &sw.name {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = self.tmp_name();
+                        if let Err(e) = whiteout::make_whiteout(work, &n) {
+                            log::debug!("no shared whiteout in work/ ({e}): one inode per whiteout");
+                            sw.off = true;
+                            break;
+                        }
+                        sw.name = Some(n.clone());
+                        n
+                    }
+                }
+            };
+            match rustix::fs::linkat(work, &shared, dir, name, AtFlags::empty()) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EXIST) => return Err(Errno::EXIST),
+                Err(Errno::MLINK | Errno::NOENT) => {
+                    let mut sw = self.shared_whiteout.lock().unwrap();
+                    if sw.name.as_ref() == Some(&shared) {
+                        let _ = rustix::fs::unlinkat(work, &shared, AtFlags::empty());
+                        sw.name = None;
+                    }
+                }
+                Err(e) => {
+                    log::debug!("cannot link the shared whiteout ({e}): one inode per whiteout");
+                    self.shared_whiteout.lock().unwrap().off = true;
+                    break;
+                }
+            }
+        }
+        whiteout::make_whiteout(dir, name)
+    }
+
     // ----- removing ------------------------------------------------------------------
 
     /// unlink: remove a non-directory. A lower object gets a whiteout and is never copied up.
@@ -28,13 +88,13 @@ impl Overlay {
         if found.upper {
             if self.lower_positive(parent, name)? {
                 let mut s = self.stage()?;
-                whiteout::make_whiteout(s.dir(), s.name())?;
+                self.put_whiteout(s.dir(), s.name())?;
                 s.place(ufd, name, RenameFlags::empty())?;
             } else {
                 rustix::fs::unlinkat(ufd, name, AtFlags::empty())?;
             }
         } else {
-            whiteout::make_whiteout(ufd, name)?;
+            self.put_whiteout(ufd, name)?;
         }
         self.drop_cached(&found);
         self.forget_name(found.ino, parent, name);
@@ -75,7 +135,7 @@ impl Overlay {
                 // Swap a whiteout in, then remove the old directory (with the whiteouts
                 // it still holds) out of sight.
                 let mut s = self.stage()?;
-                whiteout::make_whiteout(s.dir(), s.name())?;
+                self.put_whiteout(s.dir(), s.name())?;
                 s.place(ufd, name, RenameFlags::EXCHANGE)?;
                 s.discard()?;
             } else {
@@ -84,7 +144,7 @@ impl Overlay {
                 rustix::fs::unlinkat(ufd, name, AtFlags::REMOVEDIR)?;
             }
         } else {
-            whiteout::make_whiteout(ufd, name)?;
+            self.put_whiteout(ufd, name)?;
         }
         self.drop_cached(&found);
         self.dir_changed(found.ino);

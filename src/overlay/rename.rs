@@ -177,7 +177,7 @@ impl Overlay {
                 Ok(()) => {}
                 Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::OPNOTSUPP) if src_lower => {
                     rustix::fs::renameat(ofd, name, nfd, newname)?;
-                    whiteout::make_whiteout(ofd, name)?;
+                    self.put_whiteout(ofd, name)?;
                 }
                 Err(e) => return Err(e),
             }
