@@ -893,3 +893,85 @@ fn fuse_overlayfs_markers_in_the_upper() {
     assert_eq!(o.lookup(ROOT, OsStr::new("gone")), Err(Errno::NOENT));
     assert_eq!(names(&o, ROOT), vec!["again", "full", "merged", "pure"]);
 }
+
+/// Whiteouts link one shared whiteout in work/work; when it is full (ext4 allows 65000
+/// links) or gone, a new one takes over. (ext4 only: /tmp here; the count differs elsewhere.)
+#[test]
+fn shared_whiteouts_roll_over_when_full_or_gone() {
+    let e = env();
+    // The lower on tmpfs: 65k new inodes on an ext4 that just deleted many can take a
+    // minute (its allocator skips recently deleted inodes); the upper stays on /tmp.
+    let shm = tempfile::Builder::new()
+        .prefix("strata-core-wh")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let dir = shm.path().join("many");
+    fs::create_dir(&dir).unwrap();
+    const N: usize = 65010;
+    for i in 0..N {
+        fs::File::create(dir.join(format!("f{i}"))).unwrap();
+    }
+    fs::File::create(shm.path().join("late")).unwrap();
+    let o = Overlay::new(&OverlayConfig {
+        lowers: vec![shm.path().to_path_buf()],
+        upper: Some(e.upper.clone()),
+        work: Some(e.work.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let d = o.lookup(ROOT, OsStr::new("many")).unwrap().ino;
+    for i in 0..N {
+        let n = format!("f{i}");
+        o.lookup(d, OsStr::new(&n)).unwrap();
+        o.unlink(d, OsStr::new(&n)).unwrap();
+    }
+    let inodes = |upto: usize| -> std::collections::BTreeMap<u64, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for i in 0..upto {
+            let p = e.upper.join("many").join(format!("f{i}"));
+            assert!(is_whiteout(&p), "{} is no whiteout", p.display());
+            *m.entry(fs::symlink_metadata(&p).unwrap().ino()).or_insert(0) += 1;
+        }
+        m
+    };
+    let work_left = || -> Vec<std::path::PathBuf> {
+        fs::read_dir(e.work.join("work"))
+            .unwrap()
+            .map(|x| x.unwrap().path())
+            .collect()
+    };
+    // SAFETY: statfs of a valid path into a zeroed struct.
+    let ext4 = unsafe {
+        let mut sfs: libc::statfs = std::mem::zeroed();
+        let c = std::ffi::CString::new(e.upper.as_os_str().as_encoded_bytes()).unwrap();
+        libc::statfs(c.as_ptr(), &mut sfs) == 0 && sfs.f_type == 0xEF53
+    };
+    if ext4 {
+        let mut counts: Vec<usize> = inodes(N).into_values().collect();
+        counts.sort();
+        assert_eq!(counts, [N - 64999, 64999], "whiteouts per inode");
+        let left = work_left();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            fs::symlink_metadata(&left[0]).unwrap().nlink() as usize,
+            N - 64999 + 1
+        );
+    } else {
+        // Another file system under /tmp: its own link limit; at least the sharing holds.
+        assert!(inodes(N).len() < N / 2);
+    }
+    // The shared whiteout removed behind strata's back: the next whiteout makes a new one.
+    for p in work_left() {
+        fs::remove_file(p).unwrap();
+    }
+    o.lookup(ROOT, OsStr::new("late")).unwrap();
+    o.unlink(ROOT, OsStr::new("late")).unwrap();
+    assert!(is_whiteout(&e.upper.join("late")));
+    let left = work_left();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        fs::symlink_metadata(&left[0]).unwrap().ino(),
+        fs::symlink_metadata(e.upper.join("late")).unwrap().ino()
+    );
+    assert_eq!(o.lookup(ROOT, OsStr::new("late")), Err(Errno::NOENT));
+}
