@@ -212,6 +212,7 @@ WORKLOADS = [
     ("read", "sequential read {read} lower file (dd bs=1M) [cold]", "s"),
     ("cp_a", "`cp -a` of /usr/share/doc ({doc}, lower layer) to a dir in the mount [cold]", "s"),
     ("tar_c", "`tar c` of that copy (to a pipe) [cold]", "s"),
+    ("rm_lower", "`rm -rf` of /usr/share/doc's copy in the lower layer (a whiteout per entry) [warm]", "s"),
     ("mount", "mount of the 10-layer stack (until the mountpoint is live) [cold]", "ms"),
     ("mount_stack", "mount of the {stack}-layer stack", "ms"),
     ("umount", "umount of the 10-layer stack ({umount_after})", "ms"),
