@@ -25,21 +25,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
-struct Rng(u64);
+/// The data test's draws, on the shared `Rng`.
+trait DataRng {
+    fn offset(&mut self, size: usize) -> usize;
+    fn len(&mut self) -> usize;
+    fn bytes(&mut self, n: usize) -> Vec<u8>;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
+impl DataRng for Rng {
     /// An offset near `size`: mostly inside the file, sometimes past its end, often on a
     /// page boundary or just beside one (where page-cache bugs live).
     fn offset(&mut self, size: usize) -> usize {
@@ -598,15 +591,6 @@ impl Run {
         }
         self.check_size(i);
         self.check_range(i);
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
     }
 }
 

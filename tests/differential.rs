@@ -1235,35 +1235,7 @@ fn strata_foreground_mode() {
 // ---------------------------------------------------------------------------
 // Seeded random op sequences.
 
-/// splitmix64: tiny, deterministic, good enough for test generation.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-
-    fn chance(&mut self, pct: usize) -> bool {
-        self.below(100) < pct
-    }
-
-    fn data(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| b'a' + self.below(26) as u8).collect()
-    }
-}
+// (`Rng` is in tests/common.)
 
 /// Dirs whose children form the name pool. They are never pool names
 /// themselves, so they stay directories and relative symlinks never escape.
@@ -1609,16 +1581,6 @@ const DEFAULT_SEEDS: [u64; 6] = [
     0x5eed_0005,
     0x5eed_0006,
 ];
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let parsed = match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
-}
 
 fn random_case(index: usize) {
     let override_seed = env_u64("STRATA_DIFF_SEED");

@@ -217,6 +217,53 @@ pub fn read_dir_raw(p: &Path) -> io::Result<Vec<(String, u8)>> {
 }
 
 // ---------------------------------------------------------------------------
+// Seeded randomness for generated tests (the random differential and data tests).
+
+/// splitmix64: tiny, deterministic, good enough for test generation.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Below `n` (0 for an empty range).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+
+    pub fn chance(&mut self, pct: usize) -> bool {
+        self.below(100) < pct
+    }
+
+    /// Up to `max` lowercase letters.
+    pub fn data(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max + 1);
+        (0..n).map(|_| b'a' + self.below(26) as u8).collect()
+    }
+}
+
+/// A number from the environment (decimal or 0x hex), for seeds and counts; a value that is
+/// not one fails the test rather than quietly running the default.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
+}
+
+// ---------------------------------------------------------------------------
 // Temp dirs and layer builders.
 
 /// Owns a temp dir under /tmp; everything for one test lives inside it.
