@@ -347,10 +347,10 @@ pub fn remove_tree_at(dir: impl AsFd, name: &OsStr) -> Result<(), Errno> {
     }
 }
 
-/// Refuse an upper that uses a kernel feature we do not implement (metacopy).
-/// The walk reads only the upper, so its cost grows with the changes, not the image.
-/// Walk the whole upper: refuse a metacopy upper (as the kernel without `metacopy=on`),
-/// and say whether any name in it starts with `.wh.` (or some directory could not be read).
+/// Walk the whole upper: refuse one that uses a kernel feature we do not implement
+/// (metacopy), and say whether any name in it starts with `.wh.` (or some directory could
+/// not be read). The walk reads only the upper, so its cost grows with the changes, not the
+/// image.
 fn check_upper(ul: &Layer, ns: XattrNs) -> Result<bool, SetupError> {
     let mut wh_files = false;
     let mut stack = vec![(sys::open_dir_beneath(ul.fd.as_fd(), ".").ok(), PathBuf::new())];
