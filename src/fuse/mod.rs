@@ -240,7 +240,8 @@ impl FuseFs {
                 // still asks for security.capability before a passthrough write, so the
                 // WRITE is the only round trip saved. Later opens are passed through.
                 match self.choose_io(a.ino, fh, false, false, true, |fd| reply.open_backing(fd)) {
-                    Ok(Some(b)) => reply.created_passthrough(
+                    Ok(Some(b)) => reply.created_passthrough_as(
+                        INodeNo(a.ino),
                         &TTL,
                         &attr(&a),
                         Generation(a.gen.into()),
@@ -248,7 +249,8 @@ impl FuseFs {
                         FopenFlags::empty(),
                         &b,
                     ),
-                    _ => reply.created(
+                    _ => reply.created_as(
+                        INodeNo(a.ino),
                         &TTL,
                         &attr(&a),
                         Generation(a.gen.into()),
@@ -298,6 +300,7 @@ impl FuseFs {
 
 /// Attributes sent with a negative entry (the kernel looks only at the node id 0).
 const NEGATIVE: Attr = Attr {
+    st_ino: 0,
     ino: 0,
     size: 0,
     blocks: 0,
@@ -340,7 +343,8 @@ fn time((s, n): (i64, u32)) -> SystemTime {
 
 fn attr(a: &Attr) -> FileAttr {
     FileAttr {
-        ino: INodeNo(a.ino),
+        // The number `stat` shows; replies that name a node pass its id apart.
+        ino: INodeNo(a.st_ino),
         size: a.size,
         blocks: a.blocks,
         atime: time(a.atime),
@@ -383,7 +387,7 @@ fn caller(req: &Request) -> Caller {
 
 fn entry(reply: ReplyEntry, r: overlay::Result<Attr>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &attr(&a), Generation(a.gen.into())),
+        Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), Generation(a.gen.into())),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -455,7 +459,7 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.plus.looked_up(parent.0);
         match self.ov.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(a.gen.into())),
+            Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), Generation(a.gen.into())),
             // A negative entry (node id 0) the kernel may cache: PATH and library searches
             // in a container ask for the same missing names again and again. Names only
             // appear through this mount, which turns the kernel's dentry positive itself.

@@ -95,6 +95,9 @@ impl Overlay {
         // keeps having none (a copy-up above clears that knowledge itself). tar's
         // utimens, chown and chmod of each file it writes then cost no xattr syscall for
         // the kernel's security.capability check before the chown.
+        // By name, under the read lock (see `getattr`): a chmod must never reach an object
+        // a rename put in this one's place meanwhile.
+        let ns = self.ns_lock.read().unwrap();
         let (dfd, name) = self.upper_at(ino)?;
         let d = dfd.as_fd();
         if sa.uid.is_some() || sa.gid.is_some() {
@@ -136,6 +139,7 @@ impl Overlay {
             };
             rustix::fs::utimensat(d, &name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
         }
+        drop(ns);
         self.getattr(ino, None)
     }
 

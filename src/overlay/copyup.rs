@@ -115,6 +115,7 @@ impl Overlay {
             return Ok(());
         }
         if self.with_node(f.ino, |_| ()).is_err() {
+            let _ns = self.ns_lock.read().unwrap();
             let again = self.resolve(parent, name)?;
             self.remember(parent, name, again, false);
         }
@@ -483,6 +484,8 @@ impl Overlay {
         let mut cur = ROOT;
         for comp in rel.components() {
             let name: OsString = comp.as_os_str().to_owned();
+            // Resolve and record under one read lock, as a lookup does.
+            let _ns = self.ns_lock.read().unwrap();
             let f = self.resolve(cur, &name).ok()?;
             if f.kind != Kind::Dir {
                 return None;

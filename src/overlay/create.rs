@@ -92,7 +92,10 @@ impl Overlay {
     pub(crate) fn remember_new(&self, parent: u64, name: &OsStr, st: rustix::fs::Stat) -> Attr {
         let ino = self.map_ino(st.st_dev, st.st_ino);
         self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
-        self.remember_as(parent, name, Found::upper_only(st, ino), true, true)
+        // Under the read lock, as a lookup records: an unlink that freed this number has
+        // marked its node an orphan by then (see `remember`).
+        let _ns = self.ns_lock.read().unwrap();
+        self.remember(parent, name, Found::upper_only(st, ino), true)
     }
 
     /// For making an object in `parent`: the caller as stored in the layer (ID mapping),
@@ -182,8 +185,8 @@ impl Overlay {
             (true, false) => st.place(ufd, name, RenameFlags::empty())?,
             (false, _) => st.place(ufd, name, RenameFlags::NOREPLACE)?,
         }
-        // Fresh, as on the direct path: its inode number may be a deleted object's.
-        let attr = self.lookup_as(parent, name, true)?;
+        // As on the direct path, its inode number may be a deleted object's (see `remember`).
+        let attr = self.lookup(parent, name)?;
         Ok((attr, fd))
     }
 
@@ -275,7 +278,10 @@ impl Overlay {
         // inode left (nothing is left behind if it is never named).
         let ino = self.map_ino(st.st_dev, st.st_ino);
         self.origins.write().unwrap().remove(&(st.st_dev, st.st_ino));
-        let attr = self.remember_as(parent, OsStr::new(""), Found::upper_only(st, ino), true, true);
+        let attr = {
+            let _ns = self.ns_lock.read().unwrap();
+            self.remember(parent, OsStr::new(""), Found::upper_only(st, ino), true)
+        };
         // No name: what acts by name fails (ESTALE) and the rest goes through the handle.
         self.forget_name(ino, parent, OsStr::new(""));
         Ok((attr, self.add_file(ino, fd, true)))
@@ -294,7 +300,10 @@ impl Overlay {
         self.copy_up(ino)?;
         self.copy_up(newparent)?;
         // A node without a name (an O_TMPFILE file; for an unlinked one the filesystem
-        // answers ENOENT) is linked from the file an open handle holds.
+        // answers ENOENT) is linked from the file an open handle holds. By name, under the
+        // read lock (see `getattr`) until the link is made: never a link to an object a
+        // rename put in this one's place.
+        let ns = self.ns_lock.read().unwrap();
         let (loc, held) = match self.loc(ino) {
             Ok(loc) => (Some(loc), None),
             Err(Errno::STALE) => (None, Some(self.any_open_fd(ino).ok_or(Errno::STALE)?)),
@@ -322,6 +331,7 @@ impl Overlay {
             Err(Errno::NOENT) => link_to(nfd, newname)?,
             Err(e) => return Err(e),
         }
+        drop(ns);
         // A copied-up object keeps its lower inode number (its origin). A pure-upper
         // directory is listed with the upper numbers unless it is marked impure, as the
         // kernel marks it when such an object is linked in (rename does the same).

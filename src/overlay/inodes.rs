@@ -146,6 +146,9 @@ impl Overlay {
             let fds = self.dir_fds(ino)?;
             f(XTarget::Fd(fds.top().ok_or(Errno::IO)?))
         } else {
+            // By name, under the read lock (see `getattr`): the xattrs of this node's
+            // object, never of one a rename just put in its place.
+            let _ns = self.ns_lock.read().unwrap();
             let loc = match self.loc(ino) {
                 // Unlinked but open: the xattrs of the file a handle holds, as overlayfs
                 // reads them from the unlinked real file; for a fifo, socket or device
@@ -171,50 +174,80 @@ impl Overlay {
         }
     }
 
-    /// Record a lookup result in the table and return its attributes.
-    pub(crate) fn remember(&self, parent: u64, name: &OsStr, found: Found, count: bool) -> Attr {
-        self.remember_as(parent, name, found, count, false)
+    /// Does anything of the node's object outlive its names: an open handle, or what
+    /// `object_gone` kept? Then the real inode is still allocated and its number cannot
+    /// have gone to another object.
+    fn held(&self, ino: u64) -> bool {
+        self.files.read().unwrap().values().any(|f| f.ino == ino)
+            || self.gone.lock().unwrap().contains_key(&ino)
     }
 
-    /// `remember`; `fresh`: `found` was just created, so a node already under its number
-    /// is another object, gone, whose inode number the filesystem gave to this one.
-    pub(crate) fn remember_as(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        found: Found,
-        count: bool,
-        fresh: bool,
-    ) -> Attr {
+    /// The inode number `stat` shows for node id `ino` (see `remember`).
+    pub(crate) fn shown_ino(&self, ino: u64) -> u64 {
+        if !Aliases::is_alias(ino) {
+            return ino;
+        }
+        self.aliases
+            .read()
+            .unwrap()
+            .real_of
+            .get(&ino)
+            .copied()
+            .unwrap_or(ino)
+    }
+
+    /// The node id of the object whose inode number is `real`: its stand-in if it has one.
+    pub(crate) fn live_ino(&self, real: u64) -> u64 {
+        let alias = self.aliases.read().unwrap().by_real.get(&real).copied();
+        match alias {
+            Some(a) if self.nodes.read().unwrap().get(&a).is_some() => a,
+            _ => real,
+        }
+    }
+
+    /// Record a lookup result (or an object just made) in the table and return its
+    /// attributes. Callers hold `ns_lock` for reading, so the node's orphan flag is settled.
+    ///
+    /// A node id is the object's inode number, which the filesystem gives to a new object
+    /// once the old one is deleted. The kernel may still hold the old object under that id
+    /// (its FORGET not yet here, or a path walk that reached it just before the unlink):
+    /// reusing the id would hand it the new object (a chmod or open by that walk would
+    /// reach the wrong file), and a new generation instead makes the kernel mark its old
+    /// inode bad, failing that walk's next call with EIO. So the new object takes a
+    /// stand-in node id, never used before, while `stat` still shows the real number; the
+    /// old node keeps its id until the kernel forgets it, and calls on it fail with ESTALE
+    /// (which makes a path walk look the name up again) or reach what `object_gone` kept.
+    pub(crate) fn remember(&self, parent: u64, name: &OsStr, found: Found, count: bool) -> Attr {
         let merged = found.kind == Kind::Dir
             && ((found.upper && !found.lower_dirs.is_empty())
                 || (!found.upper && found.lower_dirs.len() > 1));
-        let mut attr = self.attr_of(&found.st, found.ino, merged);
         let fds = found.fds.map(Arc::new);
-        let mut retired_dir = false;
         // A node that was an orphan is another object now: what `object_gone` kept of the
         // old one must not answer for it.
         let mut unorphaned = false;
+        let real = self.shown_ino(found.ino);
+        // An orphan nothing holds is gone from the disk: its number may now be another
+        // object's. (Checked before the table lock: handles and kept objects have their
+        // own locks.)
+        let before = self.live_ino(real);
+        let gone = self.with_node(before, |n| n.orphan).unwrap_or(false) && !self.held(before);
         let mut nodes = self.nodes.write().unwrap();
-        let ino = found.ino;
-        if fresh {
-            if let Some(n) = nodes.get_mut(&ino) {
-                // The kernel may still hold the old object under this number (its FORGET
-                // not yet here, or an unlink racing this create): a new generation makes it
-                // take a new inode instead of reusing the old one, with its cached symlink
-                // target, pages and attributes. The reference counts stay summed, as the
-                // kernel forgets each inode's own count under the one number. Nothing of
-                // the old object carries over.
-                n.gen = n.gen.wrapping_add(1);
-                n.parent = parent;
-                n.name = name.into();
-                unorphaned |= std::mem::replace(&mut n.orphan, false);
-                n.no_xattrs = false;
-                n.probes = 0;
-                retired_dir = n.kind == Kind::Dir;
-                self.fd_budget.clear(&mut n.fds);
-            }
+        let mut ino = match self.aliases.read().unwrap().by_real.get(&real) {
+            Some(&a) if nodes.get(&a).is_some() => a,
+            _ => real,
+        };
+        // Another object under the node's number: a removed one's (or a different type
+        // shows that it is). Decided under the table lock, so two lookups of the new object
+        // agree on one stand-in; an object created through the mount is no different from
+        // one a lookup meets first.
+        let gone = gone && ino == before;
+        if nodes
+            .get(&ino)
+            .is_some_and(|n| n.kind != found.kind || (n.orphan && gone))
+        {
+            ino = self.aliases.write().unwrap().take(real);
         }
+        let mut attr = self.attr_of(&found.st, ino, merged);
         match nodes.get_mut(&ino) {
             Some(n) if n.upper && !found.upper && !n.orphan => {
                 // Resolved before a concurrent copy-up finished: what the table knows is
@@ -271,10 +304,6 @@ impl Overlay {
         if unorphaned {
             self.gone.lock().unwrap().remove(&ino);
         }
-        if retired_dir {
-            self.drop_index(ino);
-            self.dir_changed(ino);
-        }
         attr
     }
 
@@ -287,12 +316,16 @@ impl Overlay {
     }
 
     /// Before removing `f` (named `name` in the directory whose fds are `pfds`): an O_PATH
-    /// fd of its real object if it is a fifo, socket or device the kernel holds. strata has
-    /// no open file for those (the kernel opens them itself), so this is what answers an
-    /// fstat once the name is gone (see `object_gone`).
+    /// fd of its real object if it is a fifo, socket, device or symlink the kernel holds.
+    /// strata has no open file for those (the kernel opens them itself), so this is what
+    /// answers an fstat once the name is gone (see `object_gone`), and for a symlink the
+    /// READLINK of a path walk that reached it just before: the kernel caches symlink
+    /// targets in pages, and a failed read of that page is EIO to the walker.
     pub(crate) fn special_fd(&self, f: &Found, pfds: &DirFds, name: &OsStr) -> Option<OwnedFd> {
-        if !matches!(f.kind, Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block)
-            || self.with_node(f.ino, |_| ()).is_err()
+        if !matches!(
+            f.kind,
+            Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block | Kind::Symlink
+        ) || self.with_node(f.ino, |_| ()).is_err()
         {
             return None;
         }
@@ -413,6 +446,9 @@ impl Overlay {
                 if let Some(node) = nodes.get_mut(&ino) {
                     node.nlookup = node.nlookup.saturating_sub(n.min(u32::MAX as u64) as u32);
                     if node.nlookup == 0 {
+                        if Aliases::is_alias(ino) {
+                            self.aliases.write().unwrap().drop_node(ino);
+                        }
                         if let Some(mut g) = nodes.remove(&ino) {
                             self.fd_budget.clear(&mut g.fds);
                             if g.kind == Kind::Dir {
@@ -452,6 +488,43 @@ impl Overlay {
             } else {
                 n.name.retain_links(|l| !(l.0 == op && l.1 == on));
                 n.name.push_link((np, nn.to_owned()));
+            }
+        }
+    }
+}
+
+/// Stand-in node ids (see `Overlay::remember`): a range no inode number reaches (those are
+/// below 2^56, and the root's alias sits at the top).
+#[derive(Debug, Default)]
+pub(crate) struct Aliases {
+    /// Inode number -> the stand-in id of the object that has it now.
+    by_real: HashMap<u64, u64>,
+    /// Stand-in id -> inode number.
+    real_of: HashMap<u64, u64>,
+    next: u64,
+}
+
+const ALIAS_BASE: u64 = 1 << 62;
+
+impl Aliases {
+    pub(crate) fn is_alias(id: u64) -> bool {
+        (ALIAS_BASE..ALIAS_BASE + (1 << 48)).contains(&id)
+    }
+
+    /// A new stand-in id for the object that now has inode number `real`.
+    fn take(&mut self, real: u64) -> u64 {
+        let a = ALIAS_BASE + self.next;
+        self.next += 1;
+        self.by_real.insert(real, a);
+        self.real_of.insert(a, real);
+        a
+    }
+
+    /// Node `id` is gone from the table.
+    fn drop_node(&mut self, id: u64) {
+        if let Some(real) = self.real_of.remove(&id) {
+            if self.by_real.get(&real) == Some(&id) {
+                self.by_real.remove(&real);
             }
         }
     }

@@ -19,7 +19,15 @@ impl Overlay {
     // ----- lookup --------------------------------------------------------------------
 
     /// Resolve `name` in directory `parent` across the layers, without touching the table.
+    /// The object's node id is its stand-in where it has one (see `remember`).
     pub(crate) fn resolve(&self, parent: u64, name: &OsStr) -> Result<Found> {
+        let mut f = self.resolve_real(parent, name)?;
+        f.ino = self.live_ino(f.ino);
+        Ok(f)
+    }
+
+    /// `resolve`, with the object's own inode number.
+    fn resolve_real(&self, parent: u64, name: &OsStr) -> Result<Found> {
         if name.as_bytes().contains(&b'/') || name.is_empty() {
             return Err(Errno::INVAL);
         }
@@ -257,16 +265,11 @@ impl Overlay {
 
     /// lookup: resolve and count one reference for the caller.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
-        self.lookup_as(parent, name, false)
-    }
-
-    /// `lookup`; `fresh`: the object was just created (see `remember_as`).
-    pub(crate) fn lookup_as(&self, parent: u64, name: &OsStr, fresh: bool) -> Result<Attr> {
         // Resolve and record under one read lock: a rename or unlink (write lock) happens
         // wholly before or wholly after, so the table never gets a name already gone.
         let _ns = self.ns_lock.read().unwrap();
         let found = self.resolve(parent, name)?;
-        Ok(self.remember_as(parent, name, found, true, fresh))
+        Ok(self.remember(parent, name, found, true))
     }
 
     /// Attributes of a node (through an open handle when given, which also works after the
@@ -288,6 +291,11 @@ impl Overlay {
                 return through(&fd);
             }
         }
+        // By name from here: a rename or unlink (write lock) in the same directory happens
+        // wholly before or after, so the name reaches this node's object, never one that
+        // took the name (whose type could differ: the kernel then marks the inode bad and
+        // fails every later call on it with EIO).
+        let _ns = self.ns_lock.read().unwrap();
         // Unlinked but open: fstat comes without a handle.
         if self.with_node(ino, |n| n.orphan)? {
             if let Some(r) = self.gone_attr(ino) {
@@ -320,6 +328,7 @@ impl Overlay {
     /// (st_dev, st_ino) of the real object a non-directory node is now: what tells hard
     /// links apart across walks of different trees over the same layers.
     pub fn backing_id(&self, ino: u64) -> Result<(u64, u64)> {
+        let _ns = self.ns_lock.read().unwrap();
         let loc = self.loc(ino)?;
         let st = sys::stat_at(loc.dir()?, &loc.name)?;
         Ok((st.st_dev, st.st_ino))
@@ -327,7 +336,24 @@ impl Overlay {
 
     /// Target of a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let loc = self.loc(ino)?;
+        // Under the read lock, as getattr: a symlink renamed over must not answer with
+        // the name's new object (EINVAL from readlinkat for a file).
+        let _ns = self.ns_lock.read().unwrap();
+        let loc = match self.loc(ino) {
+            // Removed (unlinked, renamed over) while the kernel walked through it: the
+            // symlink `object_gone` kept, as overlayfs reads the unlinked one.
+            Err(Errno::STALE) => {
+                let fd = self
+                    .gone
+                    .lock()
+                    .unwrap()
+                    .get(&ino)
+                    .map(|g| g.top.clone())
+                    .ok_or(Errno::STALE)?;
+                return Ok(rustix::fs::readlinkat(&*fd, "", Vec::new())?.into_bytes());
+            }
+            r => r?,
+        };
         if loc.kind != Kind::Symlink {
             return Err(Errno::INVAL);
         }

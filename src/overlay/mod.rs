@@ -195,6 +195,8 @@ pub struct Overlay {
     any_stale: std::sync::atomic::AtomicBool,
     /// The whiteout that new whiteouts link to (see `put_whiteout`).
     shared_whiteout: Mutex<remove::SharedWhiteout>,
+    /// Stand-in node ids (see `remember`). Taken after `nodes` when both are held.
+    aliases: RwLock<inodes::Aliases>,
 }
 
 fn ts(sec: i64, nsec: u64) -> (i64, u32) {
@@ -253,6 +255,7 @@ impl Overlay {
             indexes: Mutex::new(index::IndexCache::new(INDEX_ENTRIES)),
             stale_attrs: Mutex::new(Vec::new()),
             any_stale: std::sync::atomic::AtomicBool::new(false),
+            aliases: RwLock::new(inodes::Aliases::default()),
             no_lowers: Arc::new(Box::new([])),
             all_lowers: Arc::new((0..lowers_len as u16).collect()),
         };
@@ -366,6 +369,7 @@ impl Overlay {
         let merged_dir = merged_dir || (self.static_nlink && kind == Kind::Dir);
         Attr {
             ino,
+            st_ino: self.shown_ino(ino),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: ts(st.st_atime, st.st_atime_nsec),

@@ -41,8 +41,12 @@ impl Kind {
 /// Attributes of a merged object, as reported to the user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
-    /// Stable inode number (also the FUSE node id).
+    /// The node id: what names the object to the kernel and to the core's calls.
     pub ino: u64,
+    /// The inode number `stat` shows: `ino`, except for a node that took a stand-in id
+    /// because the kernel may still hold another object under the real number (see
+    /// `Overlay::remember`).
+    pub st_ino: u64,
     /// Size in bytes.
     pub size: u64,
     /// 512-byte blocks.

@@ -288,8 +288,15 @@ impl Reply for ReplyEntry {
 impl ReplyEntry {
     /// Reply to a request with the given entry
     pub fn entry(self, ttl: &Duration, attr: &FileAttr, generation: Generation) {
+        self.entry_as(attr.ino, ttl, attr, generation);
+    }
+
+    /// Reply with an entry whose node id differs from the inode number `attr` shows
+    /// (strata patch: a node id the kernel may still hold for another object is never
+    /// handed out again, while `stat` shows the real inode number).
+    pub fn entry_as(self, nodeid: INodeNo, ttl: &Duration, attr: &FileAttr, generation: Generation) {
         self.reply.send_ll(&ll::ResponseStruct::new_entry(
-            attr.ino,
+            nodeid,
             generation,
             &attr.into(),
             *ttl,
@@ -561,8 +568,23 @@ impl ReplyCreate {
         fh: ll::FileHandle,
         flags: FopenFlags,
     ) {
+        self.created_as(attr.ino, ttl, attr, generation, fh, flags);
+    }
+
+    /// `created` with a node id that differs from the inode number `attr` shows (see
+    /// `ReplyEntry::entry_as`).
+    pub fn created_as(
+        self,
+        nodeid: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+    ) {
         assert!(!flags.contains(FopenFlags::FOPEN_PASSTHROUGH));
         self.reply.send_ll(&ll::ResponseStruct::new_create(
+            nodeid,
             ttl,
             &attr.into(),
             generation,
@@ -615,7 +637,24 @@ impl ReplyCreate {
         flags: FopenFlags,
         backing_id: &BackingId,
     ) {
+        self.created_passthrough_as(attr.ino, ttl, attr, generation, fh, flags, backing_id);
+    }
+
+    /// `created_passthrough` with a node id that differs from the inode number `attr`
+    /// shows (see `ReplyEntry::entry_as`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn created_passthrough_as(
+        self,
+        nodeid: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+        backing_id: &BackingId,
+    ) {
         self.reply.send_ll(&ll::ResponseStruct::new_create(
+            nodeid,
             ttl,
             &attr.into(),
             generation,
