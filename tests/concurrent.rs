@@ -293,21 +293,8 @@ fn concurrent_run(tag: &str, default_seed: u64, extra: &str) {
     eprintln!("{tag}: seed {seed}, {nops} operations per thread, {THREADS} threads");
     let ls = LayerSet::new(tag, 2);
     build_layers(&ls);
-    if !extra.contains("uring=off") {
-        enable_uring();
-    }
     let spec = ls.spec();
-    let mut opts = spec.options();
-    if !extra.is_empty() {
-        opts.push(',');
-        opts.push_str(extra);
-    }
-    let mut args = vec![
-        "mount".to_string(),
-        "-o".to_string(),
-        opts,
-        spec.mnt.display().to_string(),
-    ];
+    let mut args = mount_args(&spec, extra);
     if let Some(dir) = std::env::var_os("STRATA_CONC_LOG") {
         // The daemon's log (RUST_LOG sets its level), for a failure to be looked into.
         let log = Path::new(&dir).join(format!("{tag}.log"));

@@ -606,21 +606,8 @@ fn data_run(tag: &str, default_seed: u64, extra: &str) {
         .hardlink("twin", "big")
         .file("small", b"old");
     ls.lower(0).file("small", &small);
-    if !extra.contains("uring=off") {
-        enable_uring();
-    }
     let spec = ls.spec();
-    let mut opts = spec.options();
-    if !extra.is_empty() {
-        opts.push(',');
-        opts.push_str(extra);
-    }
-    let args = vec![
-        "mount".to_string(),
-        "-o".to_string(),
-        opts,
-        spec.mnt.display().to_string(),
-    ];
+    let args = mount_args(&spec, extra);
     let m = StrataMount::with_args(&spec, &args).unwrap_or_else(|e| panic!("{e}"));
     let root = m.root().to_path_buf();
     fs::write(root.join("made"), b"").unwrap();

@@ -521,6 +521,25 @@ pub fn enable_uring() {
     }
 }
 
+/// `strata mount` arguments for `spec` with `extra` mount options appended (e.g.
+/// "uring=off"); turns `enable_uring` on unless `extra` asks for /dev/fuse.
+pub fn mount_args(spec: &MountSpec, extra: &str) -> Vec<String> {
+    if !extra.contains("uring=off") {
+        enable_uring();
+    }
+    let mut opts = spec.options();
+    if !extra.is_empty() {
+        opts.push(',');
+        opts.push_str(extra);
+    }
+    vec![
+        "mount".to_string(),
+        "-o".to_string(),
+        opts,
+        spec.mnt.display().to_string(),
+    ]
+}
+
 pub fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),
