@@ -244,7 +244,7 @@ impl FuseFs {
                         INodeNo(a.ino),
                         &TTL,
                         &attr(&a),
-                        Generation(a.gen.into()),
+                        GEN,
                         FileHandle(fh),
                         FopenFlags::empty(),
                         &b,
@@ -253,7 +253,7 @@ impl FuseFs {
                         INodeNo(a.ino),
                         &TTL,
                         &attr(&a),
-                        Generation(a.gen.into()),
+                        GEN,
                         FileHandle(fh),
                         FopenFlags::FOPEN_KEEP_CACHE,
                     ),
@@ -298,6 +298,11 @@ impl FuseFs {
     }
 }
 
+/// The generation of every node: node ids are never reused while the kernel may hold
+/// them (a new object under a number the kernel may still hold takes a stand-in id, see
+/// `Overlay::remember`), so none is needed to tell objects apart.
+const GEN: Generation = Generation(0);
+
 /// Attributes sent with a negative entry (the kernel looks only at the node id 0).
 const NEGATIVE: Attr = Attr {
     st_ino: 0,
@@ -314,7 +319,6 @@ const NEGATIVE: Attr = Attr {
     gid: 0,
     rdev: 0,
     blksize: 0,
-    gen: 0,
 };
 
 fn errno(e: overlay::Errno) -> Errno {
@@ -387,7 +391,7 @@ fn caller(req: &Request) -> Caller {
 
 fn entry(reply: ReplyEntry, r: overlay::Result<Attr>) {
     match r {
-        Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), Generation(a.gen.into())),
+        Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), GEN),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -459,7 +463,7 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.plus.looked_up(parent.0);
         match self.ov.lookup(parent.0, name) {
-            Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), Generation(a.gen.into())),
+            Ok(a) => reply.entry_as(INodeNo(a.ino), &TTL, &attr(&a), GEN),
             // A negative entry (node id 0) the kernel may cache: PATH and library searches
             // in a container ask for the same missing names again and again. Names only
             // appear through this mount, which turns the kernel's dentry positive itself.
@@ -808,14 +812,7 @@ impl Filesystem for FuseFs {
             let Ok(a) = self.ov.lookup(ino.0, &e.name) else {
                 continue;
             };
-            if reply.add(
-                INodeNo(a.ino),
-                e.off,
-                &e.name,
-                &TTL,
-                &attr(&a),
-                Generation(a.gen.into()),
-            ) {
+            if reply.add(INodeNo(a.ino), e.off, &e.name, &TTL, &attr(&a), GEN) {
                 // Did not fit: the kernel never saw this reference.
                 self.ov.forget(a.ino, 1);
                 full = true;

@@ -247,7 +247,7 @@ impl Overlay {
         {
             ino = self.aliases.write().unwrap().take(real);
         }
-        let mut attr = self.attr_of(&found.st, ino, merged);
+        let attr = self.attr_of(&found.st, ino, merged);
         match nodes.get_mut(&ino) {
             Some(n) if n.upper && !found.upper && !n.orphan => {
                 // Resolved before a concurrent copy-up finished: what the table knows is
@@ -299,7 +299,6 @@ impl Overlay {
                 }
             }
         }
-        attr.gen = nodes.get(&ino).map_or(0, |n| u32::from(n.gen));
         drop(nodes);
         if unorphaned {
             self.gone.lock().unwrap().remove(&ino);

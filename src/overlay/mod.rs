@@ -384,7 +384,6 @@ impl Overlay {
             gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
-            gen: 0,
         }
     }
 

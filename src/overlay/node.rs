@@ -114,7 +114,6 @@ impl Node {
             no_xattrs: false,
             probes: 0,
             redirected: false,
-            gen: 0,
         }
     }
 }
@@ -153,9 +152,6 @@ pub(crate) struct Node {
     /// Directory whose lower directories were found through a redirect: its fds are
     /// reopened by resolving it again, not by name from its parent's.
     pub redirected: bool,
-    /// FUSE generation of the object behind this number: raised when a new object takes
-    /// the number of one the kernel may still hold (see `Overlay::remember_new`).
-    pub gen: u16,
 }
 
 /// How many more directory fds the table may keep open: half of what RLIMIT_NOFILE leaves

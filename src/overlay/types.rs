@@ -71,9 +71,6 @@ pub struct Attr {
     pub rdev: u32,
     /// Preferred I/O size.
     pub blksize: u32,
-    /// FUSE generation: with `ino`, what names the object to the kernel (set where a
-    /// lookup or create records the node).
-    pub gen: u32,
 }
 
 /// A time to set.
