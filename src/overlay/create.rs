@@ -89,12 +89,10 @@ impl Overlay {
     }
 
     /// Enter an object we just created in the upper into the table, without re-reading it.
+    /// The caller holds `ns_lock` for reading from making it (see `create_with`).
     pub(crate) fn remember_new(&self, parent: u64, name: &OsStr, st: rustix::fs::Stat) -> Attr {
         let ino = self.map_ino(st.st_dev, st.st_ino);
         self.origins.write().unwrap().insert((st.st_dev, st.st_ino), ino);
-        // Under the read lock, as a lookup records: an unlink that freed this number has
-        // marked its node an orphan by then (see `remember`).
-        let _ns = self.ns_lock.read().unwrap();
         self.remember(parent, name, Found::upper_only(st, ino), true)
     }
 
@@ -130,6 +128,12 @@ impl Overlay {
         let (who, pfds) = self.upper_parent(parent, who)?;
         let ufd = pfds.upper().ok_or(Errno::IO)?;
         let opaque = kind == Kind::Dir && self.lower_positive(parent, name)?;
+        // From making the object to recording it, under the read lock: a rename over the
+        // new name (write lock) comes wholly after, so the attributes answered are the new
+        // object's and its recorded name is right. (A MKDIR answered with a symlink a
+        // rename had just put there made the kernel fail the mkdir with EIO; an unlink
+        // that freed the number has marked its node an orphan by then, see `remember`.)
+        let _ns = self.ns_lock.read().unwrap();
         if !opaque {
             // Common case: create in place; only a name already taken needs a closer look.
             match make(ufd, name) {
@@ -186,8 +190,8 @@ impl Overlay {
             (false, _) => st.place(ufd, name, RenameFlags::NOREPLACE)?,
         }
         // As on the direct path, its inode number may be a deleted object's (see `remember`).
-        let attr = self.lookup(parent, name)?;
-        Ok((attr, fd))
+        let found = self.resolve(parent, name)?;
+        Ok((self.remember(parent, name, found, true), fd))
     }
 
     /// mknod: regular files, FIFOs, sockets and device nodes.
@@ -301,9 +305,10 @@ impl Overlay {
         self.copy_up(newparent)?;
         // A node without a name (an O_TMPFILE file; for an unlinked one the filesystem
         // answers ENOENT) is linked from the file an open handle holds. By name, under the
-        // read lock (see `getattr`) until the link is made: never a link to an object a
-        // rename put in this one's place.
-        let ns = self.ns_lock.read().unwrap();
+        // read lock (see `getattr`) until the new name is recorded: never a link to an
+        // object a rename put in this one's place, nor an answer with another object's
+        // attributes (the kernel fails a LINK answered with another type with EIO).
+        let _ns = self.ns_lock.read().unwrap();
         let (loc, held) = match self.loc(ino) {
             Ok(loc) => (Some(loc), None),
             Err(Errno::STALE) => (None, Some(self.any_open_fd(ino).ok_or(Errno::STALE)?)),
@@ -331,7 +336,6 @@ impl Overlay {
             Err(Errno::NOENT) => link_to(nfd, newname)?,
             Err(e) => return Err(e),
         }
-        drop(ns);
         // A copied-up object keeps its lower inode number (its origin). A pure-upper
         // directory is listed with the upper numbers unless it is marked impure, as the
         // kernel marks it when such an object is linked in (rename does the same).
@@ -343,6 +347,7 @@ impl Overlay {
         {
             let _ = sys::setxattr(XTarget::Fd(nfd), &self.ns.name("impure"), b"y", 0);
         }
-        self.lookup(newparent, newname)
+        let found = self.resolve(newparent, newname)?;
+        Ok(self.remember(newparent, newname, found, true))
     }
 }
